@@ -1,0 +1,35 @@
+# The two set-up commands of the README. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/demo
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Both stages of a latent diffusion model on the embedded synthetic data, on CPU.
+demo: venv
+	$(PY) launch/make_synthetic.py --out $(RUN)/shards --num 4000 --per-shard 500
+	$(PY) launch/train_autoencoder.py --config configs/autoencoder/demo.yaml run_dir=$(RUN)/autoencoder data.urls=$(RUN)/shards
+	$(PY) launch/cache_latents.py --config configs/cache/demo.yaml data.urls=$(RUN)/shards out_url=$(RUN)/latents vae=$(RUN)/autoencoder/export
+	$(VENV)/bin/deepspeed --num_gpus 1 launch/train_unet.py --config configs/unet/demo.yaml run_dir=$(RUN)/unet data.urls=$(RUN)/latents
+	$(PY) launch/sample.py --run $(RUN)/unet --out $(RUN)/samples.png \
+		--prompt "a red circle at the center on a white background" \
+		--prompt "a blue square at the top left on a black background" \
+		--prompt "a green triangle at the bottom right on a white background" \
+		--prompt "a yellow circle at the top right on a blue background"
+	@echo "samples:    $(RUN)/samples.png"
+	@echo "loss curve: $(RUN)/unet/loss.png"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,32 @@
+from setuptools import setup
+
+# torch/torchvision ranges admit the releases most clusters already have; the
+# upper bounds are left open so a user's newer CUDA build is not downgraded.
+setup(
+    name="ldm-train",
+    version="0.1.0",
+    description="Train latent diffusion models at scale: shards -> autoencoder -> cached latents -> DeepSpeed UNet",
+    packages=["trainer", "models", "data_pipeline"],
+    python_requires=">=3.10,<3.13",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.15",
+        "webdataset>=0.2.90",
+        "accelerate>=0.30",
+        "open-clip-torch>=2.24",
+        "lpips>=0.1.4",
+        "wandb>=0.17",
+        "fsspec>=2024.3",
+        "s3fs>=2024.3",
+        "diffusers>=0.30",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        # Loss-curve PNGs; plotting by hand with PIL would be more code than it saves.
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=8", "moto[server]>=5"]},
+)
