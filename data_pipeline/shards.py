@@ -1,0 +1,124 @@
+"""WebDataset tar shards: write them atomically anywhere fsspec reaches, read them as samples.
+
+Tar parsing and key grouping are webdataset's (`TarWriter`, `tar_file_iterator`,
+`group_by_keys`); this module only connects them to fsspec streams, because webdataset
+has no opener for `s3://` URLs, and turns failures into errors that name the shard.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+from typing import Iterator
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .storage import DataError, filesystem, join, makedirs, open_url
+
+
+class _AtomicFile:
+    """A local file that appears at `url` only when closed without error.
+
+    Local targets: written under a temporary name beside the target, then renamed.
+    Remote targets: spooled to a local temporary file, then uploaded in one go, so a
+    killed job never leaves a partial object behind.
+    """
+
+    def __init__(self, url: str, endpoint_url: str | None = None):
+        self.url, self.endpoint_url = url, endpoint_url
+        self.fs, self.path = filesystem(url, endpoint_url)
+        self.local = "://" not in url or url.startswith("file://")
+        if self.local:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(self.path)))
+        else:
+            fd, self.tmp = tempfile.mkstemp(prefix="shard-", suffix=".tar")
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.local:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shards from other users
+            os.replace(self.tmp, self.path)
+        else:
+            self.fs.put_file(self.tmp, self.path)
+            os.unlink(self.tmp)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+class ShardWriter:
+    """Write samples (dicts of `__key__` plus `ext: bytes`) into one tar shard at `url`.
+
+    Use as a context manager; the shard becomes visible only when the block ends cleanly.
+    """
+
+    def __init__(self, url: str, endpoint_url: str | None = None):
+        self.url = url
+        self._file = _AtomicFile(url, endpoint_url)
+        # mtime fixed so that the same samples always give byte-identical shards.
+        self._tar = wds.TarWriter(self._file.file, encoder=False, mtime=0.0)
+        self.count = 0
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        if not key or "/" in key or key.startswith(".") or "." in key:
+            raise DataError(f"invalid sample key {key!r} for {self.url}: keys are plain names without '/' or '.'")
+        for ext, value in sample.items():
+            if not ext.startswith("__") and not isinstance(value, (bytes, bytearray)):
+                raise TypeError(f"sample {key}: field {ext!r} must be bytes, got {type(value).__name__}")
+        self._tar.write(sample)
+        self.count += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._tar.close()  # ends the tar stream; leaves our file open for commit/abort
+        if exc_type is None:
+            self._file.commit()
+        else:
+            self._file.abort()
+
+
+def write_shards(samples, out_url: str, per_shard: int, prefix: str = "shard",
+                 endpoint_url: str | None = None) -> list[str]:
+    """Write an iterable of samples into `out_url/prefix-000000.tar`, ... of `per_shard` each."""
+    makedirs(out_url, endpoint_url)
+    urls, writer = [], None
+    try:
+        for sample in samples:
+            if writer is None:
+                urls.append(join(out_url, f"{prefix}-{len(urls):06d}.tar"))
+                writer = ShardWriter(urls[-1], endpoint_url).__enter__()
+            writer.write(sample)
+            if writer.count == per_shard:
+                writer.__exit__(None, None, None)
+                writer = None
+    except BaseException as e:
+        if writer is not None:
+            writer.__exit__(type(e), e, None)
+        raise
+    if writer is not None:
+        writer.__exit__(None, None, None)
+    return urls
+
+
+def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[dict]:
+    """Yield the samples of one shard as dicts: `__key__`, `__url__` and `ext: bytes`."""
+    with open_url(url, "rb", endpoint_url) as stream:
+        try:
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            yield from group_by_keys(files)
+        except (tarfile.TarError, EOFError) as e:
+            raise DataError(f"shard {url} is not a readable tar file: {e}") from None
+        except ValueError as e:  # group_by_keys: the same key twice in a row
+            raise DataError(f"shard {url}: {e}") from None
