@@ -1,0 +1,63 @@
+"""The diffusion process: forward noising for training, guided sampling for generation.
+
+The noise schedule is diffusers' DDPMScheduler (Stable Diffusion's scaled-linear betas by
+default); sampling uses a diffusers solver built from the same schedule config.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000) -> DDPMScheduler:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+                         clip_sample=False)
+
+
+def draw_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator) -> torch.Tensor:
+    """z ~ N(mean, std^2) from cached posterior moments, scaled to unit variance.
+
+    Caching the moments rather than one sample keeps the VAE's posterior noise as data
+    augmentation, as EDM2 does; a fixed sample would show the UNet the same z every epoch.
+    """
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return (mean.float() + std.float() * eps) * scaling_factor
+
+
+def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,
+                  generator) -> torch.Tensor:
+    """Mean squared error of the UNet's epsilon or v prediction at a random timestep."""
+    b = z0.shape[0]
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (b,), generator=generator, device=z0.device)
+    zt = schedule.add_noise(z0, noise, t)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(z0, noise, t)
+    pred = unet(zt.to(context.dtype), t, context).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def sample_latents(unet, context: torch.Tensor, uncond: torch.Tensor, schedule_config: dict, *,
+                   steps: int = 50, guidance: float = 5.0, sampler: str = "ddim",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free guided sampling (Ho & Salimans 2022): eps = u + g * (c - u)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    scheduler = SAMPLERS[sampler].from_config(schedule_config)
+    scheduler.set_timesteps(steps)
+    cfg = unet.config
+    b = context.shape[0]
+    z = torch.randn((b, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
+                    device=context.device) * scheduler.init_noise_sigma
+    both = torch.cat([uncond.expand(b, -1, -1), context])
+    for t in scheduler.timesteps:
+        zin = scheduler.scale_model_input(torch.cat([z, z]), t)
+        out_u, out_c = unet(zin.to(context.dtype), t, both).sample.float().chunk(2)
+        z = scheduler.step(out_u + guidance * (out_c - out_u), t, z).prev_sample
+    return z
