@@ -3,7 +3,7 @@
     python launch/train_autoencoder.py --config configs/autoencoder/demo.yaml data.urls=runs/demo/shards
 """
 from trainer.autoencoder import AutoencoderJob, train_autoencoder
-from trainer.config import parse_cli
+from trainer.config import run
 
 if __name__ == "__main__":
-    train_autoencoder(parse_cli(AutoencoderJob, description=__doc__))
+    run(AutoencoderJob, train_autoencoder, __doc__)

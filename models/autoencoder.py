@@ -67,7 +67,8 @@ def load_autoencoder(source: str) -> AutoencoderKL:
 
 
 def autoencoder_identity(model: AutoencoderKL) -> str:
-    return model_identity(model, dict(model.config))
+    # Keys like _name_or_path say where it was loaded from, not what it is.
+    return model_identity(model, {k: v for k, v in model.config.items() if not k.startswith("_")})
 
 
 def downsample_factor(model: AutoencoderKL) -> int:

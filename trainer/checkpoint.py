@@ -12,7 +12,6 @@ import os
 import shutil
 
 from . import dist
-from .engine import full_weights
 
 MARKER = "COMPLETE"
 
@@ -40,6 +39,8 @@ def latest(run_dir: str) -> str | None:
 
 def save(engine, run_dir: str, step: int, state: dict, keep_last: int = 2) -> str:
     """Collective: every rank calls it. Returns the checkpoint path."""
+    from .engine import full_weights  # deepspeed is imported only by jobs that use it
+
     root, tag = checkpoint_dir(run_dir), tag_for(step)
     path = os.path.join(root, tag)
     engine.save_checkpoint(root, tag=tag, client_state=state, save_latest=False)

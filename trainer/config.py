@@ -213,3 +213,15 @@ def parse_cli(cls, argv: list[str] | None = None, description: str = ""):
         print(dump(cfg), end="")
         sys.exit(0)
     return cfg
+
+
+def run(cls, job, description: str = ""):
+    """Entry point of a launch script: parse, then run `job(cfg)`; known input problems
+    (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
+    from data_pipeline.storage import DataError
+
+    cfg = parse_cli(cls, description=description)
+    try:
+        return job(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

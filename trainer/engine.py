@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import deepspeed
 import torch
+
+# DeepSpeed logs its whole config and every save at INFO on every rank; keep warnings.
+deepspeed.utils.logger.setLevel(logging.WARNING)
 
 
 def resolve_precision(precision: str) -> str:

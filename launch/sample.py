@@ -1,0 +1,34 @@
+"""Sample a PNG grid from a trained UNet run (one row per prompt).
+
+    python launch/sample.py --run runs/demo/unet --prompt "a red circle at the center on a white background"
+"""
+import argparse
+import sys
+
+from data_pipeline.storage import DataError
+from trainer.config import ConfigError
+from trainer.sampling import generate, save_grid
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory of launch/train_unet.py")
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
+    p.add_argument("--per-prompt", type=int, default=6, help="images per prompt")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    try:
+        rows = generate(args.run, args.prompt, per_prompt=args.per_prompt, guidance=args.guidance,
+                        steps=args.steps, sampler=args.sampler, seed=args.seed)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    out = save_grid(rows, args.prompt, args.out or f"{args.run.rstrip('/')}/samples.png")
+    print(f"samples: {out}")
+
+
+if __name__ == "__main__":
+    main()

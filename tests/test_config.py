@@ -1,0 +1,296 @@
+"""trainer/config.py: YAML + `key=value` overrides into typed dataclasses, and the run-dir guard."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import pytest
+import yaml
+
+from tests.conftest import PY, ROOT, run_cmd
+from trainer.autoencoder import AutoencoderJob
+from trainer.cache import CacheJob
+from trainer.config import ConfigError, dump, load_config, save_resolved
+from trainer.unet import UNetJob
+
+
+@dataclasses.dataclass
+class Section:
+    urls: str = ""
+    endpoint_url: Optional[str] = None
+    workers: int = 1
+
+
+@dataclasses.dataclass
+class Job:
+    run_dir: str = "runs/x"
+    data: Section = dataclasses.field(default_factory=Section)
+    steps: int = 10
+    lr: float = 1e-4
+    ema: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    note: Optional[str] = "hello"
+
+
+JOB_KEYS = "betas, data, ema, lr, note, run_dir, steps"
+SECTION_KEYS = "endpoint_url, urls, workers"
+
+
+def write_yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+# -- unknown keys ----------------------------------------------------------------------------
+
+def test_unknown_top_level_key_in_yaml_names_it_and_lists_valid_keys(tmp_path):
+    path = write_yaml(tmp_path / "job.yaml", {"steps": 3, "stepz": 4})
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, path)
+    assert str(e.value) == f"unknown config key 'stepz'; valid keys in Job: {JOB_KEYS}"
+
+
+def test_unknown_nested_key_in_yaml_names_dotted_key(tmp_path):
+    path = write_yaml(tmp_path / "job.yaml", {"data": {"urls": "a", "nope": 1}})
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, path)
+    assert str(e.value) == f"unknown config key 'data.nope'; valid keys in data: {SECTION_KEYS}"
+
+
+def test_unknown_nested_key_in_override_names_dotted_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, ["data.nope=1"])
+    assert str(e.value) == f"unknown config key 'data.nope'; valid keys in data: {SECTION_KEYS}"
+
+
+def test_unknown_top_level_key_in_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, ["nope.deeper=1"])
+    assert str(e.value) == f"unknown config key 'nope.deeper'; valid keys in Job: {JOB_KEYS}"
+
+
+def test_override_into_non_section_and_without_equals_sign():
+    with pytest.raises(ConfigError, match=r"^config key 'steps' is not a section$"):
+        load_config(Job, None, ["steps.x=1"])
+    with pytest.raises(ConfigError, match=r"^override 'steps' must look like key=value$"):
+        load_config(Job, None, ["steps"])
+
+
+def test_missing_and_invalid_config_files_are_named(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, missing)
+    assert str(e.value).startswith(f"cannot read config file {missing}: ")
+    bad = write_yaml(tmp_path / "bad.yaml", "steps: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, bad)
+    assert str(e.value).startswith(f"config file {bad} is not valid YAML: ")
+    listing = write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, listing)
+    assert str(e.value) == f"config file {listing} must hold a mapping at the top level"
+
+
+# -- typing of overrides -----------------------------------------------------------------------
+
+def test_defaults_without_file_or_overrides():
+    assert load_config(Job) == Job()
+
+
+def test_override_typing():
+    cfg = load_config(Job, None, ["steps=3", "lr=1e-3", "ema=false", "betas=[0.5, 0.9]", "note=none",
+                                  "data.urls=s3://b/p/{000..009}.tar", "data.workers=4",
+                                  "data.endpoint_url=http://127.0.0.1:9000"])
+    assert cfg.steps == 3 and type(cfg.steps) is int
+    assert cfg.lr == 0.001 and type(cfg.lr) is float
+    assert cfg.ema is False
+    assert cfg.betas == (0.5, 0.9) and type(cfg.betas) is tuple
+    assert all(type(b) is float for b in cfg.betas)
+    assert cfg.note is None
+    assert cfg.data == Section(urls="s3://b/p/{000..009}.tar", endpoint_url="http://127.0.0.1:9000", workers=4)
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("1", True), ("yes", True), ("ON", True),
+                                          ("False", False), ("0", False), ("no", False), ("off", False)])
+def test_bool_override_spellings(raw, expected):
+    assert load_config(Job, None, [f"ema={raw}"]).ema is expected
+
+
+def test_optional_and_tuple_variants():
+    cfg = load_config(Job, None, ["note=null", "data.endpoint_url=NONE", "betas=0.1,0.2"])
+    assert cfg.note is None and cfg.data.endpoint_url is None
+    assert cfg.betas == (0.1, 0.2)
+    cfg = load_config(Job, None, ["note=some text", "lr=2", "steps=1e3"])
+    assert cfg.note == "some text"
+    assert cfg.lr == 2.0 and type(cfg.lr) is float
+    assert cfg.steps == 1000 and type(cfg.steps) is int
+
+
+def test_later_override_wins_over_file_and_earlier_override(tmp_path):
+    path = write_yaml(tmp_path / "job.yaml", {"steps": 5, "data": {"urls": "from-file", "workers": 2}})
+    cfg = load_config(Job, path, ["steps=6", "steps=7", "data.workers=3"])
+    assert cfg.steps == 7
+    assert cfg.data == Section(urls="from-file", endpoint_url=None, workers=3)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("steps=abc", "config key 'steps' expects int, got 'abc'"),
+    ("steps=2.5", "config key 'steps' expects int, got '2.5'"),
+    ("data.workers=abc", "config key 'data.workers' expects int, got 'abc'"),
+    ("lr=fast", "config key 'lr' expects float, got 'fast'"),
+    ("ema=maybe", "config key 'ema' expects true/false, got 'maybe'"),
+    ("betas=[a, 0.9]", "config key 'betas[0]' expects float, got 'a'"),
+    ("data=5", "config key 'data' is a section; expected a mapping, got '5'"),
+    ("run_dir=[1, 2]", "config key 'run_dir' expects a string, got [1, 2]"),
+])
+def test_wrong_type_override_names_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, [override])
+    assert str(e.value) == message
+
+
+def test_wrong_type_in_yaml_names_the_key(tmp_path):
+    path = write_yaml(tmp_path / "job.yaml", {"data": {"workers": "many"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, path)
+    assert str(e.value) == "config key 'data.workers' expects int, got 'many'"
+    path = write_yaml(tmp_path / "job2.yaml", {"steps": True})
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, path)
+    assert str(e.value) == "config key 'steps' expects int, got True"
+
+
+def test_large_int_override_is_exact():
+    # BUG (trainer/config.py, _convert): an int given as a string goes through float(),
+    # so integers above 2**53 are silently rounded (9007199254740993 -> 9007199254740992).
+    cfg = load_config(Job, None, ["steps=9007199254740993"])
+    assert cfg.steps == 9007199254740993
+
+
+def test_malformed_list_override_is_a_config_error_naming_the_key():
+    # BUG (trainer/config.py, _set_path): a value starting with '[' or '{' goes through
+    # yaml.safe_load unguarded, so a typo escapes as yaml's ParserError (a traceback on the
+    # command line) instead of a one-line ConfigError naming the key.
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, None, ["betas=[0.5, 0.9"])
+    assert "'betas'" in str(e.value)
+
+
+def test_brace_pattern_override_of_a_string_key_is_kept_verbatim():
+    # BUG (trainer/config.py, _set_path): shard specs are brace patterns, but a string value
+    # that starts with '{' is parsed as a YAML mapping: '{a,b}' is refused, '{000..002}.tar'
+    # raises yaml's ParserError.
+    assert load_config(Job, None, ["data.urls={000..002}.tar"]).data.urls == "{000..002}.tar"
+    assert load_config(Job, None, ["data.urls={a,b}"]).data.urls == "{a,b}"
+
+
+# -- YAML round trip ----------------------------------------------------------------------------
+
+def test_dump_load_round_trip(tmp_path):
+    cfg = load_config(Job, None, ["steps=3", "lr=1e-6", "ema=false", "betas=[0.5, 0.9]", "note=none",
+                                  "data.urls=s3://b/{0..3}.tar", "data.endpoint_url=http://127.0.0.1:1"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump(cfg))
+    again = load_config(Job, str(path))
+    assert again == cfg
+    assert type(again.betas) is tuple and again.note is None
+
+
+@pytest.mark.parametrize("cls,config,overrides,expected", [
+    (UNetJob, "configs/unet/demo.yaml", ["betas=[0.8, 0.95]", "data.endpoint_url=http://127.0.0.1:9"],
+     {"betas": (0.8, 0.95), "data.endpoint_url": "http://127.0.0.1:9", "data.urls": "runs/demo/latents",
+      "lr": 0.001, "weight_decay": 0.01}),
+    (AutoencoderJob, "configs/autoencoder/demo.yaml", ["kl_weight=1e-5", "data.resolution=64"],
+     {"kl_weight": 1e-5, "data.resolution": 64, "data.urls": "runs/demo/shards", "total_samples": 32000}),
+    (CacheJob, "configs/cache/demo.yaml", ["out_endpoint_url=http://127.0.0.1:9", "batch_size=16"],
+     {"out_endpoint_url": "http://127.0.0.1:9", "batch_size": 16, "vae": "runs/demo/autoencoder/export",
+      "data.resolution": 32}),
+], ids=["unet", "autoencoder", "cache"])
+def test_real_job_configs_round_trip(tmp_path, cls, config, overrides, expected):
+    cfg = load_config(cls, os.path.join(ROOT, config), overrides)
+    for key, value in expected.items():  # the file's values and the overrides really arrived
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value and type(node) is type(value), key
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump(cfg))
+    assert load_config(cls, str(path)) == cfg
+
+
+def test_real_job_unknown_key_lists_its_fields():
+    with pytest.raises(ConfigError) as e:
+        load_config(UNetJob, None, ["data.urls=x", "data.resolution=32"])
+    assert str(e.value) == ("unknown config key 'data.resolution'; valid keys in data: "
+                            "endpoint_url, num_workers, shuffle_buffer, urls")
+
+
+def test_real_job_validate_runs_after_overrides():
+    with pytest.raises(ConfigError, match=r"^zero_stage must be 0, 1, 2 or 3, got 4$"):
+        load_config(UNetJob, None, ["data.urls=x", "zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"^data.urls is empty"):
+        load_config(AutoencoderJob)
+
+
+# -- save_resolved ------------------------------------------------------------------------------
+
+def test_save_resolved_same_config_twice(tmp_path):
+    run_dir = str(tmp_path / "run")
+    cfg = load_config(Job, None, ["betas=[0.5, 0.9]", "note=none", "lr=1e-3"])
+    path = save_resolved(cfg, run_dir)
+    assert path == os.path.join(run_dir, "config.yaml")
+    first = open(path).read()
+    assert first == dump(cfg)
+    assert save_resolved(load_config(Job, path), run_dir) == path
+    assert open(path).read() == first
+    assert sorted(os.listdir(run_dir)) == ["config.yaml"]  # no temp file left
+
+
+def test_save_resolved_refuses_different_config(tmp_path):
+    run_dir = str(tmp_path / "run")
+    save_resolved(load_config(Job, None, ["lr=1e-3"]), run_dir)
+    before = open(os.path.join(run_dir, "config.yaml")).read()
+    with pytest.raises(ConfigError) as e:
+        save_resolved(load_config(Job, None, ["lr=2e-3"]), run_dir)
+    assert str(e.value) == (f"run directory {run_dir} holds a different config (lr: 0.001 there, 0.002 now); "
+                            "use a new run_dir or the same config")
+    with pytest.raises(ConfigError) as e:
+        save_resolved(load_config(Job, None, ["lr=1e-3", "data.urls=other"]), run_dir)
+    assert run_dir in str(e.value) and "(data.urls: '' there, 'other' now)" in str(e.value)
+    assert open(os.path.join(run_dir, "config.yaml")).read() == before
+
+
+def test_save_resolved_ignore_lets_listed_keys_differ(tmp_path):
+    run_dir = str(tmp_path / "run")
+    save_resolved(load_config(Job, None, ["steps=10"]), run_dir)
+    save_resolved(load_config(Job, None, ["steps=20"]), run_dir, ignore=("steps",))
+    assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["steps"] == 20
+    with pytest.raises(ConfigError, match=r"\(ema: True there, False now\)"):
+        save_resolved(load_config(Job, None, ["steps=30", "ema=false"]), run_dir, ignore=("steps",))
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+def test_dry_run_prints_resolved_yaml():
+    proc = run_cmd([PY, "launch/train_autoencoder.py", "--config", "configs/autoencoder/demo.yaml",
+                    "--dry-run", "batch_per_rank=7"], timeout=120)
+    assert proc.returncode == 0
+    assert "\nbatch_per_rank: 7\n" in proc.stdout
+    printed = yaml.safe_load(proc.stdout)
+    expected = load_config(AutoencoderJob, os.path.join(ROOT, "configs/autoencoder/demo.yaml"),
+                           ["batch_per_rank=7"])
+    assert printed == dataclasses.asdict(expected)
+    assert printed["data"]["urls"] == "runs/demo/shards" and printed["total_samples"] == 32000
+
+
+def test_unknown_key_on_command_line_is_one_line_error():
+    proc = run_cmd([PY, "launch/train_autoencoder.py", "--config", "configs/autoencoder/demo.yaml",
+                    "--dry-run", "data.nope=1"], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: unknown config key 'data.nope'; valid keys in data: ")
+    assert "urls" in lines[0] and "resolution" in lines[0]
+    assert proc.stdout == ""

@@ -1,0 +1,79 @@
+"""Each command once, chained as a user runs them, plus their one-line errors on bad input."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import PY, run_cmd
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    ae = run_cmd([PY, "launch/train_autoencoder.py", "--config", "configs/autoencoder/demo.yaml", f"run_dir={root}/ae",
+                  f"data.urls={tiny_shards}", "data.resolution=16", "preset=tiny", "batch_per_rank=16",
+                  "total_samples=320", "warmup_samples=32", "log_every_samples=32", "checkpoint_every_samples=160",
+                  "scaling_samples=64"])
+    cache = run_cmd([PY, "launch/cache_latents.py", "--config", "configs/cache/demo.yaml", f"data.urls={tiny_shards}",
+                     "data.resolution=16", f"out_url={root}/latents", f"vae={root}/ae/export", "batch_size=32"])
+    unet = run_cmd([PY, "launch/train_unet.py", "--config", "configs/unet/demo.yaml", f"run_dir={root}/unet",
+                    f"data.urls={root}/latents", "model=tiny", "batch_per_rank=16", "total_samples=320",
+                    "warmup_samples=32", "log_every_samples=32", "checkpoint_every_samples=160"])
+    sample = run_cmd([PY, "launch/sample.py", "--run", f"{root}/unet", "--prompt", "a red circle at the center on a "
+                      "white background", "--prompt", "a blue square at the top left on a black background",
+                      "--per-prompt", "3", "--steps", "5", "--out", f"{root}/grid.png"])
+    return root, ae, cache, unet, sample
+
+
+def test_autoencoder_exports_a_diffusers_folder_with_measured_scaling(pipeline):
+    root, ae, *_ = pipeline
+    cfg = json.load(open(root / "ae" / "export" / "config.json"))
+    assert cfg["_class_name"] == "AutoencoderKL" and cfg["scaling_factor"] != 0.18215 and cfg["scaling_factor"] > 0
+    assert os.path.exists(root / "ae" / "export" / "diffusion_pytorch_model.safetensors")
+    assert os.path.exists(root / "ae" / "loss.png") and "autoencoder exported to" in ae.stdout
+
+
+def test_cache_records_the_trained_autoencoder(pipeline):
+    root, _, cache, *_ = pipeline
+    manifest = json.load(open(root / "latents" / "manifest.json"))
+    assert manifest["num_samples"] == 96
+    assert manifest["vae"]["source"] == str(root / "ae" / "export")
+    assert manifest["vae"]["scaling_factor"] == json.load(open(root / "ae" / "export" / "config.json"))["scaling_factor"]
+
+
+def test_unet_run_and_sample_grid(pipeline):
+    root, *_, unet, sample = pipeline
+    assert os.path.exists(root / "unet" / "config.yaml") and os.path.exists(root / "unet" / "loss.png")
+    assert f"samples: {root}/grid.png" in sample.stdout
+    img = Image.open(root / "grid.png")
+    assert img.size == (3 * 128, 2 * (128 + 16))
+
+
+def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
+    root, *_ = pipeline
+    before = open(root / "unet" / "log.jsonl").read()
+    out = run_cmd([PY, "launch/train_unet.py", "--config", "configs/unet/demo.yaml", f"run_dir={root}/unet",
+                   f"data.urls={root}/latents", "model=tiny", "batch_per_rank=16", "total_samples=320",
+                   "warmup_samples=32", "log_every_samples=32", "checkpoint_every_samples=160"])
+    assert "resuming from" in out.stdout and open(root / "unet" / "log.jsonl").read() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch/cache_latents.py", "data.urls=/nonexistent/shard-0000.tar", "out_url={out}", "vae=preset:tiny"],
+     "shard not found: /nonexistent/shard-0000.tar"),
+    (["launch/cache_latents.py", "data.urls={empty}", "out_url={out}", "vae=preset:tiny"], "no .tar shards found under"),
+    (["launch/cache_latents.py", "data.urls={shards}", "out_url={out}", "vae={novae}"], "autoencoder path"),
+    (["launch/train_unet.py", "--config", "configs/unet/demo.yaml", "optimizer.lr=1"], "unknown config key 'optimizer.lr'"),
+    (["launch/train_unet.py", "data.urls={empty}", "run_dir={out}"], "manifest.json does not exist"),
+    (["launch/sample.py", "--run", "{empty}", "--prompt", "x"], "config.yaml does not exist"),
+    (["launch/make_synthetic.py", "--out", "{out}", "--num", "0"], "--num and --per-shard must be positive"),
+])
+def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    subs = {"out": tmp_path / "out", "empty": tmp_path / "empty", "shards": tiny_shards, "novae": tmp_path / "no-vae"}
+    args = [a.format(**subs) for a in args]
+    proc = run_cmd([PY, *args], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
