@@ -20,11 +20,12 @@ demo: venv
 	$(PY) launch/train_autoencoder.py --config configs/autoencoder/demo.yaml run_dir=$(RUN)/autoencoder data.urls=$(RUN)/shards
 	$(PY) launch/cache_latents.py --config configs/cache/demo.yaml data.urls=$(RUN)/shards out_url=$(RUN)/latents vae=$(RUN)/autoencoder/export
 	$(VENV)/bin/deepspeed --num_gpus 1 launch/train_unet.py --config configs/unet/demo.yaml run_dir=$(RUN)/unet data.urls=$(RUN)/latents
-	$(PY) launch/sample.py --run $(RUN)/unet --out $(RUN)/samples.png \
+	$(PY) launch/sample.py --run $(RUN)/unet --out $(RUN)/samples.png --guidance 3 \
 		--prompt "a red circle at the center on a white background" \
 		--prompt "a blue square at the top left on a black background" \
 		--prompt "a green triangle at the bottom right on a white background" \
-		--prompt "a yellow circle at the top right on a blue background"
+		--prompt "a yellow diamond at the top right on a light blue background" \
+		--prompt "a purple circle at the bottom left on a gray background"
 	@echo "samples:    $(RUN)/samples.png"
 	@echo "loss curve: $(RUN)/unet/loss.png"
 
