@@ -101,6 +101,10 @@ class ShardBatches(IterableDataset):
         epoch = 0
         while True:
             limit = self.batches_per_worker(epoch)
+            if limit == 0:
+                raise DataError(f"in epoch {epoch} a reader slot of {self.world_size} ranks x {self.num_workers} workers "
+                                f"gets fewer than batch_size={self.batch_size} samples; use fewer ranks or workers, "
+                                "more shards, or a smaller batch")
             if limit is not None and skip >= limit:  # whole epoch already consumed: jump over it
                 skip -= limit
                 epoch += 1
@@ -116,6 +120,9 @@ class ShardBatches(IterableDataset):
                     made, batch = made + 1, []
                     if limit is not None and made == limit:
                         break
+            if limit is not None and made < limit:
+                raise DataError(f"reader slot {self.rank}/{worker} read fewer samples than the shard counts promise "
+                                f"in epoch {epoch}: shards {[self.urls[i] for i in self._slot_shards(epoch)[self.rank * self.num_workers + worker]]}")
             if made == 0:
                 raise DataError(f"reader slot {self.rank}/{worker} found fewer than batch_size="
                                 f"{self.batch_size} samples in its shards")

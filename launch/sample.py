@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from data_pipeline.storage import DataError
-from trainer.config import ConfigError
+from trainer.config import ConfigError, one_line
 from trainer.sampling import generate, save_grid
 
 
@@ -25,7 +25,7 @@ def main() -> None:
         rows = generate(args.run, args.prompt, per_prompt=args.per_prompt, guidance=args.guidance,
                         steps=args.steps, sampler=args.sampler, seed=args.seed)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
     out = save_grid(rows, args.prompt, args.out or f"{args.run.rstrip('/')}/samples.png")
     print(f"samples: {out}")
 

@@ -6,6 +6,15 @@ import pytest
 from PIL import Image
 
 from conftest import PY, run_cmd
+from data_pipeline.shards import write_shards
+
+
+def _png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +77,19 @@ def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
     (["launch/train_unet.py", "data.urls={empty}", "run_dir={out}"], "manifest.json does not exist"),
     (["launch/sample.py", "--run", "{empty}", "--prompt", "x"], "config.yaml does not exist"),
     (["launch/make_synthetic.py", "--out", "{out}", "--num", "0"], "--num and --per-shard must be positive"),
+    # Decoding happens in a DataLoader worker: the error still arrives as one line.
+    (["launch/train_autoencoder.py", "data.urls={corrupt}", "run_dir={out}", "preset=tiny", "data.resolution=16"],
+     "cannot decode image {corrupt}/bad-000000.tar:00000003"),
 ])
 def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tmp_path):
     (tmp_path / "empty").mkdir()
-    subs = {"out": tmp_path / "out", "empty": tmp_path / "empty", "shards": tiny_shards, "novae": tmp_path / "no-vae"}
+    corrupt = tmp_path / "corrupt"
+    write_shards(({"__key__": f"{i:08d}", "png": b"\x89PNG not really" if i == 3 else _png(), "txt": b"x"}
+                  for i in range(8)), str(corrupt), per_shard=8, prefix="bad")
+    subs = {"out": tmp_path / "out", "empty": tmp_path / "empty", "shards": tiny_shards, "novae": tmp_path / "no-vae",
+            "corrupt": corrupt}
     args = [a.format(**subs) for a in args]
+    message = message.format(**subs)
     proc = run_cmd([PY, *args], check=False, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -58,13 +58,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}")
+        original = value
         try:
-            number = float(value) if isinstance(value, str) else value
-            if tp is int and float(number) != int(float(number)):
+            if tp is int and isinstance(value, str):
+                try:
+                    return int(value, 10)  # exact, also for integers beyond float precision
+                except ValueError:
+                    value = float(value)  # "1e5"
+            if tp is int and float(value) != int(value):
                 raise ValueError
-            return tp(number)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {value!r}") from None
+            return tp(float(value) if isinstance(value, str) else value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {original!r}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
@@ -102,7 +107,15 @@ def _set_path(data: dict, cls, dotted: str, raw: str) -> None:
             raise ConfigError(f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(sorted(types_))}")
         tp = types_[part]
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw.strip()[:1] in ("[", "{") else raw
+            # Lists are written in YAML flow style; strings are kept verbatim (a shard pattern
+            # like {000..009}.tar is not a YAML mapping).
+            structured = typing.get_origin(tp) in (list, tuple, dict) or dataclasses.is_dataclass(tp)
+            if structured and raw.strip()[:1] in ("[", "{"):
+                try:
+                    raw = yaml.safe_load(raw)
+                except yaml.YAMLError as e:
+                    raise ConfigError(f"config key '{dotted}': cannot parse {raw!r} ({str(e).splitlines()[0]})") from None
+            node[part] = raw
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
@@ -215,6 +228,15 @@ def parse_cli(cls, argv: list[str] | None = None, description: str = ""):
     return cfg
 
 
+def one_line(e: BaseException) -> str:
+    """The message of an input error as one line. Errors raised in DataLoader workers
+    arrive with the worker's traceback folded into the message; keep only its last line."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def run(cls, job, description: str = ""):
     """Entry point of a launch script: parse, then run `job(cfg)`; known input problems
     (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
@@ -224,4 +246,4 @@ def run(cls, job, description: str = ""):
     try:
         return job(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e)}")
