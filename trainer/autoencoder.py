@@ -7,6 +7,7 @@ autoencoder lab; this trainer is what the demo needs to get a usable latent spac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -50,7 +51,7 @@ class AutoencoderJob:
     log_every_samples: int = 2_000  # JSONL/wandb logging interval
     checkpoint_every_samples: int = 20_000  # resumable state interval
     scaling_samples: int = 1024  # images used to measure the latent std for scaling_factor
-    wandb: str = "disabled"  # disabled | offline | online
+    wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
 
     def validate(self) -> None:
         if not self.data.urls:
@@ -67,11 +68,9 @@ def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _decode(resolution: int):
-    def decode(sample: dict) -> dict:
-        x, caption, _ = image_and_caption(sample, resolution)
-        return {"x": x}
-    return decode
+def decode_image_sample(sample: dict, resolution: int) -> dict:
+    x, _, _ = image_and_caption(sample, resolution)
+    return {"x": x}
 
 
 @torch.no_grad()
@@ -110,7 +109,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
 
     # --- data -----------------------------------------------------------------------------
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
-    dataset = ShardBatches(urls, _decode(cfg.data.resolution), cfg.batch_per_rank, seed=cfg.seed,
+    dataset = ShardBatches(urls, functools.partial(decode_image_sample, resolution=cfg.data.resolution), cfg.batch_per_rank, seed=cfg.seed,
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                            start_batch=step, endpoint_url=cfg.data.endpoint_url)
     batches = iter(make_loader(dataset))

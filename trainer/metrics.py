@@ -24,6 +24,8 @@ class RunLog:
                 lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
         with open(self.path, "w") as f:
             f.writelines(lines)
+        # wandb's own WANDB_MODE variable wins over the config, as wandb users expect.
+        wandb_mode = os.environ.get("WANDB_MODE", wandb_mode)
         if wandb_mode != "disabled":
             import wandb  # imported only when used: it starts a service process
 

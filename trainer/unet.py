@@ -60,7 +60,7 @@ class UNetJob:
     keep_last: int = 2  # complete checkpoints kept
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more samples (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
-    wandb: str = "disabled"  # disabled | offline | online
+    wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
     wandb_project: str = "ldm"  # wandb project name
 
     def validate(self) -> None:
