@@ -78,7 +78,8 @@ def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
     (["launch/sample.py", "--run", "{empty}", "--prompt", "x"], "config.yaml does not exist"),
     (["launch/make_synthetic.py", "--out", "{out}", "--num", "0"], "--num and --per-shard must be positive"),
     # Decoding happens in a DataLoader worker: the error still arrives as one line.
-    (["launch/train_autoencoder.py", "data.urls={corrupt}", "run_dir={out}", "preset=tiny", "data.resolution=16"],
+    (["launch/train_autoencoder.py", "data.urls={corrupt}", "run_dir={out}", "preset=tiny", "data.resolution=16",
+      "batch_per_rank=4"],
      "cannot decode image {corrupt}/bad-000000.tar:00000003"),
 ])
 def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tmp_path):
