@@ -1,53 +1,203 @@
-"""Image bytes to model input: decode any common format and mode, resize, centre-crop."""
+"""Image bytes to model input: decode any common format and mode, resize, centre-crop.
+
+Decoding is defensive because web-scale shards hold whatever was scraped:
+
+* the pixel count an image's header claims is checked before any pixel is decoded, so a
+  small file that claims 30000x30000 (a decompression bomb) is rejected at once and
+  without memory; PIL's own `Image.MAX_IMAGE_PIXELS` guard stays in force as well;
+* every mode becomes RGB with the right content: alpha (RGBA, LA, PA, palettes and
+  grey/RGB images with a tRNS colour) is composited over white, CMYK and bilevel go
+  through PIL, and 16/32-bit grey is scaled (not clipped) to 8 bits;
+* the EXIF orientation is applied, and the reported original size is the rotated one;
+* the central square is cut in the original image and only that square is resized, so
+  extreme aspect ratios (1x20000) never build a huge intermediate; large JPEGs are
+  decoded at a reduced DCT scale when that still leaves enough pixels.
+"""
 from __future__ import annotations
 
 import io
+import math
+import struct
+import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .storage import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption")
 
+# Largest pixel count an image header may claim: 8000x8000 photos pass, bombs do not.
+DEFAULT_MAX_PIXELS = 64_000_000
 
-def decode_rgb(data: bytes, where: str) -> Image.Image:
-    """Decode to RGB, honouring EXIF rotation; transparency is composited over white,
-    because captioned web images with alpha (logos, emoji) are drawn on white pages."""
+# What malformed files make PIL (and its plugins) raise while parsing or decoding.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
+                  ZeroDivisionError, struct.error, Image.DecompressionBombError)
+
+# EXIF orientation -> the transposition that undoes it (as ImageOps.exif_transpose does).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The size an image's header claims, read the way `Image.open` reads it but without
+    PIL's decompression-bomb check (used only to word the error for a rejected bomb)."""
+    prefix = data[:16]
+    for fmt in list(Image.ID):
+        factory, accept = Image.OPEN[fmt]
+        try:
+            ok = accept(prefix) if accept else True
+            if ok and not isinstance(ok, str):
+                return tuple(factory(io.BytesIO(data), "").size)
+        except Exception:  # noqa: BLE001 - this is only for wording an error message
+            continue
+    return None
+
+
+def _too_large(where: str, size: tuple[int, int], limit: int, what: str) -> DataError:
+    w, h = size
+    return DataError(f"image {where} is too large: its header claims {w}x{h} = {w * h} pixels, "
+                     f"more than {what}={limit}")
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        img = Image.open(io.BytesIO(data))
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {where}: {e}") from None
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0,
+          resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open lazily, check the claimed size, pick a JPEG draft scale, decode, apply the EXIF
+    orientation and convert to RGB. Returns (RGB image, original (w, h) after rotation)."""
+    try:
+        with warnings.catch_warnings():  # PIL warns between its two limits; we judge by max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        claimed = _header_size(data)
+        if claimed is None:
+            raise DataError(f"image {where} is too large: {_one_line(e)}") from None
+        if claimed[0] * claimed[1] > max_pixels:
+            raise _too_large(where, claimed, max_pixels, "max_pixels") from None
+        raise _too_large(where, claimed, 2 * Image.MAX_IMAGE_PIXELS, "twice PIL's Image.MAX_IMAGE_PIXELS") from None
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image {where}: {_one_line(e)}") from None
+
+    w, h = img.size
+    if w * h > max_pixels:
+        raise _too_large(where, (w, h), max_pixels, "max_pixels")
+    if w < 1 or h < 1:
+        raise DataError(f"cannot decode image {where}: its header claims an empty {w}x{h} image")
+    orientation = _orientation(img)
+    size = (h, w) if orientation >= 5 else (w, h)
+    if min(w, h) < min_size:
+        raise DataError(f"image {where} is too small: {size[0]}x{size[1]}, shorter side {min(w, h)} "
+                        f"< min_size={min_size}")
+    try:
+        if resolution is not None and img.format == "JPEG":
+            # Decode at 1/2, 1/4 or 1/8 scale when the shorter side still reaches `resolution`.
+            short = min(w, h)
+            img.draft(None, (math.ceil(w * resolution / short), math.ceil(h * resolution / short)))
+        img.load()
+        if orientation != 1:
+            img = img.transpose(_ORIENTATION[orientation])
+        return _to_rgb(img), size
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image {where}: {_one_line(e)}") from None
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    img = img.convert("RGBA")
+    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, img).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited over white, because captioned web
+    images with alpha (logos, emoji) are drawn on white pages."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grey (32-bit "I" holds the same range): scale 0..65535 to 0..255, rounding;
+        # PIL's own conversion would clip everything above 255 to white.
+        arr = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        grey = ((arr + 128) // 257).astype(np.uint8)
+        t = img.info.get("transparency")
+        if isinstance(t, int):  # a tRNS grey level, given in 16 bits
+            alpha = np.where(arr == t, 0, 255).astype(np.uint8)
+            return _over_white(Image.fromarray(np.stack([grey, alpha], axis=-1), "LA"))
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        return img.convert("L").convert("RGB")
+    if img.has_transparency_data:  # RGBA, LA, PA, RGBa, La, P/L/RGB with tRNS, RGBA palettes
+        return _over_white(img)
+    return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted JPEGs are read right), YCbCr, LAB, RGBX...
+
+
+def decode_rgb(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to RGB, honouring EXIF rotation and compositing transparency over
+    white. A header claiming more than `max_pixels` pixels is rejected before decoding;
+    any failure is a one-line DataError naming `where`."""
+    return _open(data, where, max_pixels)[0]
+
+
+def _crop_box(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized size, box) of the resize-then-centre-crop: the shorter side scaled to
+    `resolution`, the central `resolution` square cut out."""
+    w, h = size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return (new_w, new_h), (left, top, left + resolution, top + resolution)
 
 
 def resize_center_crop(img: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Scale the shorter side to `resolution`, then cut the central square.
 
     Returns the crop and its box (left, top, right, bottom) in the resized image, which
-    later micro-conditioning needs.
+    later micro-conditioning needs. Only the square is resampled: its box is mapped back to
+    the original image and resized from there (PIL's `resize(box=...)`, which still reads
+    the pixels around the box for the filter), so a 1x20000 image costs no more than a
+    square one.
     """
     w, h = img.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    box = (left, top, left + resolution, top + resolution)
-    return img.crop(box), box
+    (new_w, new_h), box = _crop_box((w, h), resolution)
+    if (new_w, new_h) == (w, h):
+        return img.crop(box), box
+    sx, sy = w / new_w, h / new_h
+    source = (box[0] * sx, box[1] * sy, min(w, box[2] * sx), min(h, box[3] * sy))
+    out = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=source, reducing_gap=3.0)
+    return out, box
+
+
+def original_crop_box(size: tuple[int, int], resolution: int) -> tuple[float, float, float, float]:
+    """The box `resize_center_crop` cuts, in the coordinates of an image of `size` (w, h)."""
+    (new_w, new_h), box = _crop_box(size, resolution)
+    sx, sy = size[0] / new_w, size[1] / new_h
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image to a 3xHxW float tensor in [-1, 1]."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
@@ -58,9 +208,12 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def image_and_caption(sample: dict, resolution: int) -> tuple[torch.Tensor, str, tuple[int, int]]:
-    """(3xRxR tensor, caption, original (w, h)) from a raw shard sample, or a DataError
-    naming the shard and key when the image or caption is missing or unreadable."""
+def image_and_caption(sample: dict, resolution: int, *, min_size: int = 0,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, str, tuple[int, int]]:
+    """(3xRxR tensor in [-1, 1], caption, original (w, h) after EXIF rotation) from a raw
+    shard sample, or a one-line DataError naming the shard and key when the image or caption
+    is missing or unreadable, the image header claims more than `max_pixels` pixels, or the
+    image's shorter side is below `min_size` (smaller images are upscaled)."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if image_ext is None:
@@ -68,8 +221,7 @@ def image_and_caption(sample: dict, resolution: int) -> tuple[torch.Tensor, str,
     caption_ext = next((e for e in CAPTION_EXTS if e in sample), None)
     if caption_ext is None:
         raise DataError(f"sample {where} has no caption (expected .txt)")
-    img = decode_rgb(sample[image_ext], where)
-    size = img.size
+    img, size = _open(sample[image_ext], where, max_pixels, min_size, resolution)
     crop, _ = resize_center_crop(img, resolution)
     caption = sample[caption_ext].decode("utf-8", errors="replace").strip()
     return to_tensor(crop), caption, size

@@ -1,132 +1,194 @@
-"""A resumable, deterministic batch stream over WebDataset shards for data-parallel training.
+"""A resumable, deterministic, elastic batch stream over WebDataset shards.
 
-Order is a pure function of (seed, epoch, rank, worker): each epoch the shard list is
-permuted by (seed, epoch) and dealt out to the world's reader slots (rank x worker); each
-slot streams its shards through a seeded shuffle buffer and cuts batches. The DataLoader
-takes batches from its workers round-robin, so batch b of a rank comes from worker
-b % workers. The loader's whole state is therefore one number, the batches this rank has
-consumed: restoring it replays the same stream from that point (skipped batches are read
-but not decoded).
+The data is cut into V *virtual streams* (V = `virtual_ranks`, fixed for the life of a
+run). Each epoch the shard list is permuted by (seed, epoch) and stream v reads shards
+v, v+V, ... of the permutation through a shuffle buffer seeded by (seed, epoch, v). A
+stream's batches are therefore a pure function of (seed, V, v), whatever the world size.
 
-When per-shard sample counts are known (latent caches have them in their manifest), every
-rank gets the same number of batches per epoch: each slot yields as many batches as the
-poorest slot can fill, and the few samples beyond that are left out of that epoch (they are
-different ones each epoch, since the shard permutation changes).
+A job with W ranks gives rank r the streams r, r+W, r+2W, ... (V/W of them) and takes
+one batch from each in turn (a stream that is behind first); DataLoader worker w serves every num_workers-th of them,
+matching the DataLoader's own round-robin. The loader's whole state is the number of
+batches consumed from each stream. Restoring it replays each stream from its position
+(the skipped batches are read but not decoded), so a restart continues exactly; and
+because positions are kept per stream, not per rank, a restart with another world size
+(any W that divides V) continues the same epoch with no sample seen twice or skipped.
+
+When per-shard counts are known (latent caches record them), every stream yields the
+same number of batches per epoch: as many as the poorest stream can fill. The samples
+beyond that are left out of that epoch; they differ from epoch to epoch because the
+shard permutation does. Without counts (one rank only) each stream's last batch of an
+epoch is smaller instead, and nothing is left out. Samples that fail to decode are quarantined: their batch comes
+out smaller instead of being refilled, so batch boundaries stay a function of the raw
+data and resuming stays exact.
 """
 from __future__ import annotations
 
-import logging
-import random
-from typing import Callable
+import functools
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from .quarantine import Quarantine
 from .shards import iter_samples
 from .storage import DataError
 
-log = logging.getLogger(__name__)
+
+class _Plan:
+    """The epoch-by-epoch assignment of shards to virtual streams."""
+
+    def __init__(self, n_shards: int, virtual_ranks: int, batch_size: int, seed: int,
+                 counts: list[int] | None, shuffle: bool, resampled: bool):
+        self.n, self.V, self.b, self.seed = n_shards, virtual_ranks, batch_size, seed
+        self.counts, self.shuffle, self.resampled = counts, shuffle, resampled
+
+    def shards(self, epoch: int, stream: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.resampled:  # with replacement: for sets too large to ever finish an epoch
+            order = rng.integers(0, self.n, size=self.n)
+        else:
+            order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        return order[stream::self.V].tolist()
+
+    @functools.lru_cache(maxsize=64)
+    def batches_per_stream(self, epoch: int) -> int | None:
+        if self.counts is None:
+            return None
+        return min(sum(self.counts[i] for i in self.shards(epoch, v)) // self.b for v in range(self.V))
 
 
 class ShardBatches(IterableDataset):
-    """Endless stream of collated batches for one rank, starting after `start_batch`."""
+    """Collated batches for one rank, continuing from `positions` (batches consumed per stream)."""
 
-    def __init__(self, urls: list[str], decode: Callable[[dict], dict], batch_size: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
+    def __init__(self, urls: list[str], decode, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 1, virtual_ranks: int = 0,
                  counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 start_batch: int = 0, endpoint_url: str | None = None):
+                 resampled: bool = False, positions: list[int] | None = None,
+                 quarantine: Quarantine | None = None, endpoint_url: str | None = None):
+        V = virtual_ranks or world_size * max(1, num_workers)
+        per_rank = V // world_size
+        if V % world_size or per_rank % max(1, num_workers):
+            raise DataError(f"virtual_ranks={V} must be a multiple of world size {world_size} x "
+                            f"num_workers {max(1, num_workers)}")
         if not urls:
             raise DataError("the shard list is empty")
-        slots = world_size * max(1, num_workers)
-        if len(urls) < slots:
-            raise DataError(f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} "
-                            f"workers: write at least {slots} shards (smaller ones), or use fewer workers")
+        if len(urls) < V:
+            raise DataError(f"{len(urls)} shards cannot feed {V} virtual ranks ({world_size} ranks x "
+                            f"{max(1, num_workers)} workers or more): write at least {V} (smaller) shards")
         if counts is None and world_size > 1:
             raise DataError("per-shard sample counts are needed to give every rank the same number of "
                             "batches; read a latent cache (its manifest has them)")
         if counts is not None and len(counts) != len(urls):
             raise ValueError("counts must have one entry per shard")
         self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers = max(1, num_workers)  # reader slots per rank
-        self.loader_workers = num_workers  # 0: read in the training process itself
-        self.counts, self.shuffle, self.shuffle_buffer = counts, shuffle, shuffle_buffer
-        self.start_batch, self.endpoint_url = start_batch, endpoint_url
+        self.rank, self.world_size, self.virtual_ranks = rank, world_size, V
+        self.num_workers, self.loader_workers = max(1, num_workers), num_workers
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.plan = _Plan(len(urls), V, batch_size, seed, counts, shuffle, resampled)
+        self.positions = list(positions) if positions is not None else [0] * V
+        if len(self.positions) != V:
+            raise DataError(f"loader state has {len(self.positions)} stream positions, this run has "
+                            f"virtual_ranks={V}")
+        self.quarantine, self.endpoint_url = quarantine, endpoint_url
 
-    # -- the deterministic plan ------------------------------------------------------
-    def _slot_shards(self, epoch: int) -> list[list[int]]:
-        order = np.arange(len(self.urls))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        slots = self.world_size * self.num_workers
-        return [order[s::slots].tolist() for s in range(slots)]
+    # -- which streams a rank serves, in the order its batches come from them ------------
+    def streams_of(self, rank: int) -> list[int]:
+        """Rank `rank`'s streams in round-robin order. A stream that is behind comes first, so
+        that after n batches the turn continues where it was (stream n % per_rank)."""
+        streams = range(rank, self.virtual_ranks, self.world_size)
+        return sorted(streams, key=lambda v: (self.positions[v], v))
 
-    def batches_per_worker(self, epoch: int) -> int | None:
-        """Batches every worker of every rank yields in `epoch`, or None when counts are unknown."""
-        if self.counts is None:
-            return None
-        per_slot = [sum(self.counts[i] for i in shards) // self.batch_size for shards in self._slot_shards(epoch)]
-        return min(per_slot)
+    def positions_after(self, consumed: int) -> list[int]:
+        """Stream positions of the whole job after every rank consumed `consumed` more batches."""
+        per_rank = self.virtual_ranks // self.world_size
+        out = list(self.positions)
+        for r in range(self.world_size):
+            for j, v in enumerate(self.streams_of(r)):
+                out[v] += (consumed - j + per_rank - 1) // per_rank if consumed > j else 0
+        return out
 
     def batches_per_epoch(self, epoch: int = 0) -> int | None:
-        n = self.batches_per_worker(epoch)
-        return None if n is None else n * self.num_workers
+        """Batches each rank yields in `epoch`, or None when counts are unknown."""
+        n = self.plan.batches_per_stream(epoch)
+        return None if n is None else n * self.virtual_ranks // self.world_size
 
     def samples_per_epoch(self, epoch: int = 0) -> int | None:
         """Samples the whole job (all ranks) trains on in `epoch`."""
-        n = self.batches_per_epoch(epoch)
-        return None if n is None else n * self.batch_size * self.world_size
+        n = self.plan.batches_per_stream(epoch)
+        return None if n is None else n * self.virtual_ranks * self.batch_size
 
-    # -- streaming -----------------------------------------------------------------------
-    def _raw_samples(self, epoch: int, worker: int):
-        shards = self._slot_shards(epoch)[self.rank * self.num_workers + worker]
-        stream = (s for i in shards for s in iter_samples(self.urls[i], self.endpoint_url))
+    # -- one stream -----------------------------------------------------------------------
+    def _raw_samples(self, epoch: int, stream: int):
+        shards = self.plan.shards(epoch, stream)
+        samples = (s for i in shards for s in iter_samples(self.urls[i], self.endpoint_url, on_error=self.quarantine))
         if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from stream
+            yield from samples
             return
-        rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{worker}")
+        rng = np.random.default_rng([self.seed, epoch, stream, 1])
         buf = []
-        for s in stream:
+        for s in samples:
             if len(buf) < self.shuffle_buffer:
                 buf.append(s)
                 continue
-            j = rng.randrange(len(buf))
+            j = int(rng.integers(len(buf)))
             buf[j], s = s, buf[j]
             yield s
-        rng.shuffle(buf)
-        yield from buf
+        for j in rng.permutation(len(buf)):
+            yield buf[j]
 
-    def _worker_batches(self, worker: int, skip: int):
-        """This worker's endless list of raw batches; the first `skip` are passed over."""
+    def _stream_batches(self, stream: int, skip: int):
+        """Stream `stream`'s endless batches of raw samples, tagged with their epoch, from `skip` on."""
         epoch = 0
         while True:
-            limit = self.batches_per_worker(epoch)
+            limit = self.plan.batches_per_stream(epoch)
             if limit == 0:
-                raise DataError(f"in epoch {epoch} a reader slot of {self.world_size} ranks x {self.num_workers} workers "
-                                f"gets fewer than batch_size={self.batch_size} samples; use fewer ranks or workers, "
-                                "more shards, or a smaller batch")
-            if limit is not None and skip >= limit:  # whole epoch already consumed: jump over it
-                skip -= limit
-                epoch += 1
+                raise DataError(f"in epoch {epoch} a stream of virtual_ranks={self.virtual_ranks} gets fewer than "
+                                f"batch_size={self.batch_size} samples; use fewer ranks or workers, more shards, "
+                                "or a smaller batch")
+            if limit is not None and skip >= limit:  # whole epoch consumed: jump over it unread
+                skip, epoch = skip - limit, epoch + 1
                 continue
             made, batch = 0, []
-            for s in self._raw_samples(epoch, worker):
+            for s in self._raw_samples(epoch, stream):
                 batch.append(s)
-                if len(batch) == self.batch_size:
-                    if skip > 0:
-                        skip -= 1
-                    else:
-                        yield epoch, batch
-                    made, batch = made + 1, []
-                    if limit is not None and made == limit:
-                        break
+                if len(batch) < self.batch_size:
+                    continue
+                if skip > 0:
+                    skip -= 1
+                else:
+                    yield epoch, batch
+                made, batch = made + 1, []
+                if made == limit:
+                    break
+            if limit is None and batch:  # one rank: the epoch's last, smaller batch is not dropped
+                if skip > 0:
+                    skip -= 1
+                else:
+                    yield epoch, batch
+                made += 1
             if limit is not None and made < limit:
-                raise DataError(f"reader slot {self.rank}/{worker} read fewer samples than the shard counts promise "
-                                f"in epoch {epoch}: shards {[self.urls[i] for i in self._slot_shards(epoch)[self.rank * self.num_workers + worker]]}")
+                raise DataError(f"stream {stream} read fewer samples in epoch {epoch} than the shard counts "
+                                f"promise: {[self.urls[i] for i in self.plan.shards(epoch, stream)]}")
             if made == 0:
-                raise DataError(f"reader slot {self.rank}/{worker} found fewer than batch_size="
-                                f"{self.batch_size} samples in its shards")
+                raise DataError(f"stream {stream} found fewer than batch_size={self.batch_size} samples in its shards")
             epoch += 1
+
+    def _collate(self, epoch: int, raw: list[dict]) -> dict:
+        decoded = []
+        for s in raw:
+            try:
+                decoded.append(self.decode(s))
+                if self.quarantine is not None:
+                    self.quarantine.ok()
+            except DataError as e:
+                if self.quarantine is None:
+                    raise
+                self.quarantine(s.get("__url__"), s.get("__key__"), str(e))
+        if not decoded:
+            raise DataError(f"every sample of a batch failed to decode (first: {raw[0].get('__url__')}:"
+                            f"{raw[0].get('__key__')})")
+        batch = default_collate(decoded)
+        batch["epoch"] = epoch
+        return batch
 
     def __iter__(self):
         info = get_worker_info()
@@ -134,19 +196,50 @@ class ShardBatches(IterableDataset):
         workers = info.num_workers if info is not None else 1
         if workers != self.num_workers:
             raise ValueError(f"built for {self.num_workers} workers, running in {workers}")
-        # Batch b of this rank's stream belongs to reader slot b % workers. The DataLoader
-        # always asks worker 0 first, so after a restart at start_batch, worker w plays
-        # slot (w + start_batch) % workers and skips that slot's batches below start_batch.
-        slot = (worker + self.start_batch) % workers
-        skip = (self.start_batch - slot + workers - 1) // workers if self.start_batch > slot else 0
-        for epoch, raw in self._worker_batches(slot, skip):
-            batch = default_collate([self.decode(s) for s in raw])
-            batch["epoch"] = epoch
-            yield batch
+        # This worker's streams, each from its own position, taken in turn: together with
+        # the DataLoader's worker round-robin this gives the rank's stream round-robin.
+        mine = self.streams_of(self.rank)[worker::workers]
+        gens = [self._stream_batches(v, self.positions[v]) for v in mine]
+        while True:
+            for g in gens:
+                epoch, raw = next(g)
+                yield self._collate(epoch, raw)
 
 
-def make_loader(dataset: ShardBatches, prefetch_factor: int = 4) -> DataLoader:
-    """DataLoader over a ShardBatches: the dataset batches; workers are read in order."""
-    n = dataset.loader_workers
-    return DataLoader(dataset, batch_size=None, num_workers=n, in_order=True,
-                      prefetch_factor=prefetch_factor if n > 0 else None)
+class Loader:
+    """The DataLoader of a rank, with `state_dict()` / `load_state_dict()` for checkpoints.
+
+    The state is `{"virtual_ranks": V, "positions": [...]}`: batches consumed per stream by
+    the whole job. Every rank can compute it (ranks consume in lockstep), so any rank's
+    copy, saved with a checkpoint, restores all of them, also under another world size.
+    """
+
+    def __init__(self, dataset: ShardBatches, prefetch_factor: int = 4):
+        self.dataset, self.prefetch_factor = dataset, prefetch_factor
+        self.consumed, self._iter = 0, None
+
+    def state_dict(self) -> dict:
+        return {"virtual_ranks": self.dataset.virtual_ranks, "positions": self.dataset.positions_after(self.consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._iter is not None:
+            raise RuntimeError("load_state_dict must come before iterating")
+        if state["virtual_ranks"] != self.dataset.virtual_ranks:
+            raise DataError(f"the checkpoint's loader has virtual_ranks={state['virtual_ranks']}, this run "
+                            f"{self.dataset.virtual_ranks}; set data.virtual_ranks={state['virtual_ranks']}")
+        self.dataset.positions, self.consumed = list(state["positions"]), 0
+
+    def __iter__(self):
+        n = self.dataset.loader_workers
+        self._iter = iter(DataLoader(self.dataset, batch_size=None, num_workers=n, in_order=True,
+                                     prefetch_factor=self.prefetch_factor if n > 0 else None))
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iter)
+        self.consumed += 1
+        return batch
+
+
+def make_loader(dataset: ShardBatches, prefetch_factor: int = 4) -> Loader:
+    return Loader(dataset, prefetch_factor)

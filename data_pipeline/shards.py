@@ -12,7 +12,7 @@ import tempfile
 from typing import Iterator
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .storage import DataError, filesystem, join, makedirs, open_url
 
@@ -112,13 +112,58 @@ def write_shards(samples, out_url: str, per_shard: int, prefix: str = "shard",
     return urls
 
 
-def iter_samples(url: str, endpoint_url: str | None = None) -> Iterator[dict]:
-    """Yield the samples of one shard as dicts: `__key__`, `__url__` and `ext: bytes`."""
+def _safe_key(key: str) -> bool:
+    """Keys become file names downstream; absolute paths and '..' components never do."""
+    return bool(key) and not key.startswith("/") and ".." not in key.split("/")
+
+
+def iter_samples(url: str, endpoint_url: str | None = None, on_error=None) -> Iterator[dict]:
+    """Yield the samples of one shard as dicts: `__key__`, `__url__` and `ext: bytes`.
+
+    A bad sample (unsafe member name, the same field twice) or an unreadable rest of the
+    shard (truncated, not a tar) is reported as `on_error(url, key, message)` and passed
+    over, so the intact samples still come through; with no `on_error` it is a DataError.
+    Files are grouped into samples by webdataset's key rule (`base_plus_ext`).
+    """
+    def bad(key, message):
+        if on_error is None:
+            raise DataError(f"shard {url}: sample {key}: {message}" if key else f"shard {url}: {message}")
+        on_error(url, key, message)
+
     with open_url(url, "rb", endpoint_url) as stream:
+        current, broken, last_good = None, None, None
         try:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            for f in tar_file_iterator(stream):
+                key, ext = base_plus_ext(f["fname"])
+                if key is None:
+                    continue
+                if current is None or key != current["__key__"]:
+                    if current is not None:
+                        yield from _finish(current, broken, bad)
+                        last_good = current["__key__"]
+                    current, broken = {"__key__": key, "__url__": url}, None
+                ext = ext.lower()
+                if ext in current:
+                    broken = f"duplicate member {f['fname']}"
+                current[ext] = f["data"]
         except (tarfile.TarError, EOFError) as e:
-            raise DataError(f"shard {url} is not a readable tar file: {e}") from None
-        except ValueError as e:  # group_by_keys: the same key twice in a row
-            raise DataError(f"shard {url}: {e}") from None
+            # Damaged data: the samples before the damage were yielded; the partial one is not.
+            if current is None:
+                bad(None, f"not a readable tar file: {e}")
+            else:
+                lost = f"{current['__key__']} and everything after it are lost"
+                bad(None, f"unreadable after {last_good or 'the start'}; {lost} ({e})")
+            return
+        except OSError as e:  # storage, not data: retries are exhausted; never skip silently
+            raise DataError(f"reading {url} failed: {e}") from None
+        if current is not None:
+            yield from _finish(current, broken, bad)
+
+
+def _finish(sample: dict, broken: str | None, bad):
+    if not _safe_key(sample["__key__"]):
+        bad(sample["__key__"], "unsafe member name (absolute or '..')")
+    elif broken:
+        bad(sample["__key__"], broken)
+    else:
+        yield sample

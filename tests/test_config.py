@@ -216,7 +216,7 @@ def test_real_job_unknown_key_lists_its_fields():
     with pytest.raises(ConfigError) as e:
         load_config(UNetJob, None, ["data.urls=x", "data.resolution=32"])
     assert str(e.value) == ("unknown config key 'data.resolution'; valid keys in data: "
-                            "endpoint_url, num_workers, shuffle_buffer, urls")
+                            "endpoint_url, max_error_rate, num_workers, resampled, shuffle_buffer, urls, virtual_ranks")
 
 
 def test_real_job_validate_runs_after_overrides():

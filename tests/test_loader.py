@@ -56,7 +56,10 @@ def test_resume_replays_the_same_stream(uneven, num_workers, with_counts):
     ds = ShardBatches(uneven, decode, 5, **kw)
     n_after = 8
     ref = take(ds, 13 + n_after)
-    assert all(len(keys) == 5 for _, keys in ref)
+    if with_counts:
+        assert all(len(keys) == 5 for _, keys in ref)
+    else:  # one rank without counts: an epoch's last batch is smaller, nothing is dropped
+        assert sorted(k for e, keys in ref if e == 0 for k in keys) == sorted(all_keys(UNEVEN))
     if with_counts:
         per_epoch = ds.batches_per_epoch(0)
         assert per_epoch < 13  # the resume points below include one in a later epoch
@@ -64,8 +67,66 @@ def test_resume_replays_the_same_stream(uneven, num_workers, with_counts):
     else:
         assert max(e for e, _ in ref[13:]) >= 1
     for start in (1, 5, 13):
-        resumed = take(ShardBatches(uneven, decode, 5, start_batch=start, **kw), n_after)
-        assert resumed == ref[start:start + n_after], f"start_batch={start}"
+        resumed = take(restored(ShardBatches(uneven, decode, 5, **kw), state_after(ShardBatches(uneven, decode, 5, **kw),
+                                                                                    start)), n_after)
+        assert resumed == ref[start:start + n_after], f"resumed after {start} batches"
+
+
+def state_after(ds: ShardBatches, n: int) -> dict:
+    """Consume n batches through a real loader, then take its state_dict()."""
+    loader = make_loader(ds, prefetch_factor=2)
+    it = iter(loader)
+    for _ in range(n):
+        next(it)
+    state = loader.state_dict()
+    del it
+    return state
+
+
+def restored(ds: ShardBatches, state: dict) -> ShardBatches:
+    make_loader(ds).load_state_dict(state)  # sets the dataset's stream positions
+    return ds
+
+
+def test_exact_resume_two_ranks_two_workers_after_batch_13(uneven):
+    """The issue's case: stop after batch 13 with 2 ranks x 2 workers, restore into fresh loaders."""
+    def rank(r):
+        return ShardBatches(uneven, decode, 2, seed=7, rank=r, world_size=2, num_workers=2, counts=list(UNEVEN),
+                            shuffle_buffer=5)
+    for r in (0, 1):
+        ref = take(rank(r), 13 + 10)
+        state = state_after(rank(r), 13)
+        assert take(restored(rank(r), state), 10) == ref[13:]
+    # Every rank computes the same job-wide state, so one rank's copy restores all of them.
+    assert state_after(rank(0), 13) == state_after(rank(1), 13)
+
+
+def epoch0_keys(batches) -> list[str]:
+    return [k for e, keys in batches if e == 0 for k in keys]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
+def test_elastic_resume_sees_each_sample_of_the_epoch_once(tmp_path, before, after):
+    """Resume mid-epoch with another world size: the epoch's samples are exactly those of an
+    uninterrupted run, none twice, none skipped."""
+    urls = build_shards(tmp_path, (6, 9, 7, 8, 5, 10, 6, 9))
+    kw = dict(seed=3, virtual_ranks=4, counts=[6, 9, 7, 8, 5, 10, 6, 9], shuffle_buffer=4, num_workers=0)
+
+    def world(size):
+        return [ShardBatches(urls, decode, 2, rank=r, world_size=size, **kw) for r in range(size)]
+
+    per_rank = world(1)[0].batches_per_epoch(0)
+    reference = epoch0_keys(take(world(1)[0], per_rank))
+    assert len(reference) == len(set(reference)) == world(1)[0].samples_per_epoch(0)
+
+    first = world(before)
+    k = (per_rank // before) // 2 + 1  # batches each rank trains before the restart: mid-epoch
+    seen = [key for ds in first for key in epoch0_keys(take(ds, k))]
+    state = state_after(first[0], k)
+    assert state == state_after(first[-1], k)
+    # After the restart each rank runs to the end of epoch 0 (and a little into epoch 1).
+    rest = [key for ds in world(after) for key in epoch0_keys(take(restored(ds, state), per_rank // after + 2))]
+    assert sorted(seen + rest) == sorted(reference)
 
 
 def test_resume_in_process_matches_worker_processes(uneven):
@@ -136,10 +197,12 @@ def test_too_few_shards_for_ranks_and_workers(tmp_path):
     urls = build_shards(tmp_path, (4, 4, 4))
     with pytest.raises(DataError) as e:
         ShardBatches(urls, decode, 2, world_size=2, num_workers=2, counts=[4, 4, 4])
-    assert str(e.value) == ("3 shards cannot feed 2 ranks x 2 workers: write at least 4 shards "
-                            "(smaller ones), or use fewer workers")
-    with pytest.raises(DataError, match=r"^3 shards cannot feed 1 ranks x 4 workers"):
+    assert str(e.value) == ("3 shards cannot feed 4 virtual ranks (2 ranks x 2 workers or more): "
+                            "write at least 4 (smaller) shards")
+    with pytest.raises(DataError, match=r"^3 shards cannot feed 4 virtual ranks \(1 ranks x 4 workers"):
         ShardBatches(urls, decode, 2, num_workers=4)
+    with pytest.raises(DataError, match=r"^virtual_ranks=6 must be a multiple of world size 2 x num_workers 2"):
+        ShardBatches(urls * 2, decode, 2, world_size=2, num_workers=2, virtual_ranks=6, counts=[4] * 6)
     ShardBatches(urls, decode, 2, num_workers=3)  # exactly enough
 
 
@@ -177,15 +240,20 @@ def first_batch_or_timeout(ds, seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def test_slot_with_less_than_one_batch_is_an_error_without_counts(tmp_path):
+def test_small_data_without_counts_gives_a_smaller_batch(tmp_path):
     urls = build_shards(tmp_path, (1, 1))
-    ds = ShardBatches(urls, decode, 4, num_workers=0)
-    with pytest.raises(DataError, match=r"^reader slot 0/0 found fewer than batch_size=4 samples in its shards$"):
-        first_batch_or_timeout(ds, 5.0)
+    ds = ShardBatches(urls, decode, 4, num_workers=0, shuffle=False)
+    assert take(ds, 2) == [(0, ("00_000", "01_000")), (1, ("00_000", "01_000"))]
+
+
+def test_a_stream_without_samples_is_an_error(tmp_path):
+    urls = build_shards(tmp_path, (0, 0))
+    with pytest.raises(DataError, match=r"^stream 0 found fewer than batch_size=4 samples in its shards$"):
+        first_batch_or_timeout(ShardBatches(urls, decode, 4, num_workers=0), 5.0)
 
 
 def test_slot_with_less_than_one_batch_is_an_error_with_counts(tmp_path):
-    # With counts, an epoch in which some slot cannot fill one batch must raise, not skip
+    # With counts, an epoch in which some stream cannot fill one batch must raise, not skip
     # epochs forever.
     urls = build_shards(tmp_path, (1, 1))
     ds = ShardBatches(urls, decode, 4, num_workers=0, counts=[1, 1])

@@ -240,7 +240,7 @@ def test_random_bytes_shard(tmp_path):
         f.write(random.Random(7).randbytes(4096))
     with pytest.raises(DataError) as e:
         list(iter_samples(url))
-    assert str(e.value).startswith(f"shard {url} is not a readable tar file: ")
+    assert str(e.value).startswith(f"shard {url}: not a readable tar file: ")
 
 
 def test_zero_byte_shard_is_an_error(tmp_path):
@@ -248,7 +248,7 @@ def test_zero_byte_shard_is_an_error(tmp_path):
     open(url, "wb").close()
     with pytest.raises(DataError) as e:
         list(iter_samples(url))
-    assert str(e.value) == f"shard {url} is not a readable tar file: empty file"
+    assert str(e.value) == f"shard {url}: not a readable tar file: empty file"
 
 
 def test_truncated_shard_is_an_error(tmp_path):
@@ -259,7 +259,7 @@ def test_truncated_shard_is_an_error(tmp_path):
         f.write(data[:700])  # inside the first member's data
     with pytest.raises(DataError) as e:
         list(iter_samples(cut))
-    assert str(e.value).startswith(f"shard {cut} is not a readable tar file: ")
+    assert str(e.value).startswith(f"shard {cut}: not a readable tar file: ")
 
 
 # -- images -------------------------------------------------------------------------------------------

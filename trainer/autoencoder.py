@@ -16,24 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data_pipeline.images import image_and_caption
-from data_pipeline.loader import ShardBatches, make_loader
+from data_pipeline.images import DEFAULT_MAX_PIXELS, image_and_caption
 from data_pipeline.storage import DataError, expand_shards
 from models.autoencoder import build_autoencoder
 
 from . import checkpoint
 from . import config as config_lib
 from . import dist
+from .data import ImageData, build_loader
 from .metrics import RunLog, plot_loss
-
-
-@dataclasses.dataclass
-class ImageData:
-    urls: str = ""  # shards: directory, brace pattern (s3://b/p/{000..127}.tar), glob, or comma list
-    endpoint_url: str | None = None  # S3-compatible endpoint; default AWS_ENDPOINT_URL
-    resolution: int = 32  # images are resized (shorter side) and centre-cropped to this
-    num_workers: int = 1  # DataLoader processes decoding images
-    shuffle_buffer: int = 1000  # samples mixed per worker
 
 
 @dataclasses.dataclass
@@ -68,8 +59,8 @@ def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def decode_image_sample(sample: dict, resolution: int) -> dict:
-    x, _, _ = image_and_caption(sample, resolution)
+def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    x, _, _ = image_and_caption(sample, resolution, min_size=min_size, max_pixels=max_pixels)
     return {"x": x}
 
 
@@ -96,12 +87,12 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     # --- model, optimizer, resume -------------------------------------------------------
     model = build_autoencoder(cfg.preset, cfg.latent_channels, seed=cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    step, resume = 0, checkpoint.latest(cfg.run_dir)
+    step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
     if resume:
         model.load_state_dict(load_file(os.path.join(resume, "model.safetensors")))
         state = torch.load(os.path.join(resume, "optimizer.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, loader_state = state["step"], state["loader"]
         print(f"resuming from {resume} (step {step})")
     total_steps = cfg.total_samples // cfg.batch_per_rank
     log_every = max(1, cfg.log_every_samples // cfg.batch_per_rank)
@@ -109,10 +100,9 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
 
     # --- data -----------------------------------------------------------------------------
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
-    dataset = ShardBatches(urls, functools.partial(decode_image_sample, resolution=cfg.data.resolution), cfg.batch_per_rank, seed=cfg.seed,
-                           num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                           start_batch=step, endpoint_url=cfg.data.endpoint_url)
-    batches = iter(make_loader(dataset))
+    loader = build_loader(cfg.data, urls, functools.partial(decode_image_sample, **cfg.data.decode_options()),
+                          cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir, state=loader_state)
+    batches = iter(loader)
     runlog = RunLog(cfg.run_dir, True, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
                     config=config_lib.to_dict(cfg))
 
@@ -150,7 +140,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
             path = os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.tag_for(step))
             os.makedirs(path, exist_ok=True)
             save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "step": step}, os.path.join(path, "optimizer.pt"))
+            torch.save({"optimizer": opt.state_dict(), "step": step, "loader": loader.state_dict()},
+                       os.path.join(path, "optimizer.pt"))
             checkpoint.mark_complete(path, {"step": step, "samples": step * cfg.batch_per_rank})
             checkpoint.prune(cfg.run_dir, keep_last=2)
     bar.close()

@@ -28,7 +28,7 @@ from models.text_encoder import load_text_encoder
 
 from . import config as config_lib
 from . import dist
-from .autoencoder import ImageData
+from .data import ImageData
 
 MANIFEST = "manifest.json"
 EMPTY_CAPTION = "empty_caption.safetensors"
@@ -89,7 +89,7 @@ def _encode_shard(cfg: CacheJob, url: str, out: str, vae, text_encoder, bar) -> 
             pending.clear()
 
         for sample in iter_samples(url, cfg.data.endpoint_url):
-            x, caption, size = image_and_caption(sample, cfg.data.resolution)
+            x, caption, size = image_and_caption(sample, **cfg.data.decode_options())
             pending.append((sample["__key__"], x, caption, size))
             if len(pending) == cfg.batch_size:
                 flush()

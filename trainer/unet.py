@@ -17,7 +17,6 @@ from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.loader import ShardBatches, make_loader
 from models.diffusion import draw_latents, noise_schedule, training_loss
 from models.unet import build_unet
 
@@ -25,22 +24,15 @@ from . import checkpoint
 from . import config as config_lib
 from . import dist
 from .cache import EMPTY_CAPTION, read_manifest
+from .data import ShardData, build_loader
 from .engine import build_engine, deepspeed_config, resolve_precision, set_lr
 from .metrics import RunLog, plot_loss
 
 
 @dataclasses.dataclass
-class LatentData:
-    urls: str = ""  # latent cache root holding manifest.json (local path or s3://...)
-    endpoint_url: str | None = None  # S3-compatible endpoint; default AWS_ENDPOINT_URL
-    num_workers: int = 1  # DataLoader processes per rank reading latent shards
-    shuffle_buffer: int = 1000  # samples mixed per worker
-
-
-@dataclasses.dataclass
 class UNetJob:
     run_dir: str = "runs/unet"  # checkpoints, log.jsonl, loss.png, config.yaml
-    data: LatentData = dataclasses.field(default_factory=LatentData)
+    data: ShardData = dataclasses.field(default_factory=ShardData)  # data.urls: the latent cache root
     model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json
     prediction_type: str = "epsilon"  # epsilon | v_prediction (Salimans & Ho 2022)
     caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
@@ -113,7 +105,10 @@ def micro_seed(seed: int, rank: int, micro_step: int) -> int:
 def decode_latent_sample(sample: dict) -> dict:
     if "safetensors" not in sample:
         raise storage.DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')} has no .safetensors")
-    t = st_load(sample["safetensors"])
+    try:
+        t = st_load(sample["safetensors"])
+    except Exception as e:  # safetensors raises its own error type for damaged bytes
+        raise storage.DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')} is damaged: {e}") from None
     return {"mean": t["mean"], "std": t["std"], "text_emb": t["text_emb"]}
 
 
@@ -142,7 +137,7 @@ def train_unet(cfg: UNetJob) -> str:
         batch_per_rank=cfg.batch_per_rank, grad_accum=cfg.grad_accum, world_size=w.size, zero_stage=cfg.zero_stage,
         precision=precision, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip))
     schedule = noise_schedule(cfg.prediction_type)
-    step, resume = 0, checkpoint.latest(cfg.run_dir)
+    step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
     if resume:
         state = checkpoint.load(engine, resume)
         if state["world_size"] != w.size:
@@ -150,17 +145,15 @@ def train_unet(cfg: UNetJob) -> str:
                                          f"{w.size}; resume with the same world size or start a new run_dir")
         if state["cache_vae"] != manifest["vae"]["identity"]:
             raise config_lib.ConfigError(f"checkpoint {resume} was trained on latents of another VAE than {cfg.data.urls}")
-        step = state["step"]
+        step, loader_state = state["step"], state["loader"]
         if w.is_main:
             print(f"resuming from {resume} at step {step}")
 
-    # --- data: the stream resumes at this rank's next micro batch -----------------------------------
+    # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     urls = [storage.join(cfg.data.urls, s["shard"]) for s in manifest["shards"]]
-    dataset = ShardBatches(urls, decode_latent_sample, cfg.batch_per_rank, seed=cfg.seed, rank=w.rank,
-                           world_size=w.size, num_workers=cfg.data.num_workers, counts=[s["count"] for s in manifest["shards"]],
-                           shuffle_buffer=cfg.data.shuffle_buffer, start_batch=step * cfg.grad_accum,
-                           endpoint_url=cfg.data.endpoint_url)
-    batches = iter(make_loader(dataset))
+    loader = build_loader(cfg.data, urls, decode_latent_sample, cfg.batch_per_rank, w, seed=cfg.seed,
+                          run_dir=cfg.run_dir, counts=[s["count"] for s in manifest["shards"]], state=loader_state)
+    batches, dataset = iter(loader), loader.dataset
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb,
                     wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg))
     if w.is_main:
@@ -206,7 +199,7 @@ def train_unet(cfg: UNetJob) -> str:
         if step % plan.checkpoint_every_steps == 0 or step == last_step:
             checkpoint.save(engine, cfg.run_dir, step, {
                 "step": step, "samples": step * plan.global_batch, "world_size": w.size,
-                "cache_vae": manifest["vae"]["identity"]}, keep_last=cfg.keep_last)
+                "cache_vae": manifest["vae"]["identity"], "loader": loader.state_dict()}, keep_last=cfg.keep_last)
     bar.close()
     runlog.close()
 

@@ -1,0 +1,52 @@
+"""The data section shared by the training jobs, and the loader built from it."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from data_pipeline.images import DEFAULT_MAX_PIXELS
+from data_pipeline.loader import Loader, ShardBatches, make_loader
+from data_pipeline.quarantine import Quarantine
+
+from .dist import World
+
+
+@dataclasses.dataclass
+class ShardData:
+    urls: str = ""  # shards: directory, brace pattern (s3://b/p/{000..127}.tar), glob, comma list; or a latent cache root
+    endpoint_url: str | None = None  # S3-compatible endpoint; default AWS_ENDPOINT_URL
+    num_workers: int = 1  # DataLoader processes per rank (0: read in the training process)
+    shuffle_buffer: int = 1000  # samples mixed per stream
+    virtual_ranks: int = 0  # data streams, fixed for the run (0: ranks x workers at the first start); a
+    #   resume may use any world size dividing it: set it to the largest ranks x workers you may resume on
+    resampled: bool = False  # draw shards with replacement each epoch (huge sets that never finish an epoch)
+    max_error_rate: float = 0.01  # stop when more than this share of samples fails to decode
+
+
+@dataclasses.dataclass
+class ImageData(ShardData):
+    resolution: int = 32  # images are resized (shorter side) and centre-cropped to this
+    min_size: int = 0  # images whose shorter side is below this are quarantined (0: upscale anything)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header claims more pixels are quarantined (bombs)
+
+    def decode_options(self) -> dict:
+        return {"resolution": self.resolution, "min_size": self.min_size, "max_pixels": self.max_pixels}
+
+
+def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
+                 run_dir: str, counts: list[int] | None = None, state: dict | None = None) -> Loader:
+    """The rank's loader; `state` (a Loader.state_dict() from a checkpoint) continues a run.
+
+    A resumed run keeps the stream count it started with, so that a different world size
+    continues the same epochs.
+    """
+    virtual_ranks = state["virtual_ranks"] if state else data.virtual_ranks
+    dataset = ShardBatches(urls, decode, batch_per_rank, seed=seed, rank=world.rank, world_size=world.size,
+                           num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
+                           shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+                           quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),
+                           endpoint_url=data.endpoint_url)
+    loader = make_loader(dataset)
+    if state:
+        loader.load_state_dict(state)
+    return loader
