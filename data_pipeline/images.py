@@ -158,21 +158,26 @@ def decode_rgb(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     return _open(data, where, max_pixels)[0]
 
 
-def _crop_box(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """(resized size, box) of the resize-then-centre-crop: the shorter side scaled to
-    `resolution`, the central `resolution` square cut out."""
-    w, h = size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return (new_w, new_h), (left, top, left + resolution, top + resolution)
+def _size(resolution) -> tuple[int, int]:
+    """A target (w, h) from a square side or a (w, h) pair (aspect-ratio buckets)."""
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Scale the shorter side to `resolution`, then cut the central square.
+def _crop_box(size: tuple[int, int], resolution) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized size, box) of the resize-then-centre-crop: scaled just enough to cover the
+    target (the shorter side to `resolution` for a square), the central target cut out."""
+    (w, h), (tw, th) = size, _size(resolution)
+    scale = max(tw / w, th / h)
+    new_w, new_h = max(tw, round(w * scale)), max(th, round(h * scale))
+    left, top = (new_w - tw) // 2, (new_h - th) // 2
+    return (new_w, new_h), (left, top, left + tw, top + th)
+
+
+def resize_center_crop(img: Image.Image, resolution) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Scale to cover `resolution` (a square side or a (w, h) bucket), then cut the centre.
 
     Returns the crop and its box (left, top, right, bottom) in the resized image, which
-    later micro-conditioning needs. Only the square is resampled: its box is mapped back to
+    later micro-conditioning needs. Only the crop is resampled: its box is mapped back to
     the original image and resized from there (PIL's `resize(box=...)`, which still reads
     the pixels around the box for the filter), so a 1x20000 image costs no more than a
     square one.
@@ -183,15 +188,28 @@ def resize_center_crop(img: Image.Image, resolution: int) -> tuple[Image.Image, 
         return img.crop(box), box
     sx, sy = w / new_w, h / new_h
     source = (box[0] * sx, box[1] * sy, min(w, box[2] * sx), min(h, box[3] * sy))
-    out = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=source, reducing_gap=3.0)
+    out = img.resize(_size(resolution), Image.Resampling.BICUBIC, box=source, reducing_gap=3.0)
     return out, box
 
 
-def original_crop_box(size: tuple[int, int], resolution: int) -> tuple[float, float, float, float]:
+def original_crop_box(size: tuple[int, int], resolution) -> tuple[float, float, float, float]:
     """The box `resize_center_crop` cuts, in the coordinates of an image of `size` (w, h)."""
     (new_w, new_h), box = _crop_box(size, resolution)
     sx, sy = size[0] / new_w, size[1] / new_h
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(w, h) after EXIF rotation from the header alone, or None if it cannot be read.
+    Cheap enough to run on every sample, also on samples a resume skips over."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        return (h, w) if _orientation(img) >= 5 else (w, h)
+    except Exception:  # noqa: BLE001 - unreadable: the decode will quarantine it
+        return None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -208,9 +226,9 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def image_and_caption(sample: dict, resolution: int, *, min_size: int = 0,
+def image_and_caption(sample: dict, resolution, *, min_size: int = 0,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, str, tuple[int, int]]:
-    """(3xRxR tensor in [-1, 1], caption, original (w, h) after EXIF rotation) from a raw
+    """(3xHxW tensor in [-1, 1], caption, original (w, h) after EXIF rotation) from a raw
     shard sample, or a one-line DataError naming the shard and key when the image or caption
     is missing or unreadable, the image header claims more than `max_pixels` pixels, or the
     image's shorter side is below `min_size` (smaller images are upscaled)."""
@@ -221,7 +239,7 @@ def image_and_caption(sample: dict, resolution: int, *, min_size: int = 0,
     caption_ext = next((e for e in CAPTION_EXTS if e in sample), None)
     if caption_ext is None:
         raise DataError(f"sample {where} has no caption (expected .txt)")
-    img, size = _open(sample[image_ext], where, max_pixels, min_size, resolution)
+    img, size = _open(sample[image_ext], where, max_pixels, min_size, max(_size(resolution)))
     crop, _ = resize_center_crop(img, resolution)
     caption = sample[caption_ext].decode("utf-8", errors="replace").strip()
     return to_tensor(crop), caption, size

@@ -17,7 +17,9 @@ When per-shard counts are known (latent caches record them), every stream yields
 same number of batches per epoch: as many as the poorest stream can fill. The samples
 beyond that are left out of that epoch; they differ from epoch to epoch because the
 shard permutation does. Without counts (one rank only) each stream's last batch of an
-epoch is smaller instead, and nothing is left out. Samples that fail to decode are quarantined: their batch comes
+epoch is smaller instead, and nothing is left out. With aspect-ratio buckets every batch
+holds one bucket's shape; a stream then yields (bucket count - 1) batches fewer per epoch
+than its counts could fill, so that it can always fill what it promised. Samples that fail to decode are quarantined: their batch comes
 out smaller instead of being refilled, so batch boundaries stay a function of the raw
 data and resuming stays exact.
 """
@@ -37,9 +39,9 @@ class _Plan:
     """The epoch-by-epoch assignment of shards to virtual streams."""
 
     def __init__(self, n_shards: int, virtual_ranks: int, batch_size: int, seed: int,
-                 counts: list[int] | None, shuffle: bool, resampled: bool):
+                 counts: list[int] | None, shuffle: bool, resampled: bool, slack: int = 0):
         self.n, self.V, self.b, self.seed = n_shards, virtual_ranks, batch_size, seed
-        self.counts, self.shuffle, self.resampled = counts, shuffle, resampled
+        self.counts, self.shuffle, self.resampled, self.slack = counts, shuffle, resampled, slack
 
     def shards(self, epoch: int, stream: int) -> list[int]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -53,7 +55,8 @@ class _Plan:
     def batches_per_stream(self, epoch: int) -> int | None:
         if self.counts is None:
             return None
-        return min(sum(self.counts[i] for i in self.shards(epoch, v)) // self.b for v in range(self.V))
+        fill = min(sum(self.counts[i] for i in self.shards(epoch, v)) // self.b for v in range(self.V))
+        return max(0, fill - self.slack)
 
 
 class ShardBatches(IterableDataset):
@@ -62,7 +65,7 @@ class ShardBatches(IterableDataset):
     def __init__(self, urls: list[str], decode, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, virtual_ranks: int = 0,
                  counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 resampled: bool = False, positions: list[int] | None = None,
+                 resampled: bool = False, positions: list[int] | None = None, bucketer=None,
                  quarantine: Quarantine | None = None, endpoint_url: str | None = None):
         V = virtual_ranks or world_size * max(1, num_workers)
         per_rank = V // world_size
@@ -83,7 +86,11 @@ class ShardBatches(IterableDataset):
         self.rank, self.world_size, self.virtual_ranks = rank, world_size, V
         self.num_workers, self.loader_workers = max(1, num_workers), num_workers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
-        self.plan = _Plan(len(urls), V, batch_size, seed, counts, shuffle, resampled)
+        # With aspect-ratio buckets a stream can hold up to one unfinished batch per bucket,
+        # so it is promised that many batches fewer than its counts would fill.
+        self.bucketer = bucketer
+        slack = len(bucketer.buckets) - 1 if bucketer is not None else 0
+        self.plan = _Plan(len(urls), V, batch_size, seed, counts, shuffle, resampled, slack)
         self.positions = list(positions) if positions is not None else [0] * V
         if len(self.positions) != V:
             raise DataError(f"loader state has {len(self.positions)} stream positions, this run has "
@@ -147,30 +154,41 @@ class ShardBatches(IterableDataset):
             if limit is not None and skip >= limit:  # whole epoch consumed: jump over it unread
                 skip, epoch = skip - limit, epoch + 1
                 continue
-            made, batch = 0, []
+            made, pending = 0, {}  # bucket -> samples waiting for a full batch
             for s in self._raw_samples(epoch, stream):
+                k = self.bucketer(s) if self.bucketer is not None else 0
+                batch = pending.setdefault(k, [])
                 batch.append(s)
                 if len(batch) < self.batch_size:
                     continue
+                del pending[k]
                 if skip > 0:
                     skip -= 1
                 else:
-                    yield epoch, batch
-                made, batch = made + 1, []
+                    yield epoch, self._tag(k, batch)
+                made += 1
                 if made == limit:
                     break
-            if limit is None and batch:  # one rank: the epoch's last, smaller batch is not dropped
-                if skip > 0:
-                    skip -= 1
-                else:
-                    yield epoch, batch
-                made += 1
+            if limit is None:  # one rank: the epoch's last, smaller batches are not dropped
+                for k in sorted(pending):
+                    if skip > 0:
+                        skip -= 1
+                    else:
+                        yield epoch, self._tag(k, pending[k])
+                    made += 1
             if limit is not None and made < limit:
                 raise DataError(f"stream {stream} read fewer samples in epoch {epoch} than the shard counts "
                                 f"promise: {[self.urls[i] for i in self.plan.shards(epoch, stream)]}")
             if made == 0:
                 raise DataError(f"stream {stream} found fewer than batch_size={self.batch_size} samples in its shards")
             epoch += 1
+
+    def _tag(self, bucket: int, batch: list[dict]) -> list[dict]:
+        """Tell the decoder the batch's shape (`__size__`, (w, h)) when buckets are on."""
+        if self.bucketer is not None:
+            size = self.bucketer.buckets[bucket]
+            batch = [{**s, "__size__": size} for s in batch]
+        return batch
 
     def _collate(self, epoch: int, raw: list[dict]) -> dict:
         decoded = []
@@ -188,6 +206,8 @@ class ShardBatches(IterableDataset):
                             f"{raw[0].get('__key__')})")
         batch = default_collate(decoded)
         batch["epoch"] = epoch
+        # Bytes read for this batch, so the trainer can log read throughput (MB/s).
+        batch["bytes"] = sum(len(v) for s in raw for k, v in s.items() if not k.startswith("__"))
         return batch
 
     def __iter__(self):

@@ -3,35 +3,170 @@
 S3-compatible stores (MinIO, Ceph, a test server) are reached through an endpoint URL,
 taken from the job config or from the standard `AWS_ENDPOINT_URL` variable; credentials
 come from the usual AWS environment and files, as boto does it.
+
+Requests to S3 retry with backoff as `data_pipeline.s3` describes; after the last attempt
+the error is a DataError naming the URL.
 """
 from __future__ import annotations
 
 import os
 import posixpath
+import sys
 import uuid
 
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+
+from .s3 import RetryPolicy, configure, retry_policy, s3_filesystem_class  # noqa: F401 (re-exported)
 
 
 class DataError(RuntimeError):
     """Input that cannot be used, reported as one line naming the URL or key at fault."""
 
 
+class StorageReadError(DataError):
+    """A stream from `open_url` failed while reading (or writing), retries exhausted.
+
+    The message is fixed at construction: webdataset's tar reader appends its own text
+    to `args[0]` of exceptions passing through it, which must not change what is shown.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message,)
+
+
+def _is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
 def storage_options(url: str, endpoint_url: str | None = None) -> dict:
     """fsspec keyword arguments for `url`'s protocol."""
-    if url.startswith(("s3://", "s3a://")):
+    if _is_s3(url):
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        # one attempt per botocore call: the retrying is ours (see the module docstring)
+        options: dict = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
 
 
 def filesystem(url: str, endpoint_url: str | None = None):
-    """(fs, path) for a URL; a bare path is a local file."""
+    """(fs, path) for a URL; a bare path is a local file. s3:// gives a RetryingS3FileSystem."""
     try:
+        if _is_s3(url) and "::" not in url:
+            cls = s3_filesystem_class()
+            fs = cls(**{**cls._get_kwargs_from_urls(url), **storage_options(url, endpoint_url)})
+            return fs, cls._strip_protocol(url)
         return url_to_fs(url, **storage_options(url, endpoint_url))
     except (ImportError, ValueError) as e:
         raise DataError(f"cannot open {url}: {e}") from None
+
+
+def _storage_error(e: BaseException) -> bool:
+    """An error of the storage layer (not of the caller's code)."""
+    if isinstance(e, OSError):
+        return True
+    kinds: tuple = ()
+    if "botocore.exceptions" in sys.modules:
+        from botocore.exceptions import BotoCoreError, ClientError
+        kinds += (BotoCoreError, ClientError)
+    if "aiohttp" in sys.modules:
+        import aiohttp
+        kinds += (aiohttp.ClientError,)
+    if "s3fs.core" in sys.modules:
+        kinds += tuple(sys.modules["s3fs.core"].S3_RETRYABLE_ERRORS)
+    return bool(kinds) and isinstance(e, kinds)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a storage error: its message (with its kind where that says more) and
+    how many attempts were made."""
+    what = type(e).__name__
+    detail = str(e) or what
+    if not isinstance(e, OSError) and what not in detail:
+        detail = f"{what}: {detail}"
+    attempts = getattr(e, "storage_attempts", 1)
+    return f"{detail} (gave up after {attempts} attempts)" if attempts > 1 else detail
+
+
+class _NamedStream:
+    """A file object from `open_url` whose storage failures are DataErrors naming the URL.
+
+    Everything else is the wrapped object's (attributes, seek, tell, ...).
+    """
+
+    def __init__(self, f, url: str, mode: str = "rb"):
+        self._f = f
+        self.url = url
+        self._doing = "reading" if "r" in mode else "writing"
+
+    def _guard(self, method, *args):
+        try:
+            return method(*args)
+        except DataError:
+            raise
+        except Exception as e:
+            if not _storage_error(e):
+                raise
+            raise StorageReadError(f"{self._doing} {self.url} failed: {_describe(e)}") from e
+
+    def read(self, *args):
+        return self._guard(self._f.read, *args)
+
+    def read1(self, *args):
+        return self._guard(self._f.read1, *args)
+
+    def readinto(self, b):
+        return self._guard(self._f.readinto, b)
+
+    def readline(self, *args):
+        return self._guard(self._f.readline, *args)
+
+    def readlines(self, *args):
+        return self._guard(self._f.readlines, *args)
+
+    def write(self, data):
+        return self._guard(self._f.write, data)
+
+    def flush(self):
+        return self._guard(self._f.flush)
+
+    def close(self):
+        return self._guard(self._f.close)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._guard(self._f.__exit__, *exc)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __repr__(self):
+        return f"<stream {self.url}>"
 
 
 def join(base: str, *names: str) -> str:
@@ -71,16 +206,26 @@ def _unstrip(protocol: str, path: str) -> str:
 
 
 def open_url(url: str, mode: str = "rb", endpoint_url: str | None = None):
-    """Open a URL for streaming; a missing or unreadable object is a DataError naming it."""
+    """Open a URL for streaming; a missing or unreadable object is a DataError naming it.
+
+    Remote streams are wrapped so that a read failing for good (object-store retries
+    exhausted, see `configure`) is a DataError (`StorageReadError`) naming the URL too.
+    """
     fs, path = filesystem(url, endpoint_url)
+    kwargs = {}
+    if _is_s3(url) and "r" in mode and retry_policy().block_size is not None:
+        kwargs["block_size"] = retry_policy().block_size
     try:
-        return fs.open(path, mode)
+        f = fs.open(path, mode, **kwargs)
     except FileNotFoundError:
         raise DataError(f"shard not found: {url}") from None
     except PermissionError:
         raise DataError(f"permission denied reading {url}") from None
-    except OSError as e:
-        raise DataError(f"cannot open {url}: {e}") from None
+    except Exception as e:
+        if not _storage_error(e):
+            raise
+        raise DataError(f"cannot open {url}: {_describe(e)}") from None
+    return f if _is_local(url) else _NamedStream(f, url, mode)
 
 
 def exists(url: str, endpoint_url: str | None = None) -> bool:

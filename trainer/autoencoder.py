@@ -60,7 +60,8 @@ def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
 
 
 def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    x, _, _ = image_and_caption(sample, resolution, min_size=min_size, max_pixels=max_pixels)
+    # A batch of an aspect-ratio bucket carries its shape; otherwise the square crop.
+    x, _, _ = image_and_caption(sample, sample.get("__size__", resolution), min_size=min_size, max_pixels=max_pixels)
     return {"x": x}
 
 

@@ -103,6 +103,7 @@ def cache_latents(cfg: CacheJob) -> str:
     w = dist.world()
     if w.size > 1:
         dist.init()
+    cfg.data.configure_storage()
     dtype = _dtype(cfg.precision)
     device = dist.device()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from data_pipeline import storage
+from data_pipeline.buckets import ImageBucketer, make_buckets
 from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.loader import Loader, ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
@@ -21,6 +23,14 @@ class ShardData:
     #   resume may use any world size dividing it: set it to the largest ranks x workers you may resume on
     resampled: bool = False  # draw shards with replacement each epoch (huge sets that never finish an epoch)
     max_error_rate: float = 0.01  # stop when more than this share of samples fails to decode
+    storage_attempts: int = 5  # tries per object-store request (throttling, resets) before the error
+    storage_backoff_s: float = 0.2  # wait after the first failed try, doubled after each further one
+
+    def configure_storage(self) -> None:
+        storage.configure(attempts=self.storage_attempts, backoff_s=self.storage_backoff_s)
+
+    def bucketer(self):
+        return None
 
 
 @dataclasses.dataclass
@@ -29,8 +39,17 @@ class ImageData(ShardData):
     min_size: int = 0  # images whose shorter side is below this are quarantined (0: upscale anything)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header claims more pixels are quarantined (bombs)
 
+    buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels instead of square crops
+    bucket_step: int = 64  # bucket sides are multiples of this (the autoencoder's factor x the UNet's)
+    bucket_max_aspect: float = 2.0  # the widest and the tallest bucket
+
     def decode_options(self) -> dict:
         return {"resolution": self.resolution, "min_size": self.min_size, "max_pixels": self.max_pixels}
+
+    def bucketer(self):
+        if not self.buckets:
+            return None
+        return ImageBucketer(make_buckets(self.resolution, self.bucket_step, self.bucket_max_aspect))
 
 
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
@@ -40,10 +59,11 @@ def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, 
     A resumed run keeps the stream count it started with, so that a different world size
     continues the same epochs.
     """
+    data.configure_storage()
     virtual_ranks = state["virtual_ranks"] if state else data.virtual_ranks
     dataset = ShardBatches(urls, decode, batch_per_rank, seed=seed, rank=world.rank, world_size=world.size,
                            num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
-                           shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+                           shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, bucketer=data.bucketer(),
                            quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),
                            endpoint_url=data.endpoint_url)
     loader = make_loader(dataset)

@@ -154,15 +154,16 @@ def train_unet(cfg: UNetJob) -> str:
     loader = build_loader(cfg.data, urls, decode_latent_sample, cfg.batch_per_rank, w, seed=cfg.seed,
                           run_dir=cfg.run_dir, counts=[s["count"] for s in manifest["shards"]], state=loader_state)
     batches, dataset = iter(loader), loader.dataset
+    samples_per_epoch = dataset.samples_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb,
                     wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg))
     if w.is_main:
         print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {w.size} ranks, global batch "
-              f"{plan.global_batch}, {plan.total_steps} steps, {dataset.samples_per_epoch()} samples per epoch, {precision}")
+              f"{plan.global_batch}, {plan.total_steps} steps, {samples_per_epoch} samples per epoch, {precision}")
 
     # --- training loop ------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=step, desc="unet", unit="step", disable=not w.is_main)
-    losses, wait_s, t0 = [], 0.0, time.time()
+    losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()
     last_step = plan.total_steps
     if cfg.stop_after_samples > 0:
         last_step = min(last_step, step + math.ceil(cfg.stop_after_samples / plan.global_batch))
@@ -174,6 +175,7 @@ def train_unet(cfg: UNetJob) -> str:
             t_wait = time.time()
             batch = next(batches)
             wait_s += time.time() - t_wait
+            read_bytes += batch["bytes"]
             gen = torch.Generator(device).manual_seed(micro_seed(cfg.seed, w.rank, step * cfg.grad_accum + micro))
             z0 = draw_latents(batch["mean"].to(device), batch["std"].to(device), scaling, gen).to(dtype)
             context = batch["text_emb"].to(device, dtype)
@@ -192,10 +194,12 @@ def train_unet(cfg: UNetJob) -> str:
 
         if step % plan.log_every_steps == 0 or step == last_step:
             elapsed = time.time() - t0
-            runlog.log(step, samples=step * plan.global_batch, loss=sum(losses) / len(losses), lr=lr,
-                       images_per_s=len(losses) * plan.global_batch / elapsed, data_wait_share=wait_s / elapsed)
+            samples = step * plan.global_batch
+            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch, loss=sum(losses) / len(losses), lr=lr,
+                       images_per_s=len(losses) * plan.global_batch / elapsed, data_wait_share=wait_s / elapsed,
+                       read_mb_per_s_per_rank=read_bytes / elapsed / 1e6)
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-            losses, wait_s, t0 = [], 0.0, time.time()
+            losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()
         if step % plan.checkpoint_every_steps == 0 or step == last_step:
             checkpoint.save(engine, cfg.run_dir, step, {
                 "step": step, "samples": step * plan.global_batch, "world_size": w.size,
