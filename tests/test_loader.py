@@ -264,3 +264,22 @@ def test_slot_with_less_than_one_batch_is_an_error_with_counts(tmp_path):
         result = e
     assert result != "hung", "ShardBatches with counts loops forever when no slot can fill a batch"
     assert isinstance(result, DataError) and "batch_size=4" in str(result)
+
+
+def test_s3_shards_stream_and_resume_like_local_ones(uneven, s3_bucket):
+    """The same stream, and the same resume, when the shards live on an S3 endpoint."""
+    import os
+
+    import s3fs
+
+    bucket, endpoint = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    remote = []
+    for url in uneven:
+        fs.put_file(url, f"{bucket[5:]}/data/{os.path.basename(url)}")
+        remote.append(f"{bucket}/data/{os.path.basename(url)}")
+    kw = dict(seed=4, num_workers=2, counts=list(UNEVEN), shuffle_buffer=6)
+    local = take(ShardBatches(uneven, decode, 3, **kw), 12)
+    assert take(ShardBatches(remote, decode, 3, endpoint_url=endpoint, **kw), 12) == local
+    state = state_after(ShardBatches(remote, decode, 3, endpoint_url=endpoint, **kw), 7)
+    assert take(restored(ShardBatches(remote, decode, 3, endpoint_url=endpoint, **kw), state), 5) == local[7:]
