@@ -66,7 +66,8 @@ class ShardBatches(IterableDataset):
                  world_size: int = 1, num_workers: int = 1, virtual_ranks: int = 0,
                  counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
                  resampled: bool = False, positions: list[int] | None = None, bucketer=None,
-                 quarantine: Quarantine | None = None, endpoint_url: str | None = None):
+                 quarantine: Quarantine | None = None, endpoint_url: str | None = None,
+                 checksums: list[str] | None = None):
         V = virtual_ranks or world_size * max(1, num_workers)
         per_rank = V // world_size
         if V % world_size or per_rank % max(1, num_workers):
@@ -96,6 +97,7 @@ class ShardBatches(IterableDataset):
             raise DataError(f"loader state has {len(self.positions)} stream positions, this run has "
                             f"virtual_ranks={V}")
         self.quarantine, self.endpoint_url = quarantine, endpoint_url
+        self.checksums = checksums  # sha256 per shard, verified while reading (latent caches)
 
     # -- which streams a rank serves, in the order its batches come from them ------------
     def streams_of(self, rank: int) -> list[int]:
@@ -126,7 +128,9 @@ class ShardBatches(IterableDataset):
     # -- one stream -----------------------------------------------------------------------
     def _raw_samples(self, epoch: int, stream: int):
         shards = self.plan.shards(epoch, stream)
-        samples = (s for i in shards for s in iter_samples(self.urls[i], self.endpoint_url, on_error=self.quarantine))
+        sums = self.checksums or [None] * len(self.urls)
+        samples = (s for i in shards
+                   for s in iter_samples(self.urls[i], self.endpoint_url, on_error=self.quarantine, sha256=sums[i]))
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from samples
             return

@@ -6,6 +6,7 @@ has no opener for `s3://` URLs, and turns failures into errors that name the sha
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 import tempfile
@@ -30,20 +31,21 @@ class _AtomicFile:
         self.fs, self.path = filesystem(url, endpoint_url)
         self.local = "://" not in url or url.startswith("file://")
         if self.local:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(self.path)))
+            # A fixed temporary name: a rerun after a kill overwrites the dead run's partial
+            # file instead of leaving it behind. Hidden, and not *.tar, so no reader lists it.
+            folder, name = os.path.split(os.path.abspath(self.path))
+            os.makedirs(folder, exist_ok=True)
+            self.tmp = os.path.join(folder, f".{name}.partial")
+            self.file = open(self.tmp, "wb")
         else:
             fd, self.tmp = tempfile.mkstemp(prefix="shard-", suffix=".tar")
-        self.file = os.fdopen(fd, "wb")
+            self.file = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         if self.local:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shards from other users
             os.replace(self.tmp, self.path)
         else:
             self.fs.put_file(self.tmp, self.path)
@@ -117,20 +119,47 @@ def _safe_key(key: str) -> bool:
     return bool(key) and not key.startswith("/") and ".." not in key.split("/")
 
 
-def iter_samples(url: str, endpoint_url: str | None = None, on_error=None) -> Iterator[dict]:
+class _Hashing:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.h.hexdigest()
+
+
+def iter_samples(url: str, endpoint_url: str | None = None, on_error=None,
+                 sha256: str | None = None) -> Iterator[dict]:
     """Yield the samples of one shard as dicts: `__key__`, `__url__` and `ext: bytes`.
 
     A bad sample (unsafe member name, the same field twice) or an unreadable rest of the
     shard (truncated, not a tar) is reported as `on_error(url, key, message)` and passed
     over, so the intact samples still come through; with no `on_error` it is a DataError.
-    Files are grouped into samples by webdataset's key rule (`base_plus_ext`).
+    Files are grouped into samples by webdataset's key rule (`base_plus_ext`). With `sha256`
+    the bytes are hashed on the way and a mismatch, found at the end of the shard, is a
+    DataError naming it (never quarantined: a shard that changed after it was written is
+    not to be trusted).
     """
     def bad(key, message):
         if on_error is None:
             raise DataError(f"shard {url}: sample {key}: {message}" if key else f"shard {url}: {message}")
         on_error(url, key, message)
 
-    with open_url(url, "rb", endpoint_url) as stream:
+    def verify(stream):
+        if sha256 is not None and (got := stream.drain()) != sha256:
+            raise DataError(f"shard {url} is corrupted: its sha256 is {got[:16]}..., the manifest "
+                            f"records {sha256[:16]}...; rebuild it with launch/cache_latents.py")
+
+    with open_url(url, "rb", endpoint_url) as raw:
+        stream = _Hashing(raw) if sha256 is not None else raw
         current, broken, last_good = None, None, None
         try:
             for f in tar_file_iterator(stream):
@@ -147,6 +176,7 @@ def iter_samples(url: str, endpoint_url: str | None = None, on_error=None) -> It
                     broken = f"duplicate member {f['fname']}"
                 current[ext] = f["data"]
         except (tarfile.TarError, EOFError) as e:
+            verify(stream)
             # Damaged data: the samples before the damage were yielded; the partial one is not.
             if current is None:
                 bad(None, f"not a readable tar file: {e}")
@@ -157,7 +187,10 @@ def iter_samples(url: str, endpoint_url: str | None = None, on_error=None) -> It
         except OSError as e:  # storage, not data: retries are exhausted; never skip silently
             raise DataError(f"reading {url} failed: {e}") from None
         if current is not None:
+            verify(stream)
             yield from _finish(current, broken, bad)
+        else:
+            verify(stream)
 
 
 def _finish(sample: dict, broken: str | None, bad):

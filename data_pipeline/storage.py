@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import posixpath
 import sys
-import uuid
 
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
@@ -241,13 +240,15 @@ def read_bytes(url: str, endpoint_url: str | None = None) -> bytes:
 def write_bytes_atomic(url: str, data: bytes, endpoint_url: str | None = None) -> None:
     """Write an object so that readers see either nothing or all of it.
 
-    Locally: a temporary name in the same directory, then rename. On object stores a
-    single PUT is already all-or-nothing.
+    Locally: a hidden temporary name in the same directory (fixed, so that a rerun after a
+    kill replaces a dead run's leftover), then rename. On object stores a single PUT is
+    already all-or-nothing.
     """
     fs, path = filesystem(url, endpoint_url)
     if "://" not in url or url.startswith("file://"):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, name = os.path.split(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.partial")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

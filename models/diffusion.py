@@ -20,14 +20,14 @@ def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000) 
                          clip_sample=False)
 
 
-def draw_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator) -> torch.Tensor:
-    """z ~ N(mean, std^2) from cached posterior moments, scaled to unit variance.
+def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tensor:
+    """z ~ N(mean, std^2) from cached posterior moments.
 
     Caching the moments rather than one sample keeps the VAE's posterior noise as data
     augmentation, as EDM2 does; a fixed sample would show the UNet the same z every epoch.
     """
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-    return (mean.float() + std.float() * eps) * scaling_factor
+    return mean.float() + std.float() * eps
 
 
 def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,

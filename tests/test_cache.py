@@ -14,7 +14,7 @@ from data_pipeline.storage import expand_shards
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.text_encoder import load_text_encoder
 from trainer.cache import CacheJob, cache_latents, read_manifest
-from trainer.autoencoder import ImageData
+from trainer.data import ImageData
 
 
 def test_cached_moments_and_embeddings_equal_direct_encoder_calls(tiny_shards, tiny_cache):
@@ -37,7 +37,7 @@ def test_cached_moments_and_embeddings_equal_direct_encoder_calls(tiny_shards, t
         torch.testing.assert_close(t["std"].float(), posterior.std[0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(t["text_emb"].float(), te.encode([caption])[0], atol=5e-3, rtol=2e-3)
         assert s["txt"].decode() == caption
-        assert json.loads(s["json"])["original_size"] == [16, 16]
+        assert json.loads(s["json"]) == {"original_size": [16, 16], "crop_box": [0, 0, 16, 16]}
 
 
 def test_two_ranks_write_the_same_cache_as_one(tiny_shards, tiny_cache, tmp_path):
@@ -63,7 +63,7 @@ def test_rerun_skips_finished_shards_and_redoes_missing_ones(tiny_shards, tmp_pa
     cache_latents(cfg)
     assert os.path.getmtime(tmp_path / "c" / "shapes-000000.tar") == mtime
     assert (tmp_path / "c" / "shapes-000002.tar").read_bytes() == first
-    assert not [f for f in os.listdir(tmp_path / "c") if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".partial")]
 
 
 def test_cache_from_s3_to_s3(tiny_shards, s3_bucket):
@@ -88,3 +88,137 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
     with pytest.raises(DataError, match="manifest.json does not exist"):
         read_manifest(str(tmp_path))
+
+
+def test_manifest_has_per_channel_statistics_of_the_cached_latents(tiny_cache):
+    manifest = read_manifest(tiny_cache)
+    means, stds = [], []
+    for url in expand_shards(tiny_cache):
+        for s in iter_samples(url):
+            t = st_load(s["safetensors"])
+            means.append(t["mean"].double())
+            stds.append(t["std"].double())
+    m, sd = torch.stack(means), torch.stack(stds)
+    z_mean = m.mean(dim=(0, 2, 3))
+    z_var = (m * m + sd * sd).mean(dim=(0, 2, 3)) - z_mean ** 2
+    stats = manifest["latent_channel_stats"]
+    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), z_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(stats["std"], dtype=torch.float64), z_var.sqrt(), atol=1e-4, rtol=1e-4)
+
+
+def test_flip_caches_the_mirrored_images_moments(tiny_shards, tmp_path):
+    cfg = CacheJob(data=ImageData(urls=tiny_shards, resolution=16, num_workers=0), out_url=str(tmp_path / "c"),
+                   vae="preset:tiny", batch_size=16, flip=True)
+    cache_latents(cfg)
+    assert read_manifest(str(tmp_path / "c"))["flip"] is True
+    vae = load_autoencoder("preset:tiny")
+    source = {s["__key__"]: s for s in iter_samples(expand_shards(tiny_shards)[0])}
+    for s in list(iter_samples(str(tmp_path / "c" / "shapes-000000.tar")))[:4]:
+        x, _, _ = image_and_caption(source[s["__key__"]], 16)
+        t = st_load(s["safetensors"])
+        expected = vae.encode(torch.flip(x, dims=[2])[None]).latent_dist
+        torch.testing.assert_close(t["mean_flip"].float(), expected.mean[0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(t["std_flip"].float(), expected.std[0], atol=2e-3, rtol=2e-3)
+
+
+def test_slices_of_an_array_job_make_the_same_cache(tiny_shards, tiny_cache, tmp_path):
+    """SLURM array tasks each take a slice; the task that finishes the last writes the manifest."""
+    out = tmp_path / "sliced"
+    base = dict(data=ImageData(urls=tiny_shards, resolution=16), out_url=str(out), vae="preset:tiny", batch_size=16)
+    cache_latents(CacheJob(**base, shard_slice="0:4"))
+    assert not (out / "manifest.json").exists()
+    cache_latents(CacheJob(**base, shard_slice="4:"))
+    for name in sorted(os.listdir(tiny_cache)):
+        assert (out / name).read_bytes() == open(os.path.join(tiny_cache, name), "rb").read(), name
+
+
+def test_kill_9_mid_shard_then_rerun_gives_a_byte_identical_cache(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    shards = tmp_path / "images"
+    run_cmd([PY, "launch/make_synthetic.py", "--out", str(shards), "--num", "256", "--per-shard", "64",
+             "--resolution", "64"])
+    args = [PY, "launch/cache_latents.py", f"data.urls={shards}", "data.resolution=64", "data.num_workers=0",
+            "vae=preset:demo", "batch_size=8"]
+    run_cmd(args + [f"out_url={tmp_path / 'straight'}"])
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + [f"out_url={killed}"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if killed.exists():
+            # Kill once a shard is half written and at least one is finished before it.
+            done = [f for f in os.listdir(killed) if f.endswith(".tar.json")]
+            partial = [f for f in os.listdir(killed) if f.endswith(".partial")]
+            if done and partial and os.path.getsize(killed / partial[0]) > 0:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        time.sleep(0.002)
+    proc.wait()
+    assert partial, "the job finished before it could be killed mid-shard"
+    name = partial[0][1:-len(".partial")]
+    assert not (killed / name).exists(), "a partial shard is visible under its real name"
+    assert not (killed / "manifest.json").exists()
+
+    run_cmd(args + [f"out_url={killed}"])
+    straight = sorted(f for f in os.listdir(tmp_path / "straight"))
+    assert sorted(os.listdir(killed)) == straight  # no leftovers
+    for f in straight:
+        assert (killed / f).read_bytes() == (tmp_path / "straight" / f).read_bytes(), f
+
+
+def test_a_changed_byte_in_a_cached_shard_is_refused(tiny_cache, tmp_path):
+    import shutil
+
+    from data_pipeline.storage import DataError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_cache, copy)
+    manifest = read_manifest(str(copy))
+    shard = copy / manifest["shards"][1]["shard"]
+    data = bytearray(shard.read_bytes())
+    data[3000] ^= 0x01  # inside a sample's payload: the tar still parses
+    shard.write_bytes(bytes(data))
+    samples = iter_samples(str(shard), sha256=manifest["shards"][1]["sha256"])
+    with pytest.raises(DataError, match=f"shard {shard} is corrupted: its sha256 is"):
+        list(samples)
+    intact = copy / manifest["shards"][0]["shard"]
+    assert len(list(iter_samples(str(intact), sha256=manifest["shards"][0]["sha256"]))) == 16
+
+
+class _HalfOverflowVAE(torch.nn.Module):
+    """A stand-in encoder: in half precision sample 0 overflows to inf; sample 1 is inf in
+    any precision. Everything else is a plain function of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    @property
+    def device(self):
+        return self.w.device
+
+    def encode(self, x):
+        mean = x[:, :1, ::4, ::4].float() * self.w.float()
+        std = torch.ones_like(mean)
+        if self.w.dtype != torch.float32:
+            mean[x[:, 0, 0, 0] > 0.9] = float("inf")
+        mean[x[:, 0, 0, 0] < -0.9] = float("inf")
+        latent_dist = type("D", (), {"mean": mean.to(self.w.dtype), "std": std.to(self.w.dtype)})
+        return type("O", (), {"latent_dist": latent_dist})
+
+
+def test_half_precision_overflow_is_reencoded_in_fp32_or_quarantined():
+    from trainer.cache_encode import LatentEncoder
+
+    x = torch.zeros(3, 3, 8, 8)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 1.0, -1.0  # sample 0 overflows in bf16 only; sample 1 always
+    encoder = LatentEncoder(_HalfOverflowVAE().to(torch.bfloat16), torch.bfloat16)
+    mean, std, ok = encoder(x)
+    assert ok.tolist() == [True, False, True]
+    assert encoder.rescued == 2
+    assert torch.isfinite(mean[0]).all() and mean[0, 0, 0, 0] == 1.0  # the fp32 re-encode

@@ -77,18 +77,20 @@ def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
     (["launch/train_unet.py", "data.urls={empty}", "run_dir={out}"], "manifest.json does not exist"),
     (["launch/sample.py", "--run", "{empty}", "--prompt", "x"], "config.yaml does not exist"),
     (["launch/make_synthetic.py", "--out", "{out}", "--num", "0"], "--num and --per-shard must be positive"),
+    (["launch/train_unet.py", "data.urls={cache}", "run_dir={out}", "model=tiny", "cache.vae=0123456789abcdef"],
+     "has vae"),
     # Decoding happens in a DataLoader worker: the error still arrives as one line.
     (["launch/train_autoencoder.py", "data.urls={corrupt}", "run_dir={out}", "preset=tiny", "data.resolution=16",
       "batch_per_rank=4"],
      "cannot decode image {corrupt}/bad-000000.tar:00000003"),
 ])
-def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tmp_path):
+def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tiny_cache, tmp_path):
     (tmp_path / "empty").mkdir()
     corrupt = tmp_path / "corrupt"
     write_shards(({"__key__": f"{i:08d}", "png": b"\x89PNG not really" if i == 3 else _png(), "txt": b"x"}
                   for i in range(8)), str(corrupt), per_shard=8, prefix="bad")
     subs = {"out": tmp_path / "out", "empty": tmp_path / "empty", "shards": tiny_shards, "novae": tmp_path / "no-vae",
-            "corrupt": corrupt}
+            "corrupt": corrupt, "cache": tiny_cache}
     args = [a.format(**subs) for a in args]
     message = message.format(**subs)
     proc = run_cmd([PY, *args], check=False, timeout=120)

@@ -1,12 +1,14 @@
 """Precompute the latent cache: every image encoded once by the frozen VAE, every caption
 once by the frozen text encoder, written as WebDataset shards with a manifest.
 
-Each input shard maps to the output shard of the same name, and ranks take disjoint
-input shards (shard i goes to rank i % world), so the job is idempotent: an output shard
-that already exists (it only appears once complete) is skipped when the job is rerun.
-Per sample the shard holds `KEY.safetensors` (posterior `mean` and `std` in fp16, the
-caption's per-token `text_emb` in fp16), `KEY.txt` (the caption) and `KEY.json`
-(original size). `manifest.json`, written last by rank 0, describes the whole cache.
+Each input shard maps to the output shard of the same name, and ranks take disjoint input
+shards (shard i goes to rank i % world; a SLURM array task takes a slice with
+`shard_slice`), so the job is idempotent. An output shard appears only once complete (a
+temporary name, then a rename; on S3 one upload), and its sidecar `SHARD.tar.json` (count,
+sha256, quarantined keys, latent statistics) is written after it: a rerun skips shards
+whose sidecar exists and redoes the rest, so kill -9 at any moment and rerunning gives a
+byte-identical cache. Decoding runs in DataLoader workers; encoding in the main process.
+The format is data_pipeline/latents.py's; `manifest.json` is written last, by rank 0.
 """
 from __future__ import annotations
 
@@ -21,18 +23,16 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.images import image_and_caption
-from data_pipeline.shards import ShardWriter, iter_samples
+from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample
+from data_pipeline.latents import read_manifest  # noqa: F401 (part of this job's interface)
+from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, load_autoencoder
 from models.text_encoder import load_text_encoder
 
 from . import config as config_lib
 from . import dist
+from .cache_encode import LatentEncoder, ShardImages, shard_images_loader
 from .data import ImageData
-
-MANIFEST = "manifest.json"
-EMPTY_CAPTION = "empty_caption.safetensors"
-FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -45,6 +45,8 @@ class CacheJob:
     text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer
     batch_size: int = 64  # images per encoder call
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 for the encoders
+    flip: bool = False  # also cache the moments of the mirrored image (for random flips in training)
+    shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
 
     def validate(self) -> None:
         for key in ("out_url", "vae"):
@@ -60,42 +62,56 @@ def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-@torch.no_grad()
-def encode_batch(vae, text_encoder, images: torch.Tensor, captions: list[str]):
-    """(mean, std, text_emb) for a batch, as fp32 on CPU."""
-    dtype = next(vae.parameters()).dtype
-    posterior = vae.encode(images.to(vae.device, dtype)).latent_dist
-    emb = text_encoder.encode(captions)
-    return (posterior.mean.float().cpu().contiguous(), posterior.std.float().cpu().contiguous(),
-            emb.float().cpu().contiguous())
-
-
-def _encode_shard(cfg: CacheJob, url: str, out: str, vae, text_encoder, bar) -> dict:
-    """Encode one input shard into the output shard `out`; returns its manifest entry."""
-    count = 0
+def _write_shard(cfg: CacheJob, out: str, url: str, items, encoder: LatentEncoder, text_encoder, bar) -> dict:
+    """Encode the batches of one input shard (an iterator of ShardImages items) into `out`."""
+    count, failed, stats = 0, [], None
     with ShardWriter(out, cfg.out_endpoint_url) as writer:
-        pending = []
+        for item in items:
+            failed += item["failed"]
+            if not item["items"]:
+                continue
+            keys, xs, captions, metas = zip(*item["items"])
+            x = torch.stack(xs)
+            mean, std, ok = encoder(x)
+            moments = {"mean": mean, "std": std}
+            if cfg.flip:
+                mean_f, std_f, ok_f = encoder(torch.flip(x, dims=[3]))
+                moments.update(mean_flip=mean_f, std_flip=std_f)
+                ok &= ok_f
+            # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
+            ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
+            emb = text_encoder.encode(list(captions)).float().cpu()
+            if stats is None:
+                stats = ChannelStats(mean.shape[1])
+            for i, key in enumerate(keys):
+                if not ok[i]:
+                    failed.append({"key": key, "error": "latents not finite, also when encoded in fp32"})
+                    continue
+                stats.add(mean[i:i + 1], std[i:i + 1])
+                writer.write(encode_sample(key, {**{k: v[i] for k, v in moments.items()}, "text_emb": emb[i]},
+                                           captions[i], metas[i]))
+                count += 1
+            bar.update(len(keys))
+    for f in failed:
+        print(f"quarantined {url}:{f['key']}: {f['error']}")
+    return {"shard": os.path.basename(out), "count": count, "source": url, "quarantined": failed,
+            "stats": stats.to_json() if stats else ChannelStats(0).to_json()}
 
-        def flush():
-            nonlocal count
-            images = torch.stack([p[1] for p in pending])
-            mean, std, emb = encode_batch(vae, text_encoder, images, [p[2] for p in pending])
-            for i, (key, _, caption, size) in enumerate(pending):
-                tensors = {"mean": mean[i].half(), "std": std[i].half(), "text_emb": emb[i].half()}
-                writer.write({"__key__": key, "safetensors": st_save(tensors), "txt": caption.encode(),
-                              "json": json.dumps({"original_size": list(size)}).encode()})
-            count += len(pending)
-            bar.update(len(pending))
-            pending.clear()
 
-        for sample in iter_samples(url, cfg.data.endpoint_url):
-            x, caption, size = image_and_caption(sample, **cfg.data.decode_options())
-            pending.append((sample["__key__"], x, caption, size))
-            if len(pending) == cfg.batch_size:
-                flush()
-        if pending:
-            flush()
-    return {"shard": os.path.basename(out), "count": count, "source": url}
+def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
+    """(all input URLs, their output names, the indices this rank encodes)."""
+    inputs = storage.expand_shards(cfg.data.urls, cfg.data.endpoint_url)
+    names = [os.path.basename(u.split("://")[-1]) for u in inputs]
+    if len(set(names)) != len(names):
+        raise storage.DataError("input shards must have distinct file names: each maps to the output shard of that name")
+    chosen = range(len(inputs))
+    if cfg.shard_slice:
+        try:
+            start, stop = (int(v) if v else None for v in cfg.shard_slice.split(":"))
+        except ValueError:
+            raise config_lib.ConfigError(f"shard_slice must look like START:STOP, got {cfg.shard_slice!r}") from None
+        chosen = chosen[slice(start, stop)]
+    return inputs, names, list(chosen)[w.rank::w.size]
 
 
 def cache_latents(cfg: CacheJob) -> str:
@@ -109,41 +125,57 @@ def cache_latents(cfg: CacheJob) -> str:
 
     # --- the frozen encoders ------------------------------------------------------------
     vae = load_autoencoder(cfg.vae).to(device)
+    identity = autoencoder_identity(vae)
     if dtype != torch.float32:
         vae.to(dtype)
+    encoder = LatentEncoder(vae, dtype)
     text_encoder = load_text_encoder(cfg.text_encoder, cfg.text_layer).to(device)
     factor = downsample_factor(vae)
     if cfg.data.resolution % factor:
         raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the "
                                      f"autoencoder's downsampling factor {factor}")
 
-    # --- this rank's share of the input ---------------------------------------------------
-    inputs = storage.expand_shards(cfg.data.urls, cfg.data.endpoint_url)
-    names = [os.path.basename(u.split("://")[-1]) for u in inputs]
-    if len(set(names)) != len(names):
-        raise storage.DataError("input shards must have distinct file names: each maps to the output shard of that name")
-    mine = list(range(w.rank, len(inputs), w.size))
+    # --- this rank's shards that are not done yet -------------------------------------------
+    inputs, names, mine = _my_shards(cfg, w)
     storage.makedirs(cfg.out_url, cfg.out_endpoint_url)
-
-    entries, t0, written = [], time.time(), 0
-    bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
+    entries, todo = [], []
     for i in mine:
-        out = storage.join(cfg.out_url, names[i])
-        sidecar = out + ".json"
+        sidecar = storage.join(cfg.out_url, names[i]) + ".json"
         if storage.exists(sidecar, cfg.out_endpoint_url):  # done by an earlier run
             entries.append(json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url)))
+        else:
+            todo.append((i, inputs[i]))
+
+    # --- decode in workers, encode here; one writer per shard in flight --------------------------
+    t0, written = time.time(), 0
+    bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
+    loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size, cfg.flip,
+                                                  cfg.data.endpoint_url), cfg.data.num_workers))
+    pending: dict[int, list] = {}  # shard index -> its items so far (workers interleave shards)
+    for item in loader:
+        pending.setdefault(item["shard"], []).append(item)
+        if not item["last"]:
             continue
-        entry = _encode_shard(cfg, inputs[i], out, vae, text_encoder, bar)
+        i = item["shard"]
+        out = storage.join(cfg.out_url, names[i])
+        entry = _write_shard(cfg, out, inputs[i], pending.pop(i), encoder, text_encoder, bar)
         entry["sha256"] = _sha256(out, cfg.out_endpoint_url)
-        storage.write_bytes_atomic(sidecar, json.dumps(entry).encode(), cfg.out_endpoint_url)
+        storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
         entries.append(entry)
         written += entry["count"]
     bar.close()
+    rate = written / max(1e-9, time.time() - t0)
 
     # --- manifest, written last -------------------------------------------------------------
-    all_entries = sorted((e for part in dist.all_gather_objects(entries) for e in part), key=lambda e: e["shard"])
+    found = {e["shard"]: e for part in dist.all_gather_objects(entries) for e in part}
     manifest_url = storage.join(cfg.out_url, MANIFEST)
-    if w.is_main:
+    if w.is_main:  # other slices (SLURM array tasks) may have finished the rest already
+        for name in names:
+            sidecar = storage.join(cfg.out_url, name) + ".json"
+            if name not in found and storage.exists(sidecar, cfg.out_endpoint_url):
+                found[name] = json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url))
+    all_entries = [found[n] for n in sorted(found)]
+    if w.is_main and len(found) == len(names):
         empty = text_encoder.encode([""])[0].float().cpu().half()
         storage.write_bytes_atomic(storage.join(cfg.out_url, EMPTY_CAPTION), st_save({"text_emb": empty}),
                                    cfg.out_endpoint_url)
@@ -151,24 +183,29 @@ def cache_latents(cfg: CacheJob) -> str:
         manifest = {
             "format_version": FORMAT_VERSION,
             "num_samples": sum(e["count"] for e in all_entries),
-            "shards": all_entries,
+            "num_quarantined": sum(len(e["quarantined"]) for e in all_entries),
+            "shards": [{k: e[k] for k in ("shard", "count", "sha256", "source")} for e in all_entries],
             "resolution": cfg.data.resolution,
-            "crop": "resize shorter side, centre crop",
+            "crop": "resize to cover, centre crop",
+            "flip": cfg.flip,
             "latent_shape": [vae.config.latent_channels, size, size],
             "moments_dtype": "float16",
             "text_emb_shape": [text_encoder.context_length, text_encoder.width],
             "text_emb_dtype": "float16",
+            "latent_channel_stats": ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
             "vae": {"source": os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae,
-                    "identity": autoencoder_identity(vae.float()),
+                    "identity": identity,
                     "scaling_factor": float(vae.config.scaling_factor),
                     "downsample_factor": factor},
             "text_encoder": {"spec": cfg.text_encoder, "layer": cfg.text_layer,
                              "identity": text_encoder.identity()},
         }
         storage.write_bytes_atomic(manifest_url, json.dumps(manifest, indent=1).encode(), cfg.out_endpoint_url)
-        rate = written / max(1e-9, time.time() - t0)
-        print(f"cached {manifest['num_samples']} samples in {len(all_entries)} shards at {cfg.out_url} "
-              f"({written} encoded now on rank 0 at {rate:.0f} img/s)")
+        print(f"cached {manifest['num_samples']} samples in {len(all_entries)} shards at {cfg.out_url}; "
+              f"{manifest['num_quarantined']} quarantined, {encoder.rescued} re-encoded in fp32; "
+              f"rank 0 encoded {written} now at {rate:.0f} img/s")
+    elif w.is_main:
+        print(f"{len(found)} of {len(names)} shards are done; the job that finishes the last writes the manifest")
     dist.barrier()
     return manifest_url
 
@@ -179,14 +216,3 @@ def _sha256(url: str, endpoint_url: str | None) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def read_manifest(cache_url: str, endpoint_url: str | None = None) -> dict:
-    url = storage.join(cache_url, MANIFEST)
-    if not storage.exists(url, endpoint_url):
-        raise storage.DataError(f"{url} does not exist: is {cache_url} a finished latent cache? "
-                                "(run launch/cache_latents.py; the manifest is written last)")
-    manifest = json.loads(storage.read_bytes(url, endpoint_url))
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise storage.DataError(f"{url} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    return manifest

@@ -53,7 +53,8 @@ class ImageData(ShardData):
 
 
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
-                 run_dir: str, counts: list[int] | None = None, state: dict | None = None) -> Loader:
+                 run_dir: str, counts: list[int] | None = None, checksums: list[str] | None = None,
+                 state: dict | None = None) -> Loader:
     """The rank's loader; `state` (a Loader.state_dict() from a checkpoint) continues a run.
 
     A resumed run keeps the stream count it started with, so that a different world size
@@ -65,8 +66,35 @@ def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, 
                            num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
                            shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, bucketer=data.bucketer(),
                            quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),
-                           endpoint_url=data.endpoint_url)
+                           endpoint_url=data.endpoint_url, checksums=checksums)
     loader = make_loader(dataset)
     if state:
         loader.load_state_dict(state)
     return loader
+
+
+@dataclasses.dataclass
+class CacheExpect:
+    vae: str = ""  # identity the cache's VAE must have (manifest vae.identity); "" accepts any
+    text_encoder: str = ""  # identity the cache's text encoder must have; "" accepts any
+    resolution: int = 0  # image resolution the cache must have been made at; 0 accepts any
+
+
+def check_manifest(manifest: dict, cache_url: str, expect: CacheExpect, trained_on: dict | None) -> dict:
+    """Refuse a cache that is not the one the config (or the run being resumed) expects.
+
+    A stale cache from another VAE or text encoder trains without error and silently
+    produces garbage (kohya sd-scripts #1413, kohya_ss #1629), so it is stopped here.
+    Returns what this run trains on, to be saved with its checkpoints.
+    """
+    have = {"vae": manifest["vae"]["identity"], "text_encoder": manifest["text_encoder"]["identity"],
+            "resolution": manifest["resolution"]}
+    for key, want in dataclasses.asdict(expect).items():
+        if want and want != have[key]:
+            raise storage.DataError(f"the cache {cache_url} has {key} {have[key]!r}, the config expects {want!r} "
+                                    f"(cache.{key}); rebuild the cache or fix the config")
+    for key, had in (trained_on or {}).items():
+        if had != have[key]:
+            raise storage.DataError(f"the checkpoint was trained on a cache with {key} {had!r}; {cache_url} has "
+                                    f"{have[key]!r}: resume on the same cache or start a new run_dir")
+    return have

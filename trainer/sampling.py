@@ -8,18 +8,18 @@ from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 from data_pipeline.images import grid, to_pil
+from data_pipeline.latents import latent_affine, read_manifest
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule, sample_latents
 from models.text_encoder import load_text_encoder
 
 from . import checkpoint
 from . import config as config_lib
-from .cache import read_manifest
 from .unet import UNetJob
 
 
 def load_run(run_dir: str):
-    """(UNet, VAE, text encoder, run config) of a run's newest complete checkpoint.
+    """(UNet, VAE, text encoder, run config, cache manifest) of a run's newest complete checkpoint.
 
     The VAE and text encoder are the ones the latent cache was made with; their identity
     is checked against the cache manifest so a swapped folder cannot decode garbage.
@@ -41,14 +41,14 @@ def load_run(run_dir: str):
     text_encoder = load_text_encoder(te["spec"], te["layer"])
     if text_encoder.identity() != te["identity"]:
         raise config_lib.ConfigError(f"text encoder {te['spec']} is not the one the cache was made with")
-    vae.config.scaling_factor = manifest["vae"]["scaling_factor"]
-    return unet, vae, text_encoder, cfg
+    return unet, vae, text_encoder, cfg, manifest
 
 
 @torch.no_grad()
 def generate(run_dir: str, prompts: list[str], *, per_prompt: int = 4, guidance: float = 5.0, steps: int = 50,
              sampler: str = "ddim", seed: int = 0) -> list[list[Image.Image]]:
-    unet, vae, text_encoder, cfg = load_run(run_dir)
+    unet, vae, text_encoder, cfg, manifest = load_run(run_dir)
+    shift, scale = latent_affine(manifest, cfg.latent_norm)  # the model's latents are (z - shift) * scale
     schedule = noise_schedule(cfg.prediction_type)
     rows = []
     for i, prompt in enumerate(prompts):
@@ -57,7 +57,7 @@ def generate(run_dir: str, prompts: list[str], *, per_prompt: int = 4, guidance:
         gen = torch.Generator().manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
                            sampler=sampler, generator=gen)
-        images = vae.decode(z / vae.config.scaling_factor).sample
+        images = vae.decode(z / scale + shift).sample
         rows.append([to_pil(x) for x in images])
     return rows
 

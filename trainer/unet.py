@@ -17,14 +17,14 @@ from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.latents import EMPTY_CAPTION, decode_sample, latent_affine, read_manifest
 from models.diffusion import draw_latents, noise_schedule, training_loss
 from models.unet import build_unet
 
 from . import checkpoint
 from . import config as config_lib
 from . import dist
-from .cache import EMPTY_CAPTION, read_manifest
-from .data import ShardData, build_loader
+from .data import CacheExpect, ShardData, build_loader, check_manifest
 from .engine import build_engine, deepspeed_config, resolve_precision, set_lr
 from .metrics import RunLog, plot_loss
 
@@ -33,6 +33,9 @@ from .metrics import RunLog, plot_loss
 class UNetJob:
     run_dir: str = "runs/unet"  # checkpoints, log.jsonl, loss.png, config.yaml
     data: ShardData = dataclasses.field(default_factory=ShardData)  # data.urls: the latent cache root
+    cache: CacheExpect = dataclasses.field(default_factory=CacheExpect)  # what the cache must have been made with
+    latent_norm: str = "scaling_factor"  # scaling_factor (the VAE's) | per_channel (the cache's measured mean/std)
+    random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)
     model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json
     prediction_type: str = "epsilon"  # epsilon | v_prediction (Salimans & Ho 2022)
     caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
@@ -103,13 +106,7 @@ def micro_seed(seed: int, rank: int, micro_step: int) -> int:
 
 
 def decode_latent_sample(sample: dict) -> dict:
-    if "safetensors" not in sample:
-        raise storage.DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')} has no .safetensors")
-    try:
-        t = st_load(sample["safetensors"])
-    except Exception as e:  # safetensors raises its own error type for damaged bytes
-        raise storage.DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')} is damaged: {e}") from None
-    return {"mean": t["mean"], "std": t["std"], "text_emb": t["text_emb"]}
+    return decode_sample(sample)
 
 
 def train_unet(cfg: UNetJob) -> str:
@@ -125,9 +122,12 @@ def train_unet(cfg: UNetJob) -> str:
 
     # --- the cache this run trains on ----------------------------------------------------------
     manifest = read_manifest(cfg.data.urls, cfg.data.endpoint_url)
+    trained_on = check_manifest(manifest, cfg.data.urls, cfg.cache, None)
+    if cfg.random_flip and not manifest["flip"]:
+        raise config_lib.ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     channels, size, _ = manifest["latent_shape"]
     context_dim = manifest["text_emb_shape"][1]
-    scaling = manifest["vae"]["scaling_factor"]
+    shift, scale = (t.to(device) for t in latent_affine(manifest, cfg.latent_norm))
     empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
     empty = empty.to(device, dtype)
 
@@ -143,8 +143,7 @@ def train_unet(cfg: UNetJob) -> str:
         if state["world_size"] != w.size:
             raise config_lib.ConfigError(f"checkpoint {resume} was written by {state['world_size']} ranks, this job has "
                                          f"{w.size}; resume with the same world size or start a new run_dir")
-        if state["cache_vae"] != manifest["vae"]["identity"]:
-            raise config_lib.ConfigError(f"checkpoint {resume} was trained on latents of another VAE than {cfg.data.urls}")
+        check_manifest(manifest, cfg.data.urls, cfg.cache, state["cache"])
         step, loader_state = state["step"], state["loader"]
         if w.is_main:
             print(f"resuming from {resume} at step {step}")
@@ -152,7 +151,8 @@ def train_unet(cfg: UNetJob) -> str:
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     urls = [storage.join(cfg.data.urls, s["shard"]) for s in manifest["shards"]]
     loader = build_loader(cfg.data, urls, decode_latent_sample, cfg.batch_per_rank, w, seed=cfg.seed,
-                          run_dir=cfg.run_dir, counts=[s["count"] for s in manifest["shards"]], state=loader_state)
+                          run_dir=cfg.run_dir, counts=[s["count"] for s in manifest["shards"]],
+                          checksums=[s["sha256"] for s in manifest["shards"]], state=loader_state)
     batches, dataset = iter(loader), loader.dataset
     samples_per_epoch = dataset.samples_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb,
@@ -177,7 +177,12 @@ def train_unet(cfg: UNetJob) -> str:
             wait_s += time.time() - t_wait
             read_bytes += batch["bytes"]
             gen = torch.Generator(device).manual_seed(micro_seed(cfg.seed, w.rank, step * cfg.grad_accum + micro))
-            z0 = draw_latents(batch["mean"].to(device), batch["std"].to(device), scaling, gen).to(dtype)
+            mean, std = batch["mean"].to(device), batch["std"].to(device)
+            if cfg.random_flip:  # the mirrored image's moments for a random half of the batch
+                flip = (torch.rand(mean.shape[0], generator=gen, device=device) < 0.5)[:, None, None, None]
+                mean = torch.where(flip, batch["mean_flip"].to(device), mean)
+                std = torch.where(flip, batch["std_flip"].to(device), std)
+            z0 = ((draw_latents(mean, std, gen) - shift) * scale).to(dtype)
             context = batch["text_emb"].to(device, dtype)
             # Classifier-free guidance needs an unconditional model: some captions become "".
             drop = torch.rand(context.shape[0], generator=gen, device=device) < cfg.caption_dropout
@@ -203,7 +208,7 @@ def train_unet(cfg: UNetJob) -> str:
         if step % plan.checkpoint_every_steps == 0 or step == last_step:
             checkpoint.save(engine, cfg.run_dir, step, {
                 "step": step, "samples": step * plan.global_batch, "world_size": w.size,
-                "cache_vae": manifest["vae"]["identity"], "loader": loader.state_dict()}, keep_last=cfg.keep_last)
+                "cache": trained_on, "loader": loader.state_dict()}, keep_last=cfg.keep_last)
     bar.close()
     runlog.close()
 

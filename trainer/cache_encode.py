@@ -1,0 +1,87 @@
+"""The two halves of the cache job's work: decoding in DataLoader workers, encoding in the
+main process (where the accelerator is), and the fp32 rescue of half-precision overflows."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.images import image_and_caption, original_crop_box
+from data_pipeline.shards import iter_samples
+from data_pipeline.storage import DataError
+
+
+def _keep(item):
+    return item
+
+
+class ShardImages(IterableDataset):
+    """Decoded images of the given input shards, in batches that never span two shards.
+
+    Workers take whole shards (job j goes to worker j % workers), so the samples of one
+    output shard keep their input order whatever the number of workers. Each shard ends
+    with an item marked `last`, carrying the samples that failed to decode.
+    """
+
+    def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int, flip: bool,
+                 endpoint_url: str | None):
+        self.jobs, self.options, self.batch_size = jobs, decode_options, batch_size
+        self.flip, self.endpoint_url = flip, endpoint_url
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard, url in self.jobs[worker::workers]:
+            failed, batch = [], []
+            report = lambda _url, key, message: failed.append({"key": key, "error": message})  # noqa: E731
+            for sample in iter_samples(url, self.endpoint_url, on_error=report):
+                try:
+                    x, caption, size = image_and_caption(sample, **self.options)
+                except DataError as e:
+                    failed.append({"key": sample["__key__"], "error": str(e)})
+                    continue
+                meta = {"original_size": list(size),
+                        "crop_box": [round(v, 2) for v in original_crop_box(size, self.options["resolution"])]}
+                batch.append((sample["__key__"], x, caption, meta))
+                if len(batch) == self.batch_size:
+                    yield {"shard": shard, "items": batch, "last": False, "failed": []}
+                    batch = []
+            yield {"shard": shard, "items": batch, "last": True, "failed": failed}
+
+
+def shard_images_loader(dataset: ShardImages, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
+                      prefetch_factor=4 if num_workers > 0 else None)
+
+
+class LatentEncoder:
+    """The frozen VAE in the job's precision, with an fp32 copy made on first need.
+
+    fp16 VAEs overflow on some images (the SD/SDXL fp16 NaN problem, diffusers #7188): a
+    sample whose moments are not finite is encoded again in fp32, and if they are still not
+    finite it is reported, never written.
+    """
+
+    def __init__(self, vae, dtype: torch.dtype):
+        self.vae, self.dtype, self._fp32 = vae, dtype, None
+        self.rescued = 0
+
+    def _moments(self, vae, x: torch.Tensor):
+        posterior = vae.encode(x.to(vae.device, next(vae.parameters()).dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, ok) for a batch of images; `ok[i]` is False when sample i stayed non-finite."""
+        mean, std = self._moments(self.vae, x)
+        ok = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)
+        if not ok.all() and self.dtype != torch.float32:
+            if self._fp32 is None:
+                self._fp32 = copy.deepcopy(self.vae).float()
+            bad = (~ok).nonzero().flatten().to(x.device)
+            m32, s32 = self._moments(self._fp32, x[bad.cpu()])
+            mean[bad], std[bad] = m32.to(mean.dtype), s32.to(std.dtype)
+            self.rescued += len(bad)
+            ok = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)
+        return mean.cpu(), std.cpu(), ok.cpu()
