@@ -2,7 +2,7 @@
 
 Per sample, `KEY.safetensors` holds the frozen VAE's posterior `mean` and `std` (fp16; with
 `flip`, also `mean_flip`/`std_flip` of the mirrored image) and the caption's per-token
-`text_emb` (fp16); `KEY.txt` the caption; `KEY.json` the original size and crop box. Per shard,
+`text_emb` (fp16) or, with `text=tokens`, only its token ids `tokens` (int32); `KEY.txt` the caption; `KEY.json` the original size and crop box. Per shard,
 `SHARD.tar.json` (written after the shard) holds its count, sha256, quarantined keys and
 latent statistics. `manifest.json`, written last, describes the whole cache.
 """
@@ -24,7 +24,8 @@ FORMAT_VERSION = 2
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], caption: str, meta: dict) -> dict:
     """A WebDataset sample (bytes per field) from fp16 tensors, caption and metadata."""
-    return {"__key__": key, "safetensors": st_save({k: v.half().contiguous() for k, v in tensors.items()}),
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    return {"__key__": key, "safetensors": st_save(tensors),
             "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
 

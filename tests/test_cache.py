@@ -222,3 +222,51 @@ def test_half_precision_overflow_is_reencoded_in_fp32_or_quarantined():
     assert ok.tolist() == [True, False, True]
     assert encoder.rescued == 2
     assert torch.isfinite(mean[0]).all() and mean[0, 0, 0, 0] == 1.0  # the fp32 re-encode
+
+
+def test_token_cache_trains_like_an_embedding_cache(tiny_shards, tiny_cache, tmp_path):
+    """text=tokens stores the ids only; the trainer runs the frozen text encoder in the step
+    and sees the same conditioning (up to the fp16 rounding of cached embeddings)."""
+    from trainer.metrics import read_log
+
+    tokens = tmp_path / "tokens"
+    cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16), out_url=str(tokens), vae="preset:tiny",
+                           batch_size=16, text="tokens"))
+    manifest = read_manifest(str(tokens))
+    assert manifest["text"] == "tokens"
+    te = load_text_encoder("tiny")
+    sample = next(iter_samples(str(tokens / "shapes-000000.tar")))
+    t = st_load(sample["safetensors"])
+    assert "text_emb" not in t and t["tokens"].dtype == torch.int32
+    assert torch.equal(t["tokens"].long(), te.tokenize([sample["txt"].decode()])[0])
+    assert os.path.getsize(tokens / "shapes-000000.tar") < os.path.getsize(os.path.join(tiny_cache, "shapes-000000.tar"))
+
+    losses = []
+    for cache in (tokens, tiny_cache):
+        run = tmp_path / f"run-{os.path.basename(str(cache))}"
+        run_cmd([PY, "launch/train_unet.py", f"run_dir={run}", f"data.urls={cache}", "model=tiny", "batch_per_rank=8",
+                 "total_samples=24", "log_every_samples=8", "data.num_workers=0"])
+        losses.append([r["loss"] for r in read_log(run / "log.jsonl")])
+    assert len(losses[0]) == 3
+    for a, b in zip(*losses):
+        assert abs(a - b) < 2e-3 * max(1.0, abs(b)), losses
+
+
+def test_two_ranks_over_s3_write_the_same_cache_as_one(tiny_shards, tiny_cache, s3_bucket):
+    import s3fs
+
+    bucket, endpoint = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    for name in sorted(os.listdir(tiny_shards)):
+        fs.put_file(os.path.join(tiny_shards, name), f"{bucket[5:]}/images/{name}")
+    run_cmd([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             "launch/cache_latents.py", f"data.urls={bucket}/images", f"data.endpoint_url={endpoint}",
+             "data.resolution=16", f"out_url={bucket}/latents", f"out_endpoint_url={endpoint}", "vae=preset:tiny",
+             "text_encoder=tiny", "batch_size=16"])
+    fs.invalidate_cache()
+    two = read_manifest(f"{bucket}/latents", endpoint)
+    one = read_manifest(tiny_cache)
+    assert [(s["shard"], s["count"], s["sha256"]) for s in two["shards"]] == \
+           [(s["shard"], s["count"], s["sha256"]) for s in one["shards"]]
+    assert fs.cat_file(f"{bucket[5:]}/latents/shapes-000003.tar") == \
+        open(os.path.join(tiny_cache, "shapes-000003.tar"), "rb").read()

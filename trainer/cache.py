@@ -47,6 +47,7 @@ class CacheJob:
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 for the encoders
     flip: bool = False  # also cache the moments of the mirrored image (for random flips in training)
     shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
+    text: str = "embeddings"  # embeddings (per-token hidden states, fp16) | tokens (ids only; the trainer encodes)
 
     def validate(self) -> None:
         for key in ("out_url", "vae"):
@@ -54,6 +55,8 @@ class CacheJob:
                 raise config_lib.ConfigError(f"{key} is empty: it is required")
         if not self.data.urls:
             raise config_lib.ConfigError("data.urls is empty: name the image shards to encode")
+        if self.text not in ("embeddings", "tokens"):
+            raise config_lib.ConfigError(f"text must be embeddings or tokens, got {self.text!r}")
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -80,7 +83,10 @@ def _write_shard(cfg: CacheJob, out: str, url: str, items, encoder: LatentEncode
                 ok &= ok_f
             # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
             ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
-            emb = text_encoder.encode(list(captions)).float().cpu()
+            if cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
+                text = {"tokens": text_encoder.tokenize(list(captions)).int()}
+            else:
+                text = {"text_emb": text_encoder.encode(list(captions)).float().cpu()}
             if stats is None:
                 stats = ChannelStats(mean.shape[1])
             for i, key in enumerate(keys):
@@ -88,8 +94,8 @@ def _write_shard(cfg: CacheJob, out: str, url: str, items, encoder: LatentEncode
                     failed.append({"key": key, "error": "latents not finite, also when encoded in fp32"})
                     continue
                 stats.add(mean[i:i + 1], std[i:i + 1])
-                writer.write(encode_sample(key, {**{k: v[i] for k, v in moments.items()}, "text_emb": emb[i]},
-                                           captions[i], metas[i]))
+                tensors = {k: v[i] for k, v in {**moments, **text}.items()}
+                writer.write(encode_sample(key, tensors, captions[i], metas[i]))
                 count += 1
             bar.update(len(keys))
     for f in failed:
@@ -192,6 +198,7 @@ def cache_latents(cfg: CacheJob) -> str:
             "moments_dtype": "float16",
             "text_emb_shape": [text_encoder.context_length, text_encoder.width],
             "text_emb_dtype": "float16",
+            "text": cfg.text,
             "latent_channel_stats": ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
             "vae": {"source": os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae,
                     "identity": identity,

@@ -11,11 +11,10 @@ from data_pipeline.images import grid, to_pil
 from data_pipeline.latents import latent_affine, read_manifest
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule, sample_latents
-from models.text_encoder import load_text_encoder
 
 from . import checkpoint
 from . import config as config_lib
-from .unet import UNetJob
+from .unet import UNetJob, load_cache_text_encoder
 
 
 def load_run(run_dir: str):
@@ -37,10 +36,7 @@ def load_run(run_dir: str):
     if autoencoder_identity(vae) != manifest["vae"]["identity"]:
         raise config_lib.ConfigError(f"the autoencoder at {manifest['vae']['source']} is not the one the cache "
                                      f"{cfg.data.urls} was made with")
-    te = manifest["text_encoder"]
-    text_encoder = load_text_encoder(te["spec"], te["layer"])
-    if text_encoder.identity() != te["identity"]:
-        raise config_lib.ConfigError(f"text encoder {te['spec']} is not the one the cache was made with")
+    text_encoder = load_cache_text_encoder(manifest)
     return unet, vae, text_encoder, cfg, manifest
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.latents import EMPTY_CAPTION, decode_sample, latent_affine, read_manifest
 from models.diffusion import draw_latents, noise_schedule, training_loss
+from models.text_encoder import load_text_encoder
 from models.unet import build_unet
 
 from . import checkpoint
@@ -109,6 +110,15 @@ def decode_latent_sample(sample: dict) -> dict:
     return decode_sample(sample)
 
 
+def load_cache_text_encoder(manifest: dict):
+    """The text encoder a cache was made with, checked against its recorded identity."""
+    te = manifest["text_encoder"]
+    text_encoder = load_text_encoder(te["spec"], te["layer"])
+    if text_encoder.identity() != te["identity"]:
+        raise config_lib.ConfigError(f"text encoder {te['spec']} is not the one the cache was made with")
+    return text_encoder
+
+
 def train_unet(cfg: UNetJob) -> str:
     # --- distributed set-up and the derived plan ---------------------------------------------
     w = dist.init()
@@ -128,6 +138,8 @@ def train_unet(cfg: UNetJob) -> str:
     channels, size, _ = manifest["latent_shape"]
     context_dim = manifest["text_emb_shape"][1]
     shift, scale = (t.to(device) for t in latent_affine(manifest, cfg.latent_norm))
+    # A cache of token ids: the frozen text encoder runs inside the step.
+    text_encoder = load_cache_text_encoder(manifest).to(device) if manifest["text"] == "tokens" else None
     empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
     empty = empty.to(device, dtype)
 
@@ -183,7 +195,10 @@ def train_unet(cfg: UNetJob) -> str:
                 mean = torch.where(flip, batch["mean_flip"].to(device), mean)
                 std = torch.where(flip, batch["std_flip"].to(device), std)
             z0 = ((draw_latents(mean, std, gen) - shift) * scale).to(dtype)
-            context = batch["text_emb"].to(device, dtype)
+            if text_encoder is not None:
+                context = text_encoder(batch["tokens"].long().to(device)).to(dtype)
+            else:
+                context = batch["text_emb"].to(device, dtype)
             # Classifier-free guidance needs an unconditional model: some captions become "".
             drop = torch.rand(context.shape[0], generator=gen, device=device) < cfg.caption_dropout
             context = torch.where(drop[:, None, None], empty, context)
