@@ -270,3 +270,19 @@ def test_two_ranks_over_s3_write_the_same_cache_as_one(tiny_shards, tiny_cache, 
            [(s["shard"], s["count"], s["sha256"]) for s in one["shards"]]
     assert fs.cat_file(f"{bucket[5:]}/latents/shapes-000003.tar") == \
         open(os.path.join(tiny_cache, "shapes-000003.tar"), "rb").read()
+
+
+def test_a_stable_diffusion_vae_folder_works_as_the_frozen_vae(tmp_path):
+    """The SD VAE architecture (f = 8, scaling 0.18215) saved in diffusers format, as a local copy
+    of stabilityai/sd-vae-ft-mse is; random weights stand in for the real ones here."""
+    from models.autoencoder import build_autoencoder
+
+    build_autoencoder("sd").save_pretrained(tmp_path / "sd-vae")
+    shards = tmp_path / "images"
+    run_cmd([PY, "launch/make_synthetic.py", "--out", str(shards), "--num", "8", "--per-shard", "8",
+             "--resolution", "64"])
+    cache_latents(CacheJob(data=ImageData(urls=str(shards), resolution=64, num_workers=0),
+                           out_url=str(tmp_path / "c"), vae=str(tmp_path / "sd-vae"), batch_size=8))
+    manifest = read_manifest(str(tmp_path / "c"))
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["num_samples"] == 8
+    assert manifest["vae"]["scaling_factor"] == 0.18215 and manifest["vae"]["downsample_factor"] == 8
