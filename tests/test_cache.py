@@ -286,3 +286,26 @@ def test_a_stable_diffusion_vae_folder_works_as_the_frozen_vae(tmp_path):
     manifest = read_manifest(str(tmp_path / "c"))
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["num_samples"] == 8
     assert manifest["vae"]["scaling_factor"] == 0.18215 and manifest["vae"]["downsample_factor"] == 8
+
+
+def test_undecodable_images_are_quarantined_in_the_sidecar_not_written(tmp_path):
+    from PIL import Image
+
+    from data_pipeline.shards import write_shards
+
+    def png():
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (10, 120, 200)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    samples = [{"__key__": f"{i:04d}", "png": png() if i != 2 else b"not an image", "txt": b"a blue square"}
+               for i in range(6)]
+    write_shards(samples, str(tmp_path / "in"), per_shard=6)
+    cache_latents(CacheJob(data=ImageData(urls=str(tmp_path / "in"), resolution=16), out_url=str(tmp_path / "c"),
+                           vae="preset:tiny", batch_size=4))
+    sidecar = json.load(open(tmp_path / "c" / "shard-000000.tar.json"))
+    assert sidecar["count"] == 5 and [q["key"] for q in sidecar["quarantined"]] == ["0002"]
+    assert "cannot decode image" in sidecar["quarantined"][0]["error"]
+    assert read_manifest(str(tmp_path / "c"))["num_quarantined"] == 1
+    keys = [s["__key__"] for s in iter_samples(str(tmp_path / "c" / "shard-000000.tar"))]
+    assert keys == ["0000", "0001", "0003", "0004", "0005"]

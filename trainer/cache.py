@@ -153,7 +153,7 @@ def cache_latents(cfg: CacheJob) -> str:
             todo.append((i, inputs[i]))
 
     # --- decode in workers, encode here; one writer per shard in flight --------------------------
-    t0, written = time.time(), 0
+    t0, written, failed = time.time(), 0, 0
     bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
     loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size, cfg.flip,
                                                   cfg.data.endpoint_url), cfg.data.num_workers))
@@ -169,6 +169,12 @@ def cache_latents(cfg: CacheJob) -> str:
         storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
         entries.append(entry)
         written += entry["count"]
+        failed += len(entry["quarantined"])
+        # The same rule as the training loader's: a mostly broken input stops the job.
+        if failed > cfg.data.max_error_rate * max(written + failed, 1000):
+            raise storage.DataError(f"{failed} of {written + failed} samples failed on rank {w.rank}, more than "
+                                    f"data.max_error_rate={cfg.data.max_error_rate}; see the quarantined keys in "
+                                    f"the *.tar.json sidecars under {cfg.out_url}")
     bar.close()
     rate = written / max(1e-9, time.time() - t0)
 
