@@ -65,43 +65,50 @@ def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-def _write_shard(cfg: CacheJob, out: str, url: str, items, encoder: LatentEncoder, text_encoder, bar) -> dict:
-    """Encode the batches of one input shard (an iterator of ShardImages items) into `out`."""
-    count, failed, stats = 0, [], None
-    with ShardWriter(out, cfg.out_endpoint_url) as writer:
-        for item in items:
-            failed += item["failed"]
-            if not item["items"]:
+class _ShardOut:
+    """One output shard being written: batches are encoded and written as they arrive, so
+    the encoder starts on a shard's first batch instead of waiting for its last."""
+
+    def __init__(self, cfg: CacheJob, out: str, source: str):
+        self.cfg, self.out, self.source = cfg, out, source
+        self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
+        self.count, self.failed, self.stats = 0, [], None
+
+    def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
+        self.failed += item["failed"]
+        if item["x"] is None:
+            return
+        x, keys, captions = item["x"], item["keys"], item["captions"]
+        mean, std, ok = encoder(x)
+        moments = {"mean": mean, "std": std}
+        if self.cfg.flip:
+            mean_f, std_f, ok_f = encoder(torch.flip(x, dims=[3]))
+            moments.update(mean_flip=mean_f, std_flip=std_f)
+            ok &= ok_f
+        # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
+        ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
+        if self.cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
+            text = {"tokens": text_encoder.tokenize(captions).int()}
+        else:
+            text = {"text_emb": text_encoder.encode(captions).float().cpu()}
+        if self.stats is None:
+            self.stats = ChannelStats(mean.shape[1])
+        for i, key in enumerate(keys):
+            if not ok[i]:
+                self.failed.append({"key": key, "error": "latents not finite, also when encoded in fp32"})
                 continue
-            keys, xs, captions, metas = zip(*item["items"])
-            x = torch.stack(xs)
-            mean, std, ok = encoder(x)
-            moments = {"mean": mean, "std": std}
-            if cfg.flip:
-                mean_f, std_f, ok_f = encoder(torch.flip(x, dims=[3]))
-                moments.update(mean_flip=mean_f, std_flip=std_f)
-                ok &= ok_f
-            # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
-            ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
-            if cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
-                text = {"tokens": text_encoder.tokenize(list(captions)).int()}
-            else:
-                text = {"text_emb": text_encoder.encode(list(captions)).float().cpu()}
-            if stats is None:
-                stats = ChannelStats(mean.shape[1])
-            for i, key in enumerate(keys):
-                if not ok[i]:
-                    failed.append({"key": key, "error": "latents not finite, also when encoded in fp32"})
-                    continue
-                stats.add(mean[i:i + 1], std[i:i + 1])
-                tensors = {k: v[i] for k, v in {**moments, **text}.items()}
-                writer.write(encode_sample(key, tensors, captions[i], metas[i]))
-                count += 1
-            bar.update(len(keys))
-    for f in failed:
-        print(f"quarantined {url}:{f['key']}: {f['error']}")
-    return {"shard": os.path.basename(out), "count": count, "source": url, "quarantined": failed,
-            "stats": stats.to_json() if stats else ChannelStats(0).to_json()}
+            self.stats.add(mean[i:i + 1], std[i:i + 1])
+            tensors = {k: v[i] for k, v in {**moments, **text}.items()}
+            self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
+            self.count += 1
+
+    def close(self) -> dict:
+        """Make the shard visible; returns its sidecar entry."""
+        self.writer.__exit__(None, None, None)
+        for f in self.failed:
+            print(f"quarantined {self.source}:{f['key']}: {f['error']}")
+        return {"shard": os.path.basename(self.out), "count": self.count, "source": self.source,
+                "quarantined": self.failed, "stats": (self.stats or ChannelStats(0)).to_json()}
 
 
 def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
@@ -155,16 +162,19 @@ def cache_latents(cfg: CacheJob) -> str:
     # --- decode in workers, encode here; one writer per shard in flight --------------------------
     t0, written, failed = time.time(), 0, 0
     bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
-    loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size, cfg.flip,
+    loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size,
                                                   cfg.data.endpoint_url), cfg.data.num_workers))
-    pending: dict[int, list] = {}  # shard index -> its items so far (workers interleave shards)
+    outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
     for item in loader:
-        pending.setdefault(item["shard"], []).append(item)
+        i = item["shard"]
+        if i not in outs:
+            outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i])
+        outs[i].add(item, encoder, text_encoder)
+        bar.update(len(item["keys"]))
         if not item["last"]:
             continue
-        i = item["shard"]
-        out = storage.join(cfg.out_url, names[i])
-        entry = _write_shard(cfg, out, inputs[i], pending.pop(i), encoder, text_encoder, bar)
+        out = outs[i].out
+        entry = outs.pop(i).close()
         entry["sha256"] = _sha256(out, cfg.out_endpoint_url)
         storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
         entries.append(entry)

@@ -24,10 +24,10 @@ class ShardImages(IterableDataset):
     with an item marked `last`, carrying the samples that failed to decode.
     """
 
-    def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int, flip: bool,
+    def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int,
                  endpoint_url: str | None):
         self.jobs, self.options, self.batch_size = jobs, decode_options, batch_size
-        self.flip, self.endpoint_url = flip, endpoint_url
+        self.endpoint_url = endpoint_url
 
     def __iter__(self):
         info = get_worker_info()
@@ -45,9 +45,17 @@ class ShardImages(IterableDataset):
                         "crop_box": [round(v, 2) for v in original_crop_box(size, self.options["resolution"])]}
                 batch.append((sample["__key__"], x, caption, meta))
                 if len(batch) == self.batch_size:
-                    yield {"shard": shard, "items": batch, "last": False, "failed": []}
+                    yield _item(shard, batch, False, [])
                     batch = []
-            yield {"shard": shard, "items": batch, "last": True, "failed": failed}
+            yield _item(shard, batch, True, failed)
+
+
+def _item(shard: int, batch: list, last: bool, failed: list) -> dict:
+    # Stacked here, in the worker: one tensor crosses to the main process per batch, not one
+    # per image (each shared tensor costs a file descriptor hand-over).
+    keys, xs, captions, metas = zip(*batch) if batch else ((), (), (), ())
+    return {"shard": shard, "keys": list(keys), "x": torch.stack(xs) if xs else None, "captions": list(captions),
+            "metas": list(metas), "last": last, "failed": failed}
 
 
 def shard_images_loader(dataset: ShardImages, num_workers: int) -> DataLoader:
