@@ -58,9 +58,8 @@ ratios says what: the seconds the main process spent waiting for decoded batches
 VAE, in the text encoder, hashing shards, and the rest (stacking, stats, safetensors and
 tar writing, sidecars, manifest). The waiting is split in two: until the first batch
 arrives (worker start and pipeline fill: nothing can overlap the first batch's decoding),
-and afterwards (receiving
-the later batches, which were decoded while the encoder ran: what is left is the cost of
-handing them over between processes). On a CPU, the workers' decoding also competes
+and afterwards (receiving the later batches, which were decoded while the encoder ran:
+what is left is the cost of handing them over between processes). On a CPU, the workers' decoding also competes
 with the encoder's threads for the same cores: compare the workers' CPU seconds with the
 wall time. job/(b') separates the text encoder, which the job must run, from overhead.
 The ratios, not the absolute rates, are the figures to quote: absolute rates depend on
