@@ -225,7 +225,8 @@ def cache_latents(cfg: CacheJob) -> str:
         }
         storage.write_bytes_atomic(manifest_url, json.dumps(manifest, indent=1).encode(), cfg.out_endpoint_url)
         print(f"cached {manifest['num_samples']} samples in {len(all_entries)} shards at {cfg.out_url}; "
-              f"{manifest['num_quarantined']} quarantined, {encoder.rescued} re-encoded in fp32; "
+              f"{manifest['num_quarantined']} quarantined, {encoder.rescued} re-encoded in fp32, "
+              f"{len(entries) - len(todo)} shards skipped as done before; "
               f"rank 0 encoded {written} now at {rate:.0f} img/s")
     elif w.is_main:
         print(f"{len(found)} of {len(names)} shards are done; the job that finishes the last writes the manifest")
