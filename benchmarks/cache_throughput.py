@@ -85,6 +85,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 import trainer.cache as cache_mod  # noqa: E402
 from data_pipeline import synthetic  # noqa: E402
@@ -129,17 +130,8 @@ def decode_in_memory(urls: list[str], options: dict, batch: int) -> tuple[list[t
 
 
 # --- CPU accounting ----------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds all CPUs spent busy (or stolen by the hypervisor) since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return (sum(v[:8]) - v[3] - v[4]) / _TICK
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _cpu() -> tuple[float, float]:
@@ -151,14 +143,14 @@ def _cpu() -> tuple[float, float]:
 
 class CpuWindow:
     def __enter__(self):
-        self.m0, (self.s0, self.c0) = _machine_busy_seconds(), _cpu()
+        self.m0, (self.s0, self.c0) = machine_busy_seconds(), _cpu()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
         s1, c1 = _cpu()
-        m1 = _machine_busy_seconds()
+        m1 = machine_busy_seconds()
         self.own, self.children = s1 - self.s0, c1 - self.c0
         used = self.own + self.children
         self.cores = used / self.wall
@@ -321,15 +313,6 @@ def bare_loop(vae, text_encoder, batches, captions, device, dtype) -> float:
 
 
 # --- report ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _stats(values: list[float]) -> dict:

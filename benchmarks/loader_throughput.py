@@ -76,6 +76,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
 from safetensors.torch import save as st_save  # noqa: E402
 
 from data_pipeline import synthetic  # noqa: E402
@@ -143,15 +144,6 @@ def _proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds all CPUs spent busy (or stolen by the hypervisor) since boot (Linux /proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
-        return (sum(v[:8]) - v[3] - v[4]) / _TICK
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _batch_size(batch: dict) -> int:
@@ -177,7 +169,7 @@ def measure(urls: list[str], decode, batch: int, workers: int, counts: list[int]
     windows = []
     for _ in range(repeats):
         samples = nbytes = 0
-        m0, own0 = _machine_busy_seconds(), time.process_time()
+        m0, own0 = machine_busy_seconds(), time.process_time()
         c0, start = cpu(), time.perf_counter()
         while True:
             b = next(loader)
@@ -187,7 +179,7 @@ def measure(urls: list[str], decode, batch: int, workers: int, counts: list[int]
             if elapsed >= seconds:
                 break
         c1 = cpu()
-        own, m1 = time.process_time() - own0, _machine_busy_seconds()
+        own, m1 = time.process_time() - own0, machine_busy_seconds()
         loader_cpu = None if c0 is None or c1 is None else c1 - c0
         if workers and loader_cpu is not None:
             own += loader_cpu  # this process receives the batches, the worker loads them
@@ -214,15 +206,6 @@ def _sum_or_none(values):
 
 
 # --- report ------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _shape(text: str) -> tuple[int, ...]:
