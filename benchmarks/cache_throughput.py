@@ -132,8 +132,6 @@ def decode_in_memory(urls: list[str], options: dict, batch: int) -> tuple[list[t
 # --- CPU accounting ----------------------------------------------------------------------
 
 
-
-
 def _cpu() -> tuple[float, float]:
     """(this process's, its reaped children's) user + system CPU seconds. DataLoader workers
     are joined when the job's loader is exhausted, so they count as children afterwards."""

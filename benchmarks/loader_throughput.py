@@ -144,8 +144,6 @@ def _proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-
-
 def _batch_size(batch: dict) -> int:
     return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
 
