@@ -97,3 +97,22 @@ def test_bad_input_gives_one_line_errors(args, message, tiny_shards, tiny_cache,
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_export_writes_a_folder_diffusers_loads(pipeline, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    root, *_ = pipeline
+    out = run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "export")])
+    assert f"exported: {tmp_path / 'export'}" in out.stdout
+    info = json.load(open(tmp_path / "export" / "ldm.json"))
+    assert info["prediction_type"] == "epsilon" and info["vae"]["folder"] == "vae"
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
+    trained = UNet2DConditionModel.from_pretrained(os.path.join(info["checkpoint"], "unet"))
+    x, t, ctx = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 32, 64)
+    torch.testing.assert_close(exported(x, t, ctx).sample, trained(x, t, ctx).sample)
+    assert DDPMScheduler.from_pretrained(tmp_path / "export" / "scheduler").config.prediction_type == "epsilon"
+    AutoencoderKL.from_pretrained(tmp_path / "export" / "vae")
+    again = run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "export")], check=False)
+    assert again.returncode != 0 and "is not empty" in again.stderr and "Traceback" not in again.stderr

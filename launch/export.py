@@ -1,0 +1,26 @@
+"""Export a trained UNet run as a self-contained diffusers-format folder.
+
+    python launch/export.py --run runs/demo/unet --out exports/demo
+"""
+import argparse
+import sys
+
+from data_pipeline.storage import DataError
+from trainer.config import ConfigError, one_line
+from trainer.export import export_run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory of launch/train_unet.py")
+    p.add_argument("--out", required=True, help="a new, empty folder")
+    args = p.parse_args()
+    try:
+        out = export_run(args.run, args.out)
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+        sys.exit(f"error: {one_line(e)}")
+    print(f"exported: {out}")
+
+
+if __name__ == "__main__":
+    main()
