@@ -74,3 +74,25 @@ def test_zero3_checkpoint_holds_the_full_gathered_weights(tiny_cache, tmp_path):
     params = dict(unet.named_parameters())
     assert all(p.numel() > 0 for p in params.values())
     assert params["conv_in.weight"].shape == (32, 4, 3, 3) and params["conv_in.weight"].abs().sum() > 0
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tiny_cache, tmp_path):
+    import pickle
+
+    run_dir, canary = tmp_path / "run", tmp_path / "canary"
+    args = [PY, *_args(run_dir, tiny_cache, "total_samples=64", "checkpoint_every_samples=32", "stop_after_samples=32")]
+    run_cmd(args)
+    ckpt = checkpoint.latest(str(run_dir))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    target = os.path.join(ckpt, "mp_rank_00_model_states.pt")
+    for protocol, says in ((2, "it holds posix.system"), (4, "it is not plain tensor data")):
+        with open(target, "wb") as f:
+            pickle.dump({"module": Payload()}, f, protocol=protocol)
+        out = run_cmd(args, check=False)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"refusing checkpoint file {target}: {says}" in out.stderr, out.stderr[-1000:]
+        assert not canary.exists()

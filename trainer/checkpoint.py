@@ -74,8 +74,47 @@ def prune(run_dir: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, t), ignore_errors=True)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded, named in one line."""
+
+
+def verify_files(path: str, rank: int) -> None:
+    """Refuse checkpoint files that hold anything but tensors and plain data, before any
+    code unpickles them for real.
+
+    DeepSpeed loads its files with `torch.load(weights_only=False)`, which runs whatever a
+    pickle says. Each file this rank will load is first read with the restricted unpickler
+    (`weights_only=True`), allowing only the three DeepSpeed classes its own files contain;
+    a file with any other object fails here, without executing it.
+    """
+    import re
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    other_rank = re.compile(r"zero_pp_rank_(\d+)_")
+    for name in sorted(os.listdir(path)):
+        m = other_rank.search(name)
+        if not name.endswith(".pt") or (m and int(m.group(1)) != rank):
+            continue
+        try:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+        except Exception as e:
+            text = str(e)
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            what = (f"it holds {found.group(1)}" if found else
+                    f"it is not plain tensor data ({detail.group(1) if detail else type(e).__name__})")
+            raise CheckpointError(f"refusing checkpoint file {os.path.join(path, name)}: {what}, which this "
+                                  "trainer never writes; it was not loaded") from None
+
+
 def load(engine, path: str) -> dict:
     """Collective: restore model, optimizer and the client state saved with it."""
+    verify_files(path, dist.world().rank)
     root, tag = os.path.dirname(path), os.path.basename(path)
     loaded, state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)

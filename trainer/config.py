@@ -242,8 +242,10 @@ def run(cls, job, description: str = ""):
     (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
     from data_pipeline.storage import DataError
 
+    from .checkpoint import CheckpointError
+
     cfg = parse_cli(cls, description=description)
     try:
         return job(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: {one_line(e)}")
