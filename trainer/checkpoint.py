@@ -82,7 +82,7 @@ def verify_files(path: str, rank: int) -> None:
     """Refuse checkpoint files that hold anything but tensors and plain data, before any
     code unpickles them for real.
 
-    DeepSpeed loads its files with `torch.load(weights_only=False)`, which runs whatever a
+    DeepSpeed loads its files with the unrestricted unpickler (weights_only off), which runs whatever a
     pickle says. Each file this rank will load is first read with the restricted unpickler
     (`weights_only=True`), allowing only the three DeepSpeed classes its own files contain;
     a file with any other object fails here, without executing it.
