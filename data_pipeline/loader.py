@@ -65,7 +65,7 @@ class ShardBatches(IterableDataset):
     def __init__(self, urls: list[str], decode, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, virtual_ranks: int = 0,
                  counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 resampled: bool = False, positions: list[int] | None = None, bucketer=None,
+                 resampled: bool = False, bucketer=None,
                  quarantine: Quarantine | None = None, endpoint_url: str | None = None,
                  checksums: list[str] | None = None):
         V = virtual_ranks or world_size * max(1, num_workers)
@@ -92,10 +92,7 @@ class ShardBatches(IterableDataset):
         self.bucketer = bucketer
         slack = len(bucketer.buckets) - 1 if bucketer is not None else 0
         self.plan = _Plan(len(urls), V, batch_size, seed, counts, shuffle, resampled, slack)
-        self.positions = list(positions) if positions is not None else [0] * V
-        if len(self.positions) != V:
-            raise DataError(f"loader state has {len(self.positions)} stream positions, this run has "
-                            f"virtual_ranks={V}")
+        self.positions = [0] * V  # batches consumed per stream; Loader.load_state_dict restores them
         self.quarantine, self.endpoint_url = quarantine, endpoint_url
         self.checksums = checksums  # sha256 per shard, verified while reading (latent caches)
 
@@ -251,6 +248,9 @@ class Loader:
         if state["virtual_ranks"] != self.dataset.virtual_ranks:
             raise DataError(f"the checkpoint's loader has virtual_ranks={state['virtual_ranks']}, this run "
                             f"{self.dataset.virtual_ranks}; set data.virtual_ranks={state['virtual_ranks']}")
+        if len(state["positions"]) != self.dataset.virtual_ranks:
+            raise DataError(f"loader state has {len(state['positions'])} stream positions, this run has "
+                            f"virtual_ranks={self.dataset.virtual_ranks}")
         self.dataset.positions, self.consumed = list(state["positions"]), 0
 
     def __iter__(self):

@@ -13,7 +13,8 @@ from data_pipeline.shards import iter_samples
 from data_pipeline.storage import expand_shards
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.text_encoder import load_text_encoder
-from trainer.cache import CacheJob, cache_latents, read_manifest
+from data_pipeline.latents import read_manifest
+from trainer.cache import CacheJob, cache_latents
 from trainer.data import ImageData
 
 

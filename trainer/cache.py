@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from data_pipeline import storage
 from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample
-from data_pipeline.latents import read_manifest  # noqa: F401 (part of this job's interface)
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, load_autoencoder
 from models.text_encoder import load_text_encoder
