@@ -20,9 +20,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="the EMA weights (default, where the run kept an EMA) or the trained ones")
     args = p.parse_args()
     try:
-        rows = generate(args.run, args.prompt, per_prompt=args.per_prompt, guidance=args.guidance,
+        rows = generate(args.run, args.prompt, weights=args.weights, per_prompt=args.per_prompt, guidance=args.guidance,
                         steps=args.steps, sampler=args.sampler, seed=args.seed)
     except (ConfigError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {one_line(e)}")

@@ -6,18 +6,35 @@ default); sampling uses a diffusers solver built from the same schedule config.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
-def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000) -> DDPMScheduler:
+def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000,
+                   zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """SD's scaled-linear schedule, optionally rescaled so that the last step is pure noise.
+
+    With SD's betas the final step keeps sqrt(alpha_bar_T) = 0.068 of the image, so a model
+    never learns to start from pure noise and cannot make very dark or bright images. Lin et
+    al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed") rescale the
+    betas to SNR(T) = 0, which needs v-prediction (epsilon is undefined at SNR 0) and
+    "trailing" sampler timesteps so that sampling starts at T.
+    """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("zero_terminal_snr needs prediction_type v_prediction: epsilon is undefined at SNR 0")
     return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="scaled_linear",
                          beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
-                         clip_sample=False)
+                         clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr,
+                         timestep_spacing="trailing" if zero_terminal_snr else "leading")
+
+
+def snr(schedule: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t."""
+    alpha_bar = schedule.alphas_cumprod.to(t.device)[t].float()
+    return alpha_bar / (1 - alpha_bar)
 
 
 def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tensor:
@@ -31,15 +48,31 @@ def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tens
 
 
 def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,
-                  generator) -> torch.Tensor:
-    """Mean squared error of the UNet's epsilon or v prediction at a random timestep."""
+                  generator, *, min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> torch.Tensor:
+    """Mean squared error of the UNet's epsilon or v prediction at a random timestep.
+
+    min_snr_gamma > 0 weights each sample by min(SNR, gamma) / SNR (epsilon) or
+    min(SNR, gamma) / (SNR + 1) (v), which is the same weighting in x0 terms: low-noise
+    steps stop dominating the gradient (Hang et al. 2023, "Efficient Diffusion Training
+    via Min-SNR Weighting Strategy"; gamma = 5 there). offset_noise > 0 adds a per-image,
+    per-channel constant to the noise so the model can change an image's mean brightness
+    (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual value).
+    """
     b = z0.shape[0]
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn((b, z0.shape[1], 1, 1), generator=generator, device=z0.device,
+                                                   dtype=z0.dtype)
     t = torch.randint(0, schedule.config.num_train_timesteps, (b,), generator=generator, device=z0.device)
     zt = schedule.add_noise(z0, noise, t)
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(z0, noise, t)
     pred = unet(zt.to(context.dtype), t, context).sample
-    return F.mse_loss(pred.float(), target.float())
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    if min_snr_gamma > 0:
+        s = snr(schedule, t)
+        clipped = torch.clamp(s, max=min_snr_gamma)
+        per_sample = per_sample * (clipped / s if schedule.config.prediction_type == "epsilon" else clipped / (s + 1))
+    return per_sample.mean()
 
 
 @torch.no_grad()

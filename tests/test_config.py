@@ -8,7 +8,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from tests.conftest import PY, ROOT, run_cmd
+from conftest import PY, ROOT, run_cmd
 from trainer.autoencoder import AutoencoderJob
 from trainer.cache import CacheJob
 from trainer.config import ConfigError, dump, load_config, save_resolved

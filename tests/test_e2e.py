@@ -107,11 +107,17 @@ def test_export_writes_a_folder_diffusers_loads(pipeline, tmp_path):
     out = run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "export")])
     assert f"exported: {tmp_path / 'export'}" in out.stdout
     info = json.load(open(tmp_path / "export" / "ldm.json"))
-    assert info["prediction_type"] == "epsilon" and info["vae"]["folder"] == "vae"
-    exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
-    trained = UNet2DConditionModel.from_pretrained(os.path.join(info["checkpoint"], "unet"))
+    assert info["prediction_type"] == "epsilon" and info["vae"]["folder"] == "vae" and info["weights"] == "ema"
     x, t, ctx = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 32, 64)
-    torch.testing.assert_close(exported(x, t, ctx).sample, trained(x, t, ctx).sample)
+    # The EMA weights by default, the trained ones on request; each reproduces its checkpoint copy.
+    run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "raw"), "--weights", "raw"])
+    outputs = {}
+    for folder, export in (("ema_unet", "export"), ("unet", "raw")):
+        exported = UNet2DConditionModel.from_pretrained(tmp_path / export / "unet")
+        trained = UNet2DConditionModel.from_pretrained(os.path.join(info["checkpoint"], folder))
+        outputs[folder] = exported(x, t, ctx).sample
+        torch.testing.assert_close(outputs[folder], trained(x, t, ctx).sample)
+    assert not torch.allclose(outputs["ema_unet"], outputs["unet"])
     assert DDPMScheduler.from_pretrained(tmp_path / "export" / "scheduler").config.prediction_type == "epsilon"
     AutoencoderKL.from_pretrained(tmp_path / "export" / "vae")
     again = run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "export")], check=False)

@@ -15,7 +15,7 @@ from PIL import Image
 from data_pipeline.images import decode_rgb, image_and_caption, resize_center_crop
 from data_pipeline.shards import ShardWriter, iter_samples, write_shards
 from data_pipeline.storage import DataError, expand_shards, filesystem
-from tests.conftest import PY, run_cmd
+from conftest import PY, run_cmd
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -14,7 +14,7 @@ from PIL import Image
 from data_pipeline import synthetic
 from data_pipeline.shards import iter_samples
 from data_pipeline.storage import expand_shards
-from tests.conftest import PY, run_cmd
+from conftest import PY, run_cmd
 
 
 def make(out, seed: int, num: int = 40, per_shard: int = 16, resolution: int = 32):

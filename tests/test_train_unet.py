@@ -1,9 +1,13 @@
 """UNet training under the real DeepSpeed launcher (CPU ranks, gloo), and exact resume."""
 import os
+import signal
+import subprocess
+import time
 
+import pytest
 from safetensors.torch import load_file
 
-from conftest import PY, free_port, run_cmd
+from conftest import PY, ROOT, free_port, run_cmd
 from trainer import checkpoint
 from trainer.metrics import read_log
 
@@ -15,25 +19,130 @@ def _args(run_dir, cache, *extra):
             "lr=0.002", "warmup_samples=32", *extra]
 
 
-def test_deepspeed_two_ranks_zero2_loss_decreases(tiny_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-             *_args(run_dir, tiny_cache, "zero_stage=2", "total_samples=1280", "log_every_samples=16",
-                    "checkpoint_every_samples=640")])
-    losses = [r["loss"] for r in read_log(run_dir / "log.jsonl")]
-    assert len(losses) == 80  # 1280 samples / (8 per rank x 2 ranks), logged every step
+# One run per ZeRO stage, 2 ranks under the deepspeed launcher, otherwise the same config.
+STAGE_ARGS = ("total_samples=960", "log_every_samples=16", "checkpoint_every_samples=160", "keep_last=2",
+              "ema_halflife_samples=320", "ema_rampup_ratio=0")
+STAGE_EXTRA = {1: ("offload_optimizer=true",),  # ZeRO-Offload: optimizer state in host memory
+               3: ("validate_every_samples=480", "validation_prompts=[a red circle]", "validation_steps=2")}
+
+
+def _launch(run_dir, cache, *extra):
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *_args(run_dir, cache, *extra)]
+
+
+def _weights(run_dir, folder="unet", ckpt=None):
+    ckpt = ckpt or checkpoint.latest(str(run_dir))
+    return load_file(os.path.join(ckpt, folder, "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_cache, tmp_path_factory):
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        runs[stage] = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+        run_cmd(_launch(runs[stage], tiny_cache, f"zero_stage={stage}", *STAGE_ARGS, *STAGE_EXTRA.get(stage, ())))
+    return runs
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_each_zero_stage_trains_and_checkpoints(stage_runs, stage):
+    run_dir = stage_runs[stage]
+    rows = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 60  # 960 samples / (8 per rank x 2 ranks), logged every step
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, (first, last)
-    final = checkpoint.latest(str(run_dir))
-    assert final.endswith("step_000000080")
-    assert os.path.exists(os.path.join(final, "unet", "diffusion_pytorch_model.safetensors"))
-    assert checkpoint.complete_tags(str(run_dir)) == ["step_000000040", "step_000000080"]
+    assert rows[-1]["nonfinite_steps"] == 0 and rows[-1]["images_per_s"] > 0 and rows[-1]["tflops_per_device"] > 0
+    assert checkpoint.complete_tags(str(run_dir)) == ["step_000000050", "step_000000060"]
+    # Every parameter saved in full, also under ZeRO-3 (DeepSpeed #2056: a plain state_dict() is empty there).
+    raw, ema = _weights(run_dir), _weights(run_dir, "ema_unet")
+    assert raw.keys() == ema.keys() and raw["conv_in.weight"].shape == (32, 4, 3, 3)
+    assert all(t.numel() > 0 and t.isfinite().all() for t in ema.values())
+    assert max((raw[k] - ema[k]).abs().max() for k in raw) > 1e-3  # the average lags the weights
     assert os.path.getsize(run_dir / "loss.png") > 1000
+    if stage == 3:  # validation grids sampled with the gathered EMA weights
+        assert sorted(os.listdir(run_dir / "samples")) == ["step_000000030.png", "step_000000060.png"]
+
+
+def test_ema_under_zero3_equals_ema_under_zero0(stage_runs):
+    """Under ZeRO-3 each rank averages its own slice of every parameter; gathered, the
+    average must be the one ZeRO-0 keeps of the full tensors (DeepSpeed #2056, #6987)."""
+    e0, e3 = _weights(stage_runs[0], "ema_unet"), _weights(stage_runs[3], "ema_unet")
+    w0 = _weights(stage_runs[0])
+    for k in e0:
+        assert (e0[k] - e3[k]).abs().max() <= 1e-4 + 1e-3 * e0[k].abs().max(), k
+    assert max((e0[k] - w0[k]).abs().max() for k in e0) > 1e-3
+
+
+def _rank_pids(run_dir, local_rank):
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"--local_rank={local_rank}".encode() in cmd and f"run_dir={run_dir}".encode() in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_kill_9_of_one_rank_then_rerun_reproduces_the_uninterrupted_run(stage_runs, tiny_cache, tmp_path):
+    """kill -9 one rank after a checkpoint; also a crash between the checkpoint files and
+    its marker (the marker removed): rerunning the same command continues from the newest
+    complete checkpoint and gives the uninterrupted run's losses, weights and EMA."""
+    run_dir = tmp_path / "run"
+    args = _launch(run_dir, tiny_cache, "zero_stage=2", *STAGE_ARGS)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / "step_000000020" / checkpoint.MARKER
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victims = _rank_pids(run_dir, 1)
+    assert victims and proc.poll() is None, "the run ended before it could be killed"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    tags = checkpoint.complete_tags(str(run_dir))
+    assert tags and tags[-1] < "step_000000060", tags
+    # As if the newest checkpoint's marker had never been written: its files stay, it is not used.
+    os.remove(run_dir / "checkpoints" / tags[-1] / checkpoint.MARKER)
+    expected = tags[-2] if len(tags) > 1 else None
+    out = run_cmd(args)
+    assert (f"resuming from {run_dir / 'checkpoints' / expected}" in out.stdout) if expected else \
+        ("resuming" not in out.stdout)
+
+    a = [r for r in read_log(stage_runs[2] / "log.jsonl") if "loss" in r]
+    b = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 61))
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra, rb)
+    for folder in ("unet", "ema_unet"):
+        wa, wb = _weights(stage_runs[2], folder), _weights(run_dir, folder)
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() <= 1e-6, (folder, k)
+
+
+def test_nan_losses_stop_the_run_after_k_consecutive_steps(tiny_cache, tmp_path):
+    """lr=1e30 blows the weights up after one step; every later loss is inf/NaN and each
+    such step is skipped, so the weights stay finite; after 3 the run stops in one line."""
+    run_dir = tmp_path / "run"
+    out = run_cmd([PY, *_args(run_dir, tiny_cache, "lr=1e30", "warmup_samples=0", "lr_schedule=constant",
+                              "total_samples=320", "checkpoint_every_samples=8", "log_every_samples=8",
+                              "max_nonfinite_steps=3")], check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "error: loss was NaN/inf for 3 consecutive steps (up to step 4)" in out.stderr, out.stderr[-1000:]
+    assert "newest complete checkpoint: " + str(run_dir / "checkpoints" / "step_000000003") in out.stderr
+    assert all(t.isfinite().all() for t in _weights(run_dir).values())
+    assert [r["nonfinite_steps"] for r in read_log(run_dir / "log.jsonl")][-1] == 3
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_cache, tmp_path):
+    # With every objective option on, so each of them is shown to resume exactly too.
     common = ("zero_stage=1", "grad_accum=2", "data.num_workers=2", "total_samples=384",
-              "checkpoint_every_samples=64", "log_every_samples=16")
+              "prediction_type=v_prediction", "zero_terminal_snr=true", "min_snr_gamma=5", "offset_noise=0.1",
+              "lr_schedule=linear", "checkpoint_every_samples=64", "log_every_samples=16")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cmd([PY, *_args(straight, tiny_cache, *common)])
     # Stop after 10 of 24 steps: the checkpoint at step 10 is written on the way out.
@@ -47,33 +156,16 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cache, tmp_path):
     for ra, rb in zip(a, b):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra, rb)
         assert ra["lr"] == rb["lr"]
-    wa = load_file(os.path.join(checkpoint.latest(str(straight)), "unet", "diffusion_pytorch_model.safetensors"))
-    wb = load_file(os.path.join(checkpoint.latest(str(resumed)), "unet", "diffusion_pytorch_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert (wa[k] - wb[k]).abs().max() <= 1e-6, k
+    for folder in ("unet", "ema_unet"):  # the EMA is saved and resumed with the checkpoint
+        wa, wb = _weights(straight, folder), _weights(resumed, folder)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() <= 1e-6, (folder, k)
 
     # The same run directory with a different config is refused, in one line.
     bad = run_cmd([PY, *_args(resumed, tiny_cache, *common[:-1], "log_every_samples=32")], check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"run directory {resumed} holds a different config (log_every_samples" in bad.stderr
-
-
-def test_zero3_checkpoint_holds_the_full_gathered_weights(tiny_cache, tmp_path):
-    """Under ZeRO-3 each rank holds a shard of every parameter; the diffusers export in the
-    checkpoint must be gathered (DeepSpeed #2056: a plain state_dict() is empty tensors)."""
-    from diffusers import UNet2DConditionModel
-
-    run_dir = tmp_path / "run"
-    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-             *_args(run_dir, tiny_cache, "zero_stage=3", "total_samples=320", "log_every_samples=16",
-                    "checkpoint_every_samples=320")])
-    losses = [r["loss"] for r in read_log(run_dir / "log.jsonl")]
-    assert sum(losses[-5:]) < sum(losses[:5])
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(checkpoint.latest(str(run_dir)), "unet"))
-    params = dict(unet.named_parameters())
-    assert all(p.numel() > 0 for p in params.values())
-    assert params["conv_in.weight"].shape == (32, 4, 3, 3) and params["conv_in.weight"].abs().sum() > 0
 
 
 def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tiny_cache, tmp_path):
@@ -96,3 +188,44 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_without_running_it(tiny
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert f"refusing checkpoint file {target}: {says}" in out.stderr, out.stderr[-1000:]
         assert not canary.exists()
+
+
+def test_elastic_resume_at_another_world_size(tiny_cache, tmp_path):
+    """2 ranks stop halfway; 1 rank is refused without elastic_resume, and with it continues
+    from the same sample count (DeepSpeed's universal checkpoint reshards ZeRO-2's state)."""
+    run_dir = tmp_path / "run"
+    common = ("zero_stage=2", "total_samples=640", "log_every_samples=16", "checkpoint_every_samples=160")
+    run_cmd(_launch(run_dir, tiny_cache, *common, "stop_after_samples=320"))
+    refused = run_cmd([PY, *_args(run_dir, tiny_cache, *common)], check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "was written by 2 ranks, this job has 1; resume with the same world size, or set elastic_resume=true" \
+        in refused.stderr, refused.stderr[-1000:]
+    out = run_cmd([PY, *_args(run_dir, tiny_cache, *common, "elastic_resume=true")])
+    assert "at step 40 (elastic: written by 2 ranks, 320 samples)" in out.stdout
+    rows = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    assert [r["samples"] for r in rows] == list(range(16, 641, 16))  # 20 steps of 16, then 40 of 8, logged every 2
+    losses = [r["loss"] for r in rows]
+    assert max(losses[20:]) < losses[0] and sum(losses[-5:]) < sum(losses[15:20])
+    assert checkpoint.latest(str(run_dir)).endswith("step_000000080")
+
+
+def test_checkpoints_on_s3_resume_sample_and_export(tiny_cache, s3_bucket, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    url, endpoint = s3_bucket
+    run_dir = tmp_path / "run"
+    args = [PY, *_args(run_dir, tiny_cache, "total_samples=128", "checkpoint_every_samples=32", "keep_last=2",
+                       f"checkpoint_url={url}/unet-run", f"checkpoint_endpoint_url={endpoint}")]
+    env = {"CHECKPOINT_LOCAL_DIR": str(tmp_path / "node-local")}
+    run_cmd([*args, "stop_after_samples=64"], env=env)
+    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["step_000000004", "step_000000008"]
+    assert not (run_dir / "checkpoints").exists()
+    out = run_cmd(args, env=env)
+    assert f"resuming from {url}/unet-run/step_000000008 at step 8" in out.stdout
+    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["step_000000012", "step_000000016"]
+    run_cmd([PY, "launch/export.py", "--run", str(run_dir), "--out", str(tmp_path / "export")], env=env)
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
+    fetched = checkpoint.fetch(f"{url}/unet-run/step_000000016", str(tmp_path / "check"), endpoint, parts=("ema_unet",))
+    ema = load_file(os.path.join(fetched, "ema_unet", "diffusion_pytorch_model.safetensors"))
+    for k, v in exported.state_dict().items():
+        assert (v - ema[k]).abs().max() == 0, k

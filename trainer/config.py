@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key or file at fault."""
 
 
+class TrainingError(RuntimeError):
+    """A run that stopped on purpose (diverged, too many bad steps), reported as one line."""
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -247,5 +251,5 @@ def run(cls, job, description: str = ""):
     cfg = parse_cli(cls, description=description)
     try:
         return job(cfg)
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError) as e:
         sys.exit(f"error: {one_line(e)}")

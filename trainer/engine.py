@@ -22,18 +22,31 @@ def resolve_precision(precision: str) -> str:
 
 def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, zero_stage: int,
                      precision: str, lr: float, betas: tuple[float, float], weight_decay: float,
-                     grad_clip: float) -> dict:
+                     grad_clip: float, offload_optimizer: bool = False, load_universal: bool = False) -> dict:
+    zero = {"stage": zero_stage}
+    adam = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay}
+    on_gpu = torch.cuda.is_available()
+    if offload_optimizer:
+        # ZeRO-Offload (Ren et al. 2021): fp32 master weights and Adam moments live in host
+        # memory and the update runs on the CPU. On GPUs DeepSpeed's vectorised CPU Adam does
+        # the update (built on first use); without one, torch's AdamW.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    # torch's AdamW where DeepSpeed's fused ops are not built (CPU), or offloaded without a GPU.
+    adam["torch_adam"] = not (on_gpu and offload_optimizer)
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": batch_per_rank * grad_accum * world_size,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        # torch's AdamW: DeepSpeed's fused Adam ops are not built for every platform (CPU).
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                   "weight_decay": weight_decay, "torch_adam": True}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": on_gpu,
+        # A non-finite gradient skips the step (optimizer state untouched) instead of
+        # writing NaN into the weights; fp16 also adjusts its loss scale.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -43,6 +56,37 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
     return engine
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed discarded for non-finite gradients (and fp16 loss-scale overflow)."""
+    return int(getattr(engine, "skipped_steps", 0))
+
+
+def drop_nonfinite_grads(engine) -> bool:
+    """Before the last engine.step() of an optimizer step: where DeepSpeed itself does not
+    check gradients (ZeRO-0 with a plain torch optimizer), make that step a no-op when any
+    gradient is not finite, so weights and optimizer state stay as they were. Returns True
+    when it did. Gradients are averaged across ranks by now, so every rank decides alike.
+
+    The gradients are zeroed (DeepSpeed's clipping still runs on them) and the optimizer's
+    next step() alone is replaced by one that does nothing: Adam with zero gradients would
+    still decay its moments and count a step.
+    """
+    if engine.zero_optimization_stage() != 0 or not type(engine.optimizer).__module__.startswith("torch.optim"):
+        return False
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return False
+    for g in grads:
+        g.zero_()
+    optimizer = engine.optimizer
+
+    def skip(*args, **kwargs):
+        del optimizer.step  # the class's step() again from the next step on
+
+    optimizer.step = skip
+    return True
 
 
 def set_lr(engine, lr: float) -> None:

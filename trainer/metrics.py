@@ -40,6 +40,17 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
+    def log_image(self, step: int, key: str, png_path: str) -> None:
+        """Record an image file: its path in the JSONL, the picture itself in wandb."""
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, key: png_path}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(png_path)}, step=step)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -13,49 +13,68 @@ from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule, sample_latents
 
 from . import checkpoint
+from .ema import EMA_DIR
 from . import config as config_lib
 from .unet import UNetJob, load_cache_text_encoder
 
 
-def load_run(run_dir: str):
+def load_run(run_dir: str, weights: str = "ema"):
     """(UNet, VAE, text encoder, run config, cache manifest) of a run's newest complete checkpoint.
 
-    The VAE and text encoder are the ones the latent cache was made with; their identity
-    is checked against the cache manifest so a swapped folder cannot decode garbage.
+    `weights` is "ema" (the EMA weights where the run kept them, else the trained ones) or
+    "raw". The VAE and text encoder are the ones the latent cache was made with; their
+    identity is checked against the cache manifest so a swapped folder cannot decode garbage.
     """
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a train_unet run directory?")
     cfg = config_lib.load_config(UNetJob, path)
-    ckpt = checkpoint.latest(run_dir)
+    root = cfg.checkpoint_url or checkpoint.default_root(run_dir)
+    ckpt = checkpoint.latest(root, cfg.checkpoint_endpoint_url)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet")
+        raise FileNotFoundError(f"{root} has no complete checkpoint yet")
+    ckpt = checkpoint.fetch(ckpt, endpoint_url=cfg.checkpoint_endpoint_url, parts=("unet", EMA_DIR))
     manifest = read_manifest(cfg.data.urls, cfg.data.endpoint_url)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(ckpt, "unet")).eval()
-    vae = load_autoencoder(manifest["vae"]["source"])
-    if autoencoder_identity(vae) != manifest["vae"]["identity"]:
-        raise config_lib.ConfigError(f"the autoencoder at {manifest['vae']['source']} is not the one the cache "
-                                     f"{cfg.data.urls} was made with")
-    text_encoder = load_cache_text_encoder(manifest)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be ema or raw, got {weights!r}")
+    folder = os.path.join(ckpt, EMA_DIR if weights == "ema" and os.path.isdir(os.path.join(ckpt, EMA_DIR)) else "unet")
+    unet = UNet2DConditionModel.from_pretrained(folder).eval()
+    vae, text_encoder = load_frozen(manifest, cfg.data.urls)
     return unet, vae, text_encoder, cfg, manifest
 
 
+def load_frozen(manifest: dict, cache_url: str):
+    """The VAE and text encoder a cache was made with, checked against its manifest."""
+    vae = load_autoencoder(manifest["vae"]["source"])
+    if autoencoder_identity(vae) != manifest["vae"]["identity"]:
+        raise config_lib.ConfigError(f"the autoencoder at {manifest['vae']['source']} is not the one the cache "
+                                     f"{cache_url} was made with")
+    return vae, load_cache_text_encoder(manifest)
+
+
 @torch.no_grad()
-def generate(run_dir: str, prompts: list[str], *, per_prompt: int = 4, guidance: float = 5.0, steps: int = 50,
-             sampler: str = "ddim", seed: int = 0) -> list[list[Image.Image]]:
-    unet, vae, text_encoder, cfg, manifest = load_run(run_dir)
-    shift, scale = latent_affine(manifest, cfg.latent_norm)  # the model's latents are (z - shift) * scale
-    schedule = noise_schedule(cfg.prediction_type)
+def sample_rows(unet, vae, text_encoder, manifest: dict, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
+                guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0) -> list[list[Image.Image]]:
+    """One row of images per prompt; row i's noise is seeded by seed + i, so a fixed prompt
+    list gives comparable grids across checkpoints."""
+    device = next(unet.parameters()).device
+    shift, scale = (t.to(device) for t in latent_affine(manifest, cfg.latent_norm))  # model latents: (z - shift) * scale
+    schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
     rows = []
     for i, prompt in enumerate(prompts):
-        context = text_encoder.encode([prompt] * per_prompt)
-        uncond = text_encoder.encode([""])
-        gen = torch.Generator().manual_seed(seed + i)
+        context = text_encoder.encode([prompt] * per_prompt).to(device)
+        uncond = text_encoder.encode([""]).to(device)
+        gen = torch.Generator(device).manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
                            sampler=sampler, generator=gen)
-        images = vae.decode(z / scale + shift).sample
-        rows.append([to_pil(x) for x in images])
+        images = vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).sample
+        rows.append([to_pil(x.float().cpu()) for x in images])
     return rows
+
+
+def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", **kwargs) -> list[list[Image.Image]]:
+    unet, vae, text_encoder, cfg, manifest = load_run(run_dir, weights)
+    return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, **kwargs)
 
 
 def save_grid(rows: list[list[Image.Image]], prompts: list[str], out: str, tile: int = 128) -> str:
@@ -72,3 +91,36 @@ def save_grid(rows: list[list[Image.Image]], prompts: list[str], out: str, tile:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     canvas.save(out)
     return out
+
+
+class Validator:
+    """Grids of a fixed prompt list during training, so a run's progress can be seen.
+
+    Every rank calls it (gathering ZeRO-3 weights is collective); rank 0 samples with a
+    plain copy of the UNet holding the EMA (or current) weights and writes
+    run_dir/samples/step_XXXXXXXXX.png, also logged to wandb.
+    """
+
+    def __init__(self, cfg: UNetJob, manifest: dict, device: torch.device, is_main: bool):
+        self.cfg, self.manifest, self.device, self.is_main = cfg, manifest, device, is_main
+        self.frozen = load_frozen(manifest, cfg.data.urls) if is_main else None
+
+    def __call__(self, step: int, ema_state: dict | None, engine, runlog) -> str | None:
+        from .engine import full_weights
+
+        if ema_state is None:
+            with full_weights(engine) as module:
+                ema_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if not self.is_main:
+            return None
+        unet = UNet2DConditionModel.from_config(engine.module.config)
+        unet.load_state_dict(ema_state)
+        unet = unet.to(self.device).eval()
+        vae, text_encoder = (m.to(self.device) for m in self.frozen)
+        rows = sample_rows(unet, vae, text_encoder, self.manifest, self.cfg, self.cfg.validation_prompts,
+                           steps=self.cfg.validation_steps, seed=self.cfg.seed)
+        out = save_grid(rows, self.cfg.validation_prompts,
+                        os.path.join(self.cfg.run_dir, "samples", f"step_{step:09d}.png"))
+        runlog.log_image(step, "validation", out)
+        del unet
+        return out

@@ -26,7 +26,10 @@ from . import checkpoint
 from . import config as config_lib
 from . import dist
 from .data import CacheExpect, ShardData, build_loader, check_manifest
-from .engine import build_engine, deepspeed_config, resolve_precision, set_lr
+from .ema import EMA, EMA_DIR
+from .engine import (build_engine, deepspeed_config, drop_nonfinite_grads, resolve_precision, set_lr,
+                     skipped_steps)
+from .flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
 from .metrics import RunLog, plot_loss
 
 
@@ -39,21 +42,42 @@ class UNetJob:
     random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)
     model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json
     prediction_type: str = "epsilon"  # epsilon | v_prediction (Salimans & Ho 2022)
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
+    offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
+    zero_terminal_snr: bool = False  # rescale betas to SNR(T)=0 (Lin et al. 2024); needs v_prediction
     caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
     batch_per_rank: int = 64  # micro batch on each rank
     grad_accum: int = 1  # micro batches per optimizer step
     total_samples: int = 80_000  # training length in samples (all ranks together)
     lr: float = 3e-4  # AdamW peak learning rate
+    lr_schedule: str = "cosine"  # after warm-up: cosine | linear (decay to lr * lr_final_ratio) | constant
+    lr_final_ratio: float = 0.1  # learning rate at the end of a cosine/linear schedule, relative to lr
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    warmup_samples: int = 4_000  # linear warm-up, then cosine decay to 10% of lr
+    warmup_samples: int = 4_000  # linear warm-up from 0 to lr
     grad_clip: float = 1.0  # max global gradient norm
+    ema_halflife_samples: int = 1_000_000  # EMA half-life in samples (EDM, Karras et al. 2022); 0: no EMA
+    ema_rampup_ratio: float = 0.05  # early on the half-life is at most this share of samples seen; 0 off
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in host memory (stage 1-3)
+    precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on tensor-core GPUs)
+    attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels) | eager
+    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss (each is skipped)
+    peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: built-in table for known GPUs
     seed: int = 0  # weights init, data order, noise
     log_every_samples: int = 1_280  # JSONL/wandb logging interval
     checkpoint_every_samples: int = 20_000  # resumable checkpoint interval
     keep_last: int = 2  # complete checkpoints kept
+    checkpoint_url: str = ""  # where checkpoints go: a path or fsspec URL (s3://bucket/run); "": run_dir/checkpoints
+    checkpoint_endpoint_url: str | None = None  # S3-compatible endpoint for checkpoint_url; default AWS_ENDPOINT_URL
+    elastic_resume: bool = False  # allow resuming at another world size (DeepSpeed universal checkpoint);
+    #   the global batch follows the world size and the schedule continues at the same sample count
+    validate_every_samples: int = 0  # sample validation_prompts with the EMA weights this often (0: never)
+    validation_prompts: list[str] = dataclasses.field(default_factory=list)  # one grid row per prompt
+    validation_steps: int = 25  # sampler steps for validation grids
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more samples (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
@@ -68,9 +92,25 @@ class UNetJob:
             raise config_lib.ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise config_lib.ConfigError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        for key in ("batch_per_rank", "grad_accum", "total_samples", "log_every_samples", "checkpoint_every_samples"):
+        for key in ("batch_per_rank", "grad_accum", "total_samples", "log_every_samples", "checkpoint_every_samples",
+                    "max_nonfinite_steps", "validation_steps"):
             if getattr(self, key) <= 0:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise config_lib.ConfigError("zero_terminal_snr=true needs prediction_type=v_prediction "
+                                         "(epsilon is undefined at SNR 0)")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise config_lib.ConfigError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if self.attention not in ("sdpa", "eager"):
+            raise config_lib.ConfigError(f"attention must be sdpa or eager, got {self.attention!r}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
+        if self.validate_every_samples > 0 and not self.validation_prompts:
+            raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
+        for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
+                    "peak_tflops", "validate_every_samples"):
+            if getattr(self, key) < 0:
+                raise config_lib.ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +122,7 @@ class Plan:
     warmup_steps: int
     log_every_steps: int
     checkpoint_every_steps: int
+    validate_every_steps: int  # 0: never
 
 
 def make_plan(cfg: UNetJob, world_size: int) -> Plan:
@@ -89,7 +130,8 @@ def make_plan(cfg: UNetJob, world_size: int) -> Plan:
     plan = Plan(world_size, global_batch, total_steps=math.ceil(cfg.total_samples / global_batch),
                 warmup_steps=math.ceil(cfg.warmup_samples / global_batch),
                 log_every_steps=max(1, cfg.log_every_samples // global_batch),
-                checkpoint_every_steps=max(1, cfg.checkpoint_every_samples // global_batch))
+                checkpoint_every_steps=max(1, cfg.checkpoint_every_samples // global_batch),
+                validate_every_steps=max(1, cfg.validate_every_samples // global_batch) if cfg.validate_every_samples else 0)
     assert plan.global_batch == cfg.batch_per_rank * cfg.grad_accum * plan.world_size
     return plan
 
@@ -97,8 +139,24 @@ def make_plan(cfg: UNetJob, world_size: int) -> Plan:
 def lr_at(step: int, cfg: UNetJob, plan: Plan) -> float:
     if step < plan.warmup_steps:
         return cfg.lr * (step + 1) / plan.warmup_steps
-    progress = (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps))
+    shape = 1 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * shape)
+
+
+def prepare_unet(unet, cfg: UNetJob):
+    """The memory and speed options that change how the UNet runs, not what it computes."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    # SDPA dispatches to flash / memory-efficient attention kernels where the GPU has them.
+    unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
 
 
 def micro_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -124,7 +182,9 @@ def train_unet(cfg: UNetJob) -> str:
     plan = make_plan(cfg, w.size)
     if w.is_main:
         # These keys do not change what is trained, so a resumed run may set them differently.
-        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb", "data.num_workers"))
+        config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
+            "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
+            "validation_prompts", "validation_steps", "max_nonfinite_steps", "compile", "elastic_resume"))
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -142,22 +202,44 @@ def train_unet(cfg: UNetJob) -> str:
     empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
     empty = empty.to(device, dtype)
 
-    # --- model, optimizer, resume ------------------------------------------------------------------
-    unet = build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed)
+    # --- model, optimizer, EMA, resume -----------------------------------------------------------
+    unet = prepare_unet(build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed), cfg)
+    # Model FLOPs, the MFU convention: counted on a weightless copy on the meta device (shapes
+    # only, instant at any size), without gradient checkpointing's recomputation.
+    with torch.device("meta"):
+        shapes_only = build_unet(cfg.model, channels, size, context_dim)
+    flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
+    peak = device_peak_tflops(precision, cfg.peak_tflops)
     engine = build_engine(unet, deepspeed_config(
         batch_per_rank=cfg.batch_per_rank, grad_accum=cfg.grad_accum, world_size=w.size, zero_stage=cfg.zero_stage,
-        precision=precision, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip))
-    schedule = noise_schedule(cfg.prediction_type)
-    step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
+        precision=precision, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        offload_optimizer=cfg.offload_optimizer))
+    if cfg.compile:
+        engine.compile()
+    # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
+    ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio) if cfg.ema_halflife_samples else None
+    schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
+    root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
+    step, nonfinite_steps, loader_state, log_from = 0, 0, None, 0
+    resume = checkpoint.latest(root, endpoint)
     if resume:
-        state = checkpoint.load(engine, resume)
-        if state["world_size"] != w.size:
-            raise config_lib.ConfigError(f"checkpoint {resume} was written by {state['world_size']} ranks, this job has "
-                                         f"{w.size}; resume with the same world size or start a new run_dir")
+        written_by = checkpoint.info(resume, endpoint)["world_size"]
+        elastic = written_by != w.size
+        if elastic and not cfg.elastic_resume:
+            raise config_lib.ConfigError(
+                f"checkpoint {resume} was written by {written_by} ranks, this job has {w.size}; resume with the same "
+                "world size, or set elastic_resume=true to reshard it (DeepSpeed universal checkpoint)")
+        state = checkpoint.load(engine, resume, universal=elastic, endpoint_url=endpoint)
         check_manifest(manifest, cfg.data.urls, cfg.cache, state["cache"])
-        step, loader_state = state["step"], state["loader"]
+        loader_state, nonfinite_steps, log_from = state["loader"], state.get("nonfinite_steps", 0), state["step"]
+        # Progress is samples: at another world size the global batch differs, so the step
+        # (and with it the learning rate and the end) is the one at the same sample count.
+        step = state["samples"] // plan.global_batch
+        if ema is not None:
+            ema.load(checkpoint.fetch(resume, endpoint_url=endpoint, parts=(EMA_DIR,)))
         if w.is_main:
-            print(f"resuming from {resume} at step {step}")
+            print(f"resuming from {resume} at step {step}" +
+                  (f" (elastic: written by {written_by} ranks, {state['samples']} samples)" if elastic else ""))
 
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     urls = [storage.join(cfg.data.urls, s["shard"]) for s in manifest["shards"]]
@@ -166,22 +248,37 @@ def train_unet(cfg: UNetJob) -> str:
                           checksums=[s["sha256"] for s in manifest["shards"]], state=loader_state)
     batches, dataset = iter(loader), loader.dataset
     samples_per_epoch = dataset.samples_per_epoch()
-    runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb,
+    runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, wandb_mode=cfg.wandb,
                     wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg))
+    validator = None
+    if plan.validate_every_steps:
+        from .sampling import Validator  # sampling imports this module
+
+        validator = Validator(cfg, manifest, device, w.is_main)
     if w.is_main:
         print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {w.size} ranks, global batch "
-              f"{plan.global_batch}, {plan.total_steps} steps, {samples_per_epoch} samples per epoch, {precision}")
+              f"{plan.global_batch}, {plan.total_steps} steps, {samples_per_epoch} samples per epoch, {precision}, "
+              f"{flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward)")
+
+    def save_checkpoint() -> None:
+        checkpoint.save(engine, root, step, {
+            "step": step, "samples": step * plan.global_batch, "world_size": w.size, "zero_stage": cfg.zero_stage,
+            "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict()},
+            keep_last=cfg.keep_last, extra=(lambda path: ema.save(path, w.is_main)) if ema is not None else None,
+            endpoint_url=endpoint)
 
     # --- training loop ------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=step, desc="unet", unit="step", disable=not w.is_main)
-    losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()
+    losses, wait_s, read_bytes, t0, streak = [], 0.0, 0, time.time(), 0
     last_step = plan.total_steps
     if cfg.stop_after_samples > 0:
         last_step = min(last_step, step + math.ceil(cfg.stop_after_samples / plan.global_batch))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < last_step:
         lr = lr_at(step, cfg, plan)
         set_lr(engine, lr)
-        step_loss = 0.0
+        step_loss, skipped_before, dropped = 0.0, skipped_steps(engine), False
         for micro in range(cfg.grad_accum):
             t_wait = time.time()
             batch = next(batches)
@@ -194,40 +291,72 @@ def train_unet(cfg: UNetJob) -> str:
                 mean = torch.where(flip, batch["mean_flip"].to(device), mean)
                 std = torch.where(flip, batch["std_flip"].to(device), std)
             z0 = ((draw_latents(mean, std, gen) - shift) * scale).to(dtype)
+            if cfg.channels_last:
+                z0 = z0.contiguous(memory_format=torch.channels_last)
             if text_encoder is not None:
-                context = text_encoder(batch["tokens"].long().to(device)).to(dtype)
+                with torch.no_grad():
+                    context = text_encoder(batch["tokens"].long().to(device)).to(dtype)
             else:
                 context = batch["text_emb"].to(device, dtype)
             # Classifier-free guidance needs an unconditional model: some captions become "".
             drop = torch.rand(context.shape[0], generator=gen, device=device) < cfg.caption_dropout
             context = torch.where(drop[:, None, None], empty, context)
-            loss = training_loss(engine, z0, context, schedule, gen)
+            loss = training_loss(engine, z0, context, schedule, gen, min_snr_gamma=cfg.min_snr_gamma,
+                                 offset_noise=cfg.offset_noise)
             engine.backward(loss)
+            if micro == cfg.grad_accum - 1:
+                dropped = drop_nonfinite_grads(engine)
             engine.step()
             step_loss += loss.item() / cfg.grad_accum
         step += 1
-        losses.append(dist.all_reduce_mean(step_loss))
-        if not math.isfinite(losses[-1]):
-            raise RuntimeError(f"loss is {losses[-1]} at step {step}; lower lr (now {cfg.lr}) or check the cache")
         bar.update(1)
 
-        if step % plan.log_every_steps == 0 or step == last_step:
+        # --- a NaN/inf loss: the step was skipped; too many in a row end the run ----------------------
+        step_loss = dist.all_reduce_mean(step_loss)  # non-finite on every rank if on any
+        applied = not dropped and skipped_steps(engine) == skipped_before
+        if math.isfinite(step_loss):
+            losses.append(step_loss)
+            streak = 0
+        else:
+            nonfinite_steps, streak = nonfinite_steps + 1, streak + 1
+            if applied:  # never expected: DeepSpeed or drop_nonfinite_grads skip such steps
+                raise config_lib.TrainingError(f"loss was {step_loss} at step {step} and the optimizer step was "
+                                               "applied; the weights may hold NaN, resume from the last checkpoint")
+            if w.is_main:
+                print(f"step {step}: loss is {step_loss}, step skipped ({nonfinite_steps} so far)")
+        if applied and ema is not None:
+            ema.update(step * plan.global_batch, plan.global_batch)
+
+        # --- logs, validation grids, checkpoints ------------------------------------------------------------
+        give_up = streak >= cfg.max_nonfinite_steps
+        if step % plan.log_every_steps == 0 or step == last_step or give_up:
             elapsed = time.time() - t0
             samples = step * plan.global_batch
-            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch, loss=sum(losses) / len(losses), lr=lr,
-                       images_per_s=len(losses) * plan.global_batch / elapsed, data_wait_share=wait_s / elapsed,
-                       read_mb_per_s_per_rank=read_bytes / elapsed / 1e6)
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            images_per_s = plan.log_every_steps * plan.global_batch / elapsed if losses else 0.0
+            tflops = images_per_s / w.size * flops_per_sample / 1e12  # per device
+            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch,
+                       loss=sum(losses) / len(losses) if losses else float("nan"), lr=lr,
+                       images_per_s=images_per_s, data_wait_share=wait_s / elapsed,
+                       read_mb_per_s_per_rank=read_bytes / elapsed / 1e6, tflops_per_device=tflops,
+                       mfu=tflops / peak if peak else None, peak_memory_gb=peak_memory_gb(),
+                       nonfinite_steps=nonfinite_steps, skipped_steps=skipped_steps(engine))
+            if losses:
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()
+        if give_up:
+            raise config_lib.TrainingError(
+                f"loss was NaN/inf for {streak} consecutive steps (up to step {step}); stopping with the weights "
+                f"of the last good step; newest complete checkpoint: {checkpoint.latest(root, endpoint) or 'none yet'}. "
+                f"Lower lr (now {cfg.lr}), check the cache, or raise max_nonfinite_steps")
+        if validator is not None and (step % plan.validate_every_steps == 0 or step == plan.total_steps):
+            validator(step, ema.full_state() if ema is not None else None, engine, runlog)
         if step % plan.checkpoint_every_steps == 0 or step == last_step:
-            checkpoint.save(engine, cfg.run_dir, step, {
-                "step": step, "samples": step * plan.global_batch, "world_size": w.size,
-                "cache": trained_on, "loader": loader.state_dict()}, keep_last=cfg.keep_last)
+            save_checkpoint()
     bar.close()
     runlog.close()
 
     # --- the end: a loss curve beside the final checkpoint ---------------------------------------------
-    final = checkpoint.latest(cfg.run_dir)
+    final = checkpoint.latest(root, endpoint)
     if w.is_main:
         png = plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
                         title=f"UNet {cfg.model}, {cfg.prediction_type} loss")

@@ -1,0 +1,108 @@
+"""An exponential moving average of the UNet's weights that is correct under every ZeRO stage.
+
+Under ZeRO-3 `param.data` is an empty placeholder between forward passes and each rank
+holds only `param.ds_tensor`, its flat slice of the parameter; an EMA of `param.data`
+there averages empty tensors (DeepSpeed #2056, #6987). So each rank averages what it
+actually holds: the whole parameter at stages 0-2, its own slice at stage 3. The EMA
+is saved as one full set of weights in diffusers format, independent of the world size
+and the stage: a checkpoint's EMA loads into any layout, and sampling and export read it
+like any UNet.
+
+The decay follows EDM (Karras et al. 2022, appendix C): a half-life in samples, so the
+average spans the same amount of data whatever the global batch, ramped up early in
+training to at most `rampup_ratio` of the samples seen (a long average of random
+initial weights would otherwise dominate the first part of training).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as tdist
+from safetensors.torch import load_file, save_file
+
+EMA_DIR = "ema_unet"
+
+
+def _partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a parameter this rank owns: its ZeRO-3 slice, else the whole tensor."""
+    return p.ds_tensor if _partitioned(p) else p.data
+
+
+def _slice_of(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's ZeRO-3 slice of a full tensor: the flat tensor cut into equal parts of
+    ds_tensor's length (the last one zero-padded), as DeepSpeed partitions parameters."""
+    size = p.ds_tensor.numel()
+    start = size * tdist.get_rank(group=p.ds_process_group)
+    flat = full.reshape(-1)
+    out = torch.zeros(size, dtype=full.dtype, device=full.device)
+    n = max(0, min(size, flat.numel() - start))
+    out[:n] = flat[start:start + n]
+    return out
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, halflife_samples: float, rampup_ratio: float = 0.05):
+        self.module, self.halflife_samples, self.rampup_ratio = module, halflife_samples, rampup_ratio
+        self.names = [n for n, _ in module.named_parameters()]
+        self.params = [p for _, p in module.named_parameters()]
+        # fp32 whatever the training precision: a bf16 average cannot absorb updates
+        # smaller than its 8-bit mantissa resolves.
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+
+    def decay(self, samples_seen: int, global_batch: int) -> float:
+        halflife = self.halflife_samples
+        if self.rampup_ratio > 0:
+            halflife = min(halflife, samples_seen * self.rampup_ratio)
+        return 0.5 ** (global_batch / max(halflife, 1e-8))
+
+    @torch.no_grad()
+    def update(self, samples_seen: int, global_batch: int) -> float:
+        """Fold the current weights in; call after each optimizer step that was applied."""
+        beta = self.decay(samples_seen, global_batch)
+        current = [_local(p).float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - beta)
+        return beta
+
+    @torch.no_grad()
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter's full EMA, on every rank (collective under ZeRO-3)."""
+        out = {}
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            if _partitioned(p):
+                group = p.ds_process_group
+                parts = [torch.empty_like(s) for _ in range(tdist.get_world_size(group=group))]
+                tdist.all_gather(parts, s, group=group)
+                s = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
+            out[name] = s.cpu()
+        return out
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA weights in {source} lack {missing[0]} ({len(missing)} parameters missing)")
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            full = state[name].float().to(self.shadow[i].device)
+            self.shadow[i] = _slice_of(full, p) if _partitioned(p) else full.reshape(self.shadow[i].shape).clone()
+
+    def save(self, checkpoint_path: str, is_main: bool) -> None:
+        """Collective: write the full EMA as a diffusers UNet folder `ema_unet/`."""
+        state = self.full_state()
+        if is_main:  # the layout save_pretrained writes, without building a second model
+            folder = os.path.join(checkpoint_path, EMA_DIR)
+            os.makedirs(folder, exist_ok=True)
+            self.module.save_config(folder)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+    def load(self, checkpoint_path: str) -> None:
+        path = os.path.join(checkpoint_path, EMA_DIR, "diffusion_pytorch_model.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {checkpoint_path} has no EMA weights ({path} is missing); it was "
+                                    "written with ema_halflife_samples=0")
+        self.load_full_state(load_file(path), path)
