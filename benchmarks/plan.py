@@ -1,0 +1,113 @@
+"""Size a run before booking it: precompute GPU-hours, cache size, training speed, S3 bandwidth.
+
+    python benchmarks/plan.py --images 2e9 --resolution 512 --gpus 256 --gpu h100
+
+No hardware needed. The FLOPs per image are counted with torch.utils.flop_counter on
+shape-only (meta-device) copies of the real models: the UNet's forward + backward, the VAE
+encoder's and the text encoder's forward. Bytes per cached sample are those of the real cache
+format (data_pipeline/latents.encode_sample on zero tensors of the right shapes). What is
+assumed, not measured: the MFU each job reaches (--train-mfu, --encode-mfu) and the GPUs per node.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipeline.latents import encode_sample  # noqa: E402
+from models.autoencoder import build_autoencoder  # noqa: E402
+from models.unet import build_unet  # noqa: E402
+from trainer.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_key, unet_train_flops_per_sample  # noqa: E402
+
+# UNet preset -> (OpenCLIP/CLIP text tower config name, context width); SD 1.5 uses OpenAI's
+# CLIP ViT-L/14 text tower, SD 2.x OpenCLIP ViT-H/14's.
+TEXT = {"sd15": ("ViT-L-14", 768), "sd21": ("ViT-H-14", 1024)}
+CONTEXT_TOKENS = 77
+TAR_HEADER_BYTES = 512 * 3 * 2  # three members (.safetensors, .txt, .json): header + padding, roughly
+
+
+def text_tower_flops(name: str) -> float:
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    with torch.device("meta"):
+        tower = open_clip.model._build_text_tower(cfg["embed_dim"], open_clip.model.CLIPTextCfg(**cfg["text_cfg"]))
+        tokens = torch.zeros(2, CONTEXT_TOKENS, dtype=torch.long)
+    return forward_flops_per_sample(lambda: tower(tokens), 2)
+
+
+def sample_bytes(latent_shape: tuple[int, int, int], context_dim: int, flip: bool, caption_bytes: int) -> int:
+    z = torch.zeros(latent_shape)
+    tensors = {"mean": z, "std": z, "text_emb": torch.zeros(CONTEXT_TOKENS, context_dim)}
+    if flip:
+        tensors.update(mean_flip=z, std_flip=z)
+    sample = encode_sample("k" * 16, tensors, "x" * caption_bytes, {"size": [512, 512], "crop": [0, 0, 512, 512]})
+    return sum(len(v) for k, v in sample.items() if k != "__key__") + TAR_HEADER_BYTES
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=float, required=True, help="images in the data set (e.g. 2e9)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (f=8 VAE)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs for training (and for the precompute)")
+    p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(PEAK_TFLOPS))
+    p.add_argument("--model", choices=tuple(TEXT), default="sd21", help="UNet preset")
+    p.add_argument("--train-mfu", type=float, default=0.40, help="assumed MFU of training (MLPerf SD: ~0.23)")
+    p.add_argument("--encode-mfu", type=float, default=0.30, help="assumed MFU of the VAE + text encode")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--flip", action="store_true", help="cache the mirrored image's moments too")
+    p.add_argument("--caption-bytes", type=int, default=120, help="average caption length in bytes")
+    args = p.parse_args()
+    key = gpu_table_key(args.gpu.upper()) or next((k for k in PEAK_TFLOPS if k.lower().startswith(args.gpu.lower())), None)
+    if key is None:
+        sys.exit(f"error: unknown --gpu {args.gpu!r}; known: {', '.join(PEAK_TFLOPS)}")
+    peak = PEAK_TFLOPS[key]["bf16"] * 1e12 if "bf16" in PEAK_TFLOPS[key] else PEAK_TFLOPS[key]["fp16"] * 1e12
+    if args.resolution % 8:
+        sys.exit(f"error: --resolution {args.resolution} is not a multiple of 8 (the VAE's downsampling)")
+
+    # --- FLOPs per image, counted on shape-only models -----------------------------------------
+    side = args.resolution // 8
+    text_name, context_dim = TEXT[args.model]
+    with torch.device("meta"):
+        unet = build_unet(args.model, 4, side, context_dim)
+        vae = build_autoencoder("sd")
+        pixels = torch.zeros(1, 3, args.resolution, args.resolution)
+    unet_flops = unet_train_flops_per_sample(unet, (4, side, side), (CONTEXT_TOKENS, context_dim), batch_size=1)
+    vae_flops = forward_flops_per_sample(lambda: vae.encode(pixels), 1)
+    text_flops = text_tower_flops(text_name)
+    per_sample = sample_bytes((4, side, side), context_dim, args.flip, args.caption_bytes)
+
+    # --- the plan ---------------------------------------------------------------------------------
+    images = args.images
+    encode_s = images * (vae_flops + text_flops) / (peak * args.encode_mfu)
+    train_rate = args.gpus * peak * args.train_mfu / unet_flops
+    epoch_days = images / train_rate / 86400
+    nodes = max(1, args.gpus // args.gpus_per_node)
+    read_gb_s_node = train_rate / nodes * per_sample / 1e9
+    rows = [
+        ("GPU", f"{key}: {peak / 1e12:.0f} TFLOP/s dense bf16 peak"),
+        ("UNet forward + backward", f"{unet_flops / 1e12:.2f} TFLOP per image ({args.model}, {side}x{side}x4 latents)"),
+        ("VAE encoder forward", f"{vae_flops / 1e12:.2f} TFLOP per image ({args.resolution} px)"),
+        ("text encoder forward", f"{text_flops / 1e9:.1f} GFLOP per caption ({text_name}, {CONTEXT_TOKENS} tokens)"),
+        ("precompute", f"{encode_s / 3600:,.0f} GPU-hours at {args.encode_mfu:.0%} MFU "
+                       f"({encode_s / 3600 / args.gpus:,.1f} h on {args.gpus} GPUs)"),
+        ("cache on disk", f"{per_sample / 1e3:.0f} KB per sample, {images * per_sample / 1e12:,.0f} TB in all"),
+        ("training", f"{train_rate:,.0f} images/s at {args.train_mfu:.0%} MFU ({train_rate / args.gpus:.0f} per GPU)"),
+        ("one epoch", f"{epoch_days:.1f} days; {args.epochs:g} epoch(s): {epoch_days * args.epochs:.1f} days"),
+        ("S3 read per node", f"{read_gb_s_node:.2f} GB/s ({nodes} nodes of {args.gpus_per_node} GPUs)"),
+        ("on the fly instead", f"each step would cost {(unet_flops + vae_flops + text_flops) / unet_flops:.2f}x "
+                               "the cached step's FLOPs"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"plan: {images:,.0f} images at {args.resolution} px, {args.gpus} x {key}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
