@@ -1,0 +1,142 @@
+"""UNet training throughput and MFU on a CUDA GPU, through the trainer's own engine.
+
+    python benchmarks/gpu.py                          # sd15 and sd21 at 256 and 512 px, every option
+    python benchmarks/gpu.py --presets sd21 --resolutions 512 --batch 32 --json gpu.json
+
+Each configuration builds the UNet, prepares it as trainer/unet.py does (SDPA attention,
+channels-last, gradient checkpointing, torch.compile) and steps it through the same
+DeepSpeed engine (bf16, ZeRO-2, one process) on random latents and text embeddings.
+Images/s is the median over the timed steps; TFLOP/s uses the model FLOPs per image from
+torch.utils.flop_counter; MFU divides by the device's dense bf16 peak (trainer/flops.py).
+Published points printed beside: MLPerf Training v4.0 Stable Diffusion (about 110 images/s
+per H100 at 512 px, about 23% MFU) and mosaicml/diffusion (290 images/s on 8 A100 at 512 px).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+REFERENCES = [
+    ("MLPerf Training v4.0 SD, H100, 512 px", "about 110 images/s per GPU, about 23% MFU"),
+    ("mosaicml/diffusion SD2, 8x A100, 512 px", "290 images/s in all (36 per GPU)"),
+]
+CONTEXT = {"sd15": 768, "sd21": 1024}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="sd15,sd21", help="comma list of UNet presets")
+    p.add_argument("--resolutions", default="256,512", help="comma list of pixel resolutions (latents are 1/8)")
+    p.add_argument("--batch", type=int, default=16, help="images per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", default="off,on", help="torch.compile settings to try: off,on")
+    p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to try: off,on")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's dense bf16 peak")
+    p.add_argument("--json", default="", help="also write the figures here")
+    args = p.parse_args(argv)
+    for key in ("presets", "resolutions", "compile", "checkpointing"):
+        setattr(args, key, [v.strip() for v in getattr(args, key).split(",") if v.strip()])
+    bad = [v for v in args.presets if v not in CONTEXT]
+    if bad:
+        p.error(f"--presets: unknown {bad[0]!r}; choose from {', '.join(CONTEXT)}")
+    for key in ("compile", "checkpointing"):
+        if any(v not in ("on", "off") for v in getattr(args, key)):
+            p.error(f"--{key} takes on/off values, got {getattr(args, key)}")
+    if any(not r.isdigit() or int(r) % 8 for r in args.resolutions):
+        p.error(f"--resolutions must be multiples of 8, got {args.resolutions}")
+    return args
+
+
+def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool, args, peak) -> dict:
+    from models.diffusion import noise_schedule, training_loss
+    from models.unet import build_unet
+    from trainer.engine import build_engine, deepspeed_config
+    from trainer.flops import unet_train_flops_per_sample
+    from trainer.unet import UNetJob, prepare_unet
+
+    side, ctx = resolution // 8, CONTEXT[preset]
+    with torch.device("meta"):
+        flops = unet_train_flops_per_sample(build_unet(preset, 4, side, ctx), (4, side, side), (77, ctx), batch_size=1)
+    job = UNetJob(model=preset, channels_last=True, attention="sdpa", gradient_checkpointing=checkpointing,
+                  compile=compiled)
+    unet = prepare_unet(build_unet(preset, 4, side, ctx), job)
+    engine = build_engine(unet, deepspeed_config(batch_per_rank=args.batch, grad_accum=1, world_size=1, zero_stage=2,
+                                                 precision="bf16", lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01,
+                                                 grad_clip=1.0))
+    if compiled:
+        engine.compile()
+    schedule, device = noise_schedule("epsilon"), engine.device
+    gen = torch.Generator(device).manual_seed(0)
+    z0 = torch.randn(args.batch, 4, side, side, device=device, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    context = torch.randn(args.batch, 77, ctx, device=device, dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = training_loss(engine, z0, context, schedule, gen)
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    images_per_s = args.batch / step_s
+    tflops = images_per_s * flops / 1e12
+    row = dict(preset=preset, resolution=resolution, compile=compiled, checkpointing=checkpointing, batch=args.batch,
+               step_ms=step_s * 1e3, step_ms_spread=(max(times) - min(times)) / step_s, images_per_s=images_per_s,
+               tflops=tflops, mfu=tflops / peak if peak else None, gflop_per_image=flops / 1e9,
+               peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+    del engine, unet
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/gpu.py needs a CUDA GPU (none visible); the CPU benchmarks are the other scripts")
+    from trainer import dist
+    from trainer.flops import device_peak_tflops
+
+    dist.init()
+    peak = device_peak_tflops("bf16", args.peak_tflops)
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}, dense bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}; batch {args.batch}")
+    rows = []
+    for preset, res, comp, ckpt in itertools.product(args.presets, map(int, args.resolutions), args.compile,
+                                                     args.checkpointing):
+        try:
+            row = bench_one(preset, res, comp == "on", ckpt == "on", args, peak)
+        except torch.cuda.OutOfMemoryError:
+            row = dict(preset=preset, resolution=res, compile=comp == "on", checkpointing=ckpt == "on", error="OOM")
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if "error" in row:
+            print(f"{preset} {res}px compile={comp} ckpt={ckpt}: out of memory at batch {args.batch}")
+        else:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] else "n/a"
+            print(f"{preset} {res}px compile={comp:3} ckpt={ckpt:3}: {row['images_per_s']:7.1f} img/s  "
+                  f"{row['tflops']:6.1f} TFLOP/s  MFU {mfu:>6}  {row['step_ms']:.1f} ms/step "
+                  f"(spread {row['step_ms_spread']:.0%})  peak {row['peak_memory_gb']:.1f} GB")
+    print("published reference points:")
+    for what, figure in REFERENCES:
+        print(f"  {what}: {figure}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "peak_tflops": peak, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
