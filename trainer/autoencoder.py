@@ -1,11 +1,18 @@
-"""First-stage training: an AutoencoderKL on image shards, exported in diffusers format.
+"""First-stage training: an AutoencoderKL or VQModel on image shards, exported in diffusers format.
 
-The loss here is the textbook one, pixel MSE plus a small KL term. The perceptual (LPIPS)
-and adversarial (PatchGAN) terms that make Stable Diffusion's decoder sharp belong to the
-autoencoder lab; this trainer is what the demo needs to get a usable latent space on CPU.
+Three objectives (trainer/ae_losses.py): `kl_plain` (pixel MSE + KL, the textbook VAE and the
+demo's default), `kl_gan` (L1 + LPIPS + KL + PatchGAN: Stable Diffusion's recipe) and `vq_gan`
+(VQModel, L1 + LPIPS + codebook/commitment + PatchGAN: taming transformers). With a
+discriminator each step is two steps on the same batch, as in taming: the autoencoder's
+(discriminator frozen), then the discriminator's (reconstruction detached), each with its own
+Adam. Every random draw is a function of (seed, step) and the loader's position is saved, so
+k steps + resume + k steps is the same run as 2k steps. The export is the autoencoder alone
+(EMA weights when `ema_decay` > 0) with its measured `scaling_factor`; LPIPS and the
+discriminator stay behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -17,12 +24,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data_pipeline.images import DEFAULT_MAX_PIXELS, image_and_caption
-from data_pipeline.storage import DataError, expand_shards
-from models.autoencoder import build_autoencoder
+from data_pipeline.storage import expand_shards
+from models.autoencoder import build_autoencoder, downsample_factor, encode_moments, is_vq_preset
+from models.discriminator import NORMS, build_discriminator, patch_grid
+from models.perceptual import BACKBONE_FILES, RANDOM_NOTICE, load_lpips
 
 from . import checkpoint
 from . import config as config_lib
 from . import dist
+from .ae_losses import OBJECTIVES, CodebookUsage, FirstStageLoss, restart_dead_codes
 from .data import ImageData, build_loader
 from .metrics import RunLog, plot_loss
 
@@ -31,25 +41,72 @@ from .metrics import RunLog, plot_loss
 class AutoencoderJob:
     run_dir: str = "runs/autoencoder"  # checkpoints, logs, config.yaml; export/ holds the result
     data: ImageData = dataclasses.field(default_factory=ImageData)
-    preset: str = "demo"  # architecture in models/autoencoder.py: tiny, demo, f8, sd
+    objective: str = "kl_plain"  # kl_plain (MSE + KL) | kl_gan (L1 + LPIPS + KL + PatchGAN) | vq_gan (VQModel)
+    preset: str = "demo"  # architecture in models/autoencoder.py: tiny, demo (f4), f8, sd; vq_tiny, vq_f4, vq_f8, ...
     latent_channels: int = 4  # channels of the latent space
+    codebook_size: int = 0  # VQ codes (vq_gan); 0: the preset's
     batch_per_rank: int = 32  # images per optimizer step
     total_samples: int = 100_000  # training length in images
-    lr: float = 1e-3  # AdamW peak learning rate
-    warmup_samples: int = 5_000  # linear warm-up, then cosine decay to 10% of lr
-    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small keeps the latent informative
-    seed: int = 0  # weights init, data order
+    lr: float = 1e-3  # autoencoder Adam peak learning rate
+    warmup_samples: int = 5_000  # linear warm-up, then cosine decay to 10% of lr (autoencoder only)
+    grad_clip: float = 1.0  # max gradient norm, each model separately (0: off)
+    kl_weight: float = 1e-6  # weight of KL(q(z|x) || N(0, I)); small keeps the latent informative (LDM: 1e-6)
+    lpips_net: str = "vgg"  # LPIPS backbone: vgg (taming/LDM) | alex (needs images of 32 px or more)
+    lpips_weights: str = ""  # backbone file; "": torchvision's hub cache; random: random backbone (tests only)
+    lpips_weight: float = 1.0  # weight of the LPIPS term against L1 (taming: 1.0)
+    disc_start_samples: int = 50_000  # images before the discriminator and the GAN term switch on
+    disc_weight: float = 0.5  # factor on the adaptive GAN weight (LDM's KL-f8: 0.5; taming VQGAN: 0.8)
+    disc_lr: float = 2e-4  # discriminator Adam learning rate (constant, as in taming)
+    disc_layers: int = 3  # stride-2 layers of the PatchGAN (3: 70x70 patches); needs resolution >= 3 * 2**layers
+    disc_channels: int = 64  # width of the discriminator's first layer, doubled per layer up to 8x
+    disc_norm: str = "batch"  # discriminator normalisation: batch (pix2pix, taming) | group | none
+    codebook_weight: float = 1.0  # weight of the codebook + beta * commitment loss (vq_gan)
+    vq_beta: float = 0.25  # commitment weight beta (van den Oord et al. 2017: 0.25)
+    codebook_window_batches: int = 50  # batches over which codebook perplexity and dead codes are counted
+    codebook_restart_batches: int = 0  # every this many batches, codes unused over the window are re-seeded
+    #   from encoder outputs of the batch (Jukebox/SoundStream; not in taming); 0: off
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA; CPU runs fp32)
+    ema_decay: float = 0.0  # EMA of the autoencoder's weights per step, e.g. 0.999 (0: off); export uses it
+    seed: int = 0  # weights init, data order, latent draws
     log_every_samples: int = 2_000  # JSONL/wandb logging interval
     checkpoint_every_samples: int = 20_000  # resumable state interval
+    stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more images (0: never);
+    #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
     scaling_samples: int = 1024  # images used to measure the latent std for scaling_factor
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
 
     def validate(self) -> None:
+        bad = config_lib.ConfigError
         if not self.data.urls:
-            raise config_lib.ConfigError("data.urls is empty: name the image shards to train on")
-        for key in ("batch_per_rank", "total_samples", "log_every_samples", "checkpoint_every_samples"):
+            raise bad("data.urls is empty: name the image shards to train on")
+        for key in ("batch_per_rank", "total_samples", "log_every_samples", "checkpoint_every_samples",
+                    "codebook_window_batches", "scaling_samples"):
             if getattr(self, key) <= 0:
-                raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+                raise bad(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("grad_clip", "kl_weight", "lpips_weight", "disc_start_samples", "disc_weight", "codebook_weight",
+                    "vq_beta", "stop_after_samples", "codebook_size", "codebook_restart_batches"):
+            if getattr(self, key) < 0:
+                raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.objective not in OBJECTIVES:
+            raise bad(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if (self.objective == "vq_gan") != is_vq_preset(self.preset):
+            want = "a vq_* preset (VQModel)" if self.objective == "vq_gan" else "an AutoencoderKL preset (not vq_*)"
+            raise bad(f"objective={self.objective} needs {want}; preset is {self.preset!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise bad(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise bad(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.objective != "kl_plain":
+            if self.lpips_net not in BACKBONE_FILES:
+                raise bad(f"lpips_net must be one of {', '.join(BACKBONE_FILES)}, got {self.lpips_net!r}")
+            if self.disc_norm not in NORMS:
+                raise bad(f"disc_norm must be one of {', '.join(NORMS)}, got {self.disc_norm!r}")
+            if self.disc_layers < 1 or patch_grid(self.data.resolution, self.disc_layers) < 1:
+                raise bad(f"disc_layers={self.disc_layers} leaves no patches at data.resolution="
+                          f"{self.data.resolution} (needs resolution >= {3 * 2 ** max(self.disc_layers, 1)})")
+
+    def steps(self, samples: int) -> int:
+        return max(1, samples // self.batch_per_rank)
 
 
 def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
@@ -65,39 +122,116 @@ def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pi
     return {"x": x}
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The latent draws of one step: a function of (seed, step), so a resumed run draws the same."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+
+
 @torch.no_grad()
-def measure_scaling_factor(model, batches, limit: int) -> float:
-    """1 / std of posterior samples, so that scaled latents have unit variance (LDM, sec. 4.3.2)."""
+def measure_scaling_factor(model, batches, limit: int, seed: int = 0) -> float:
+    """1 / std of the latents the cache will hold (posterior samples for AutoencoderKL, the
+    pre-quantisation latent for VQModel), so that scaled latents have unit variance (LDM, sec. 4.3.2)."""
+    device, gen = next(model.parameters()).device, torch.Generator().manual_seed(seed)
     zs, n = [], 0
-    for batch in batches:
-        zs.append(model.encode(batch["x"]).latent_dist.sample().flatten())
-        n += batch["x"].shape[0]
-        if n >= limit:
-            break
+    while n < limit:  # next(), not a for loop: iter() on the run's Loader would restart it
+        x = next(batches)["x"].to(device)
+        mean, std = encode_moments(model, x)
+        zs.append((mean + std * torch.randn(mean.shape, generator=gen).to(device)).flatten().float().cpu())
+        n += x.shape[0]
     return float(1.0 / torch.cat(zs).std())
 
 
+class WeightEMA:
+    """fp32 exponential moving average of every floating tensor of a model's state dict."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: state[k].float().clone() for k in self.shadow}
+
+
+def build_objective(cfg: AutoencoderJob, device) -> FirstStageLoss:
+    """The loss with its frozen LPIPS network and its discriminator (loaded first: a missing
+    LPIPS backbone stops the run before any data is read)."""
+    if cfg.objective == "kl_plain":
+        return FirstStageLoss("kl_plain", kl_weight=cfg.kl_weight)
+    lpips = load_lpips(cfg.lpips_net, cfg.lpips_weights).to(device)
+    disc = build_discriminator(cfg.disc_channels, cfg.disc_layers, cfg.disc_norm, seed=cfg.seed + 1).to(device)
+    return FirstStageLoss(cfg.objective, lpips=lpips, discriminator=disc, kl_weight=cfg.kl_weight,
+                          lpips_weight=cfg.lpips_weight, disc_weight=cfg.disc_weight,
+                          disc_start_samples=cfg.disc_start_samples, codebook_weight=cfg.codebook_weight,
+                          vq_beta=cfg.vq_beta)
+
+
+def _clip_step(params, opt, grad_clip: float) -> None:
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def train_autoencoder(cfg: AutoencoderJob) -> str:
-    """Train, checkpoint, resume, export. Returns the export folder."""
+    """Train, checkpoint, resume, export. Returns the export folder (the checkpoint when
+    `stop_after_samples` ended the invocation early)."""
     w = dist.world()
     if w.size > 1:
         raise RuntimeError("train_autoencoder runs as a single process for now; start it with plain python")
-    config_lib.save_resolved(cfg, cfg.run_dir)
+    config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"))
     torch.manual_seed(cfg.seed)
+    device = dist.device()
+    if cfg.precision == "bf16" and device.type != "cuda":
+        print("note: precision=bf16 applies on CUDA only; this CPU run is fp32")
+    autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+                if cfg.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext)
 
-    # --- model, optimizer, resume -------------------------------------------------------
-    model = build_autoencoder(cfg.preset, cfg.latent_channels, seed=cfg.seed)
+    # --- models, optimizers, resume -------------------------------------------------------
+    model = build_autoencoder(cfg.preset, cfg.latent_channels, seed=cfg.seed, num_vq_embeddings=cfg.codebook_size)
+    if cfg.data.resolution % downsample_factor(model):
+        raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of preset "
+                                     f"{cfg.preset}'s downsampling factor {downsample_factor(model)}")
+    model.to(device)
+    objective = build_objective(cfg, device)
+    disc = objective.discriminator
+    # Adam with beta1 = 0.5, as in taming: GAN training is unstable with a long momentum.
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    usage = (CodebookUsage(model.config.num_vq_embeddings, cfg.codebook_window_batches)
+             if cfg.objective == "vq_gan" else None)
     step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
     if resume:
         model.load_state_dict(load_file(os.path.join(resume, "model.safetensors")))
         state = torch.load(os.path.join(resume, "optimizer.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
+        for name, part in (("discriminator", disc), ("ema", ema)):
+            if part is not None:
+                path = os.path.join(resume, f"{name}.safetensors")
+                if not os.path.exists(path):
+                    raise checkpoint.CheckpointError(f"checkpoint {resume} has no {name}.safetensors")
+                part.load_state_dict(load_file(path, device=str(device)))
+        if disc_opt is not None:
+            disc_opt.load_state_dict(state["disc_optimizer"])
+        if usage is not None:
+            usage.load_state_dict(state["codebook_usage"])
         step, loader_state = state["step"], state["loader"]
         print(f"resuming from {resume} (step {step})")
     total_steps = cfg.total_samples // cfg.batch_per_rank
-    log_every = max(1, cfg.log_every_samples // cfg.batch_per_rank)
-    ckpt_every = max(1, cfg.checkpoint_every_samples // cfg.batch_per_rank)
+    last_step = total_steps
+    if cfg.stop_after_samples > 0:
+        last_step = min(total_steps, step + math.ceil(cfg.stop_after_samples / cfg.batch_per_rank))
+    log_every, ckpt_every = cfg.steps(cfg.log_every_samples), cfg.steps(cfg.checkpoint_every_samples)
 
     # --- data -----------------------------------------------------------------------------
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
@@ -106,55 +240,95 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     batches = iter(loader)
     runlog = RunLog(cfg.run_dir, True, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
                     config=config_lib.to_dict(cfg))
+    if step == 0 and objective.lpips is not None and objective.lpips.random_backbone:
+        runlog.log(0, samples=0, note=RANDOM_NOTICE)
+
+    def save_checkpoint() -> str:
+        # Weights as safetensors; optimizer tensors are read back with weights_only=True.
+        path = os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.tag_for(step))
+        os.makedirs(path, exist_ok=True)
+        save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
+        if disc is not None:
+            save_file(disc.state_dict(), os.path.join(path, "discriminator.safetensors"))
+        if ema is not None:
+            save_file(ema.state_dict(), os.path.join(path, "ema.safetensors"))
+        state = {"optimizer": opt.state_dict(), "step": step, "loader": loader.state_dict()}
+        if disc_opt is not None:
+            state["disc_optimizer"] = disc_opt.state_dict()
+        if usage is not None:
+            state["codebook_usage"] = usage.state_dict()
+        torch.save(state, os.path.join(path, "optimizer.pt"))
+        checkpoint.mark_complete(path, {"step": step, "samples": step * cfg.batch_per_rank})
+        checkpoint.prune(cfg.run_dir, keep_last=2)
+        return path
 
     # --- training loop --------------------------------------------------------------------
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="autoencoder", unit="step")
+    if disc is not None:
+        disc.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"autoencoder ({cfg.objective})", unit="step")
     t0, done_since = time.time(), 0
-    while step < total_steps:
-        x = next(batches)["x"]
-        lr = lr_at(step * cfg.batch_per_rank, cfg.lr, cfg.warmup_samples, cfg.total_samples)
+    while step < last_step:
+        x = next(batches)["x"].to(device)
+        seen = step * cfg.batch_per_rank
+        lr = lr_at(seen, cfg.lr, cfg.warmup_samples, cfg.total_samples)
         for g in opt.param_groups:
             g["lr"] = lr
-        posterior = model.encode(x).latent_dist
-        recon = model.decode(posterior.sample()).sample
-        rec_loss = torch.nn.functional.mse_loss(recon, x)
-        kl = posterior.kl().mean() / x[0].numel()  # per pixel, comparable to the MSE term
-        loss = rec_loss + cfg.kl_weight * kl
+        with autocast():
+            loss, recon, logs = objective.generator_loss(model, x, seen, step_generator(cfg.seed, step))
+        if not torch.isfinite(loss):
+            raise config_lib.TrainingError(f"autoencoder loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _clip_step(model.parameters(), opt, cfg.grad_clip)
+        if ema is not None:
+            ema.update(model)
+        if objective.gan_active(seen):
+            with autocast():
+                d_loss, d_logs = objective.discriminator_loss(x, recon)
+            if not torch.isfinite(d_loss):
+                raise config_lib.TrainingError(f"discriminator loss is {d_loss.item()} at step {step}; "
+                                               f"lower disc_lr (now {cfg.disc_lr})")
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            _clip_step(disc.parameters(), disc_opt, cfg.grad_clip)
+            logs.update(d_logs)
+        if usage is not None:
+            usage.update(objective.last_indices)
+            if cfg.codebook_restart_batches and (step + 1) % cfg.codebook_restart_batches == 0:
+                usage.restarted += restart_dead_codes(model.quantize.embedding, objective.last_latents, usage.dead(),
+                                                      step_generator(cfg.seed + 1, step), opt)
         step, done_since = step + 1, done_since + 1
         bar.update(1)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"autoencoder loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
 
         if step % log_every == 0 or step == total_steps:
             rate = done_since * cfg.batch_per_rank / (time.time() - t0)
-            runlog.log(step, samples=step * cfg.batch_per_rank, loss=loss.item(), mse=rec_loss.item(),
-                       kl=kl.item(), lr=lr, images_per_s=rate)
-            bar.set_postfix(mse=f"{rec_loss.item():.4f}", img_s=f"{rate:.0f}")
+            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            values.update(usage.stats() if usage is not None else {})
+            runlog.log(step, samples=step * cfg.batch_per_rank, loss=loss.item(), **values, lr=lr,
+                       disc_active=objective.gan_active(seen), images_per_s=rate)
+            rec_key = "mse" if cfg.objective == "kl_plain" else "l1"
+            bar.set_postfix({rec_key: f"{values[rec_key]:.4f}", "img_s": f"{rate:.0f}"})
             t0, done_since = time.time(), 0
-        if step % ckpt_every == 0 or step == total_steps:
-            # Weights as safetensors; optimizer tensors are read back with weights_only=True.
-            path = os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.tag_for(step))
-            os.makedirs(path, exist_ok=True)
-            save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "step": step, "loader": loader.state_dict()},
-                       os.path.join(path, "optimizer.pt"))
-            checkpoint.mark_complete(path, {"step": step, "samples": step * cfg.batch_per_rank})
-            checkpoint.prune(cfg.run_dir, keep_last=2)
+        if step % ckpt_every == 0 or step == last_step:
+            path = save_checkpoint()
     bar.close()
     runlog.close()
+    if step < total_steps:
+        print(f"stopped after stop_after_samples={cfg.stop_after_samples} at step {step} of {total_steps}; "
+              "rerun the same command to continue")
+        return path
 
-    # --- export -----------------------------------------------------------------------------
+    # --- export: the autoencoder alone (EMA weights when kept) -----------------------------
     model.eval()
-    scaling = measure_scaling_factor(model, batches, cfg.scaling_samples)
+    if ema is not None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+    scaling = measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
     model.register_to_config(scaling_factor=scaling)
     export = os.path.join(cfg.run_dir, "export")
     model.save_pretrained(export, safe_serialization=True)
+    keys = ("mse",) if cfg.objective == "kl_plain" else ("l1", "lpips")
     plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
-              keys=("mse",), title="autoencoder reconstruction MSE")
+              keys=keys, title=f"autoencoder ({cfg.objective}) reconstruction loss")
     print(f"autoencoder exported to {export} (scaling_factor {scaling:.4f})")
     return export

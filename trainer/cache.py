@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample
 from data_pipeline.shards import ShardWriter
-from models.autoencoder import autoencoder_identity, downsample_factor, load_autoencoder
+from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.text_encoder import load_text_encoder
 
 from . import config as config_lib
@@ -39,7 +39,7 @@ class CacheJob:
     data: ImageData = dataclasses.field(default_factory=ImageData)  # image shards in (resolution: crop size)
     out_url: str = ""  # where latent shards and manifest.json go (local path or s3://...)
     out_endpoint_url: str | None = None  # S3-compatible endpoint for out_url; default AWS_ENDPOINT_URL
-    vae: str = ""  # diffusers AutoencoderKL folder, hub id, or preset:NAME (random, tests only)
+    vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, or preset:NAME (random, tests only)
     text_encoder: str = "tiny"  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k)
     text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer
     batch_size: int = 64  # images per encoder call
@@ -209,7 +209,7 @@ def cache_latents(cfg: CacheJob) -> str:
             "resolution": cfg.data.resolution,
             "crop": "resize to cover, centre crop",
             "flip": cfg.flip,
-            "latent_shape": [vae.config.latent_channels, size, size],
+            "latent_shape": [latent_channels(vae), size, size],
             "moments_dtype": "float16",
             "text_emb_shape": [text_encoder.context_length, text_encoder.width],
             "text_emb_dtype": "float16",

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.images import image_and_caption, original_crop_box
 from data_pipeline.shards import iter_samples
 from data_pipeline.storage import DataError
+from models.autoencoder import encode_moments
 
 
 def _keep(item):
@@ -76,8 +77,9 @@ class LatentEncoder:
         self.rescued = 0
 
     def _moments(self, vae, x: torch.Tensor):
-        posterior = vae.encode(x.to(vae.device, next(vae.parameters()).dtype)).latent_dist
-        return posterior.mean.float(), posterior.std.float()
+        # AutoencoderKL: posterior mean/std; VQModel: pre-quantisation latent, std 0.
+        mean, std = encode_moments(vae, x.to(vae.device, next(vae.parameters()).dtype))
+        return mean.float(), std.float()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
