@@ -26,6 +26,9 @@ data and resuming stays exact.
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import threading
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -227,6 +230,25 @@ class ShardBatches(IterableDataset):
                 yield self._collate(epoch, raw)
 
 
+def _sigterm_from_parent_only(worker_id: int) -> None:
+    """A worker ends on SIGTERM from its parent (the loader shutting down; torch's own handler
+    does the same) and leaves any other SIGTERM to the parent. SLURM sends SIGTERM to every
+    process of a job at once, and the training process may then stop at the next step with a
+    checkpoint, which it cannot once its workers died (torch raises "DataLoader worker is
+    killed by signal"). A worker still ends with its loader, with its parent, or on SIGKILL."""
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: keep torch's behaviour
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait() -> None:  # sigwaitinfo, unlike a handler, tells who sent it
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm", daemon=True).start()
+
+
 class Loader:
     """The DataLoader of a rank, with `state_dict()` / `load_state_dict()` for checkpoints.
 
@@ -256,7 +278,8 @@ class Loader:
     def __iter__(self):
         n = self.dataset.loader_workers
         self._iter = iter(DataLoader(self.dataset, batch_size=None, num_workers=n, in_order=True,
-                                     prefetch_factor=self.prefetch_factor if n > 0 else None))
+                                     prefetch_factor=self.prefetch_factor if n > 0 else None,
+                                     worker_init_fn=_sigterm_from_parent_only if n > 0 else None))
         return self
 
     def __next__(self) -> dict:

@@ -31,7 +31,7 @@ from models.perceptual import BACKBONE_FILES, RANDOM_NOTICE, load_lpips
 
 from . import checkpoint
 from . import config as config_lib
-from . import dist
+from . import dist, slurm
 from .ae_losses import OBJECTIVES, CodebookUsage, FirstStageLoss, restart_dead_codes
 from .data import ImageData, build_loader
 from .metrics import RunLog, plot_loss
@@ -185,6 +185,7 @@ def _clip_step(params, opt, grad_clip: float) -> None:
 def train_autoencoder(cfg: AutoencoderJob) -> str:
     """Train, checkpoint, resume, export. Returns the export folder (the checkpoint when
     `stop_after_samples` ended the invocation early)."""
+    preemption = slurm.Preemption()  # before the DataLoader forks: its workers inherit the handler
     w = dist.world()
     if w.size > 1:
         raise RuntimeError("train_autoencoder runs as a single process for now; start it with plain python")
@@ -300,6 +301,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
                                                       step_generator(cfg.seed + 1, step), opt)
         step, done_since = step + 1, done_since + 1
         bar.update(1)
+        if step < last_step and preemption.requested():  # SLURM's warning signal or SIGTERM: checkpoint now
+            last_step = step
 
         if step % log_every == 0 or step == total_steps:
             rate = done_since * cfg.batch_per_rank / (time.time() - t0)
@@ -314,6 +317,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
             path = save_checkpoint()
     bar.close()
     runlog.close()
+    if preemption.finish(path):  # stopped by a signal: requeue after SLURM's warning
+        return path
     if step < total_steps:
         print(f"stopped after stop_after_samples={cfg.stop_after_samples} at step {step} of {total_steps}; "
               "rerun the same command to continue")

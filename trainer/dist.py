@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import os
+import re
 import socket
 
 import torch
@@ -46,6 +48,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list as host names: `gpu[01-03,07],login1` ->
+    gpu01 gpu02 gpu03 gpu07 login1 (zero padding kept; several bracket groups in one name
+    give their product), the order of `scontrol show hostnames`."""
+    hosts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            name = nodelist[start:i].strip()
+            start = i + 1
+            if not name:
+                continue
+            parts = re.split(r"\[([^\]]*)\]", name)  # text, ranges, text, ranges, ..., text
+            choices = []
+            for k, part in enumerate(parts):
+                if k % 2 == 0:
+                    choices.append([part])
+                    continue
+                options = []
+                for item in part.split(","):
+                    lo, _, hi = item.partition("-")
+                    if not lo.isdigit() or (hi and not hi.isdigit()):
+                        raise ValueError(f"cannot read host range [{part}] in SLURM node list {nodelist!r}")
+                    options += [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1)]
+                choices.append(options)
+            hosts += ["".join(c) for c in itertools.product(*choices)]
+    return hosts
+
+
+def slurm_job_id() -> str | None:
+    """The SLURM job this process belongs to (an array task's own id), or None outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_rendezvous() -> tuple[str, int] | None:
+    """(MASTER_ADDR, MASTER_PORT) for ranks started by `srun`, or None when not under srun.
+
+    The address is the first host of the job's node list, where srun puts task 0. The port
+    is derived from the job id, so every task of a job computes the same one without talking
+    to the others, and two jobs sharing a node (or an array's tasks) use different ones; it
+    stays below Linux's ephemeral range (32768-60999) that outgoing connections draw from.
+    """
+    env = os.environ
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return None
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist or not env.get("SLURM_JOB_ID"):
+        raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST or SLURM_JOB_ID is not: "
+                           "start the ranks with srun")
+    return expand_nodelist(nodelist)[0], 20000 + int(env["SLURM_JOB_ID"]) % 10000
+
+
 def init(timeout_s: int = 600) -> World:
     """Join the job's process group (gloo on CPU, nccl on GPU); a no-op when already joined.
 
@@ -63,14 +117,27 @@ def init(timeout_s: int = 600) -> World:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
     elif "MASTER_ADDR" not in env:
-        raise RuntimeError(
-            "MASTER_ADDR is not set: start multi-process jobs with torchrun, deepspeed or srun"
-        )
+        rendezvous = slurm_rendezvous()  # torchrun and deepspeed set MASTER_ADDR themselves
+        if rendezvous is None:
+            raise RuntimeError(
+                "MASTER_ADDR is not set: start multi-process jobs with torchrun, deepspeed or srun"
+            )
+        env["MASTER_ADDR"] = rendezvous[0]
+        env.setdefault("MASTER_PORT", str(rendezvous[1]))
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # A bounded timeout turns a dead peer into an error instead of a hang.
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # A bounded timeout turns a dead or hung peer into an error instead of a hang (for NCCL,
+    # torch's watchdog then ends the process: TORCH_NCCL_ASYNC_ERROR_HANDLING's default).
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Groups made later without a timeout (DeepSpeed's data-parallel group, which carries the
+    # gradient all-reduce) get torch's global default, 30 min for gloo and 10 for NCCL, not
+    # this group's: give them the same one.
+    c10d = dist.distributed_c10d
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if hasattr(c10d, name):
+            setattr(c10d, name, timeout)
+    dist.init_process_group(backend, timeout=timeout)
     return w
 
 
@@ -85,6 +152,14 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def all_reduce_max(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def all_gather_objects(obj):

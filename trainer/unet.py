@@ -24,7 +24,7 @@ from models.unet import build_unet
 
 from . import checkpoint
 from . import config as config_lib
-from . import dist
+from . import dist, slurm
 from .data import CacheExpect, ShardData, build_loader, check_manifest
 from .ema import EMA, EMA_DIR
 from .engine import (build_engine, deepspeed_config, drop_nonfinite_grads, resolve_precision, set_lr,
@@ -71,6 +71,7 @@ class UNetJob:
     log_every_samples: int = 1_280  # JSONL/wandb logging interval
     checkpoint_every_samples: int = 20_000  # resumable checkpoint interval
     keep_last: int = 2  # complete checkpoints kept
+    dist_timeout_s: int = 600  # a collective waiting this long for a rank fails the job (dead or hung rank)
     checkpoint_url: str = ""  # where checkpoints go: a path or fsspec URL (s3://bucket/run); "": run_dir/checkpoints
     checkpoint_endpoint_url: str | None = None  # S3-compatible endpoint for checkpoint_url; default AWS_ENDPOINT_URL
     elastic_resume: bool = False  # allow resuming at another world size (DeepSpeed universal checkpoint);
@@ -93,7 +94,7 @@ class UNetJob:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise config_lib.ConfigError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
         for key in ("batch_per_rank", "grad_accum", "total_samples", "log_every_samples", "checkpoint_every_samples",
-                    "max_nonfinite_steps", "validation_steps"):
+                    "max_nonfinite_steps", "validation_steps", "dist_timeout_s"):
             if getattr(self, key) <= 0:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.zero_terminal_snr and self.prediction_type != "v_prediction":
@@ -178,13 +179,15 @@ def load_cache_text_encoder(manifest: dict):
 
 def train_unet(cfg: UNetJob) -> str:
     # --- distributed set-up and the derived plan ---------------------------------------------
-    w = dist.init()
+    preemption = slurm.Preemption()  # first: DataLoader workers forked later inherit its signal handler
+    w = dist.init(cfg.dist_timeout_s)
     plan = make_plan(cfg, w.size)
     if w.is_main:
         # These keys do not change what is trained, so a resumed run may set them differently.
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
             "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
-            "validation_prompts", "validation_steps", "max_nonfinite_steps", "compile", "elastic_resume"))
+            "validation_prompts", "validation_steps", "max_nonfinite_steps", "compile", "elastic_resume",
+            "dist_timeout_s"))
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -327,6 +330,9 @@ def train_unet(cfg: UNetJob) -> str:
         if applied and ema is not None:
             ema.update(step * plan.global_batch, plan.global_batch)
 
+        if step < last_step and preemption.requested():  # SIGUSR1/SIGTERM on any rank: every rank stops here,
+            last_step = step  # logs and checkpoints as at the end of an invocation, then leaves the loop
+
         # --- logs, validation grids, checkpoints ------------------------------------------------------------
         give_up = streak >= cfg.max_nonfinite_steps
         if step % plan.log_every_steps == 0 or step == last_step or give_up:
@@ -362,4 +368,5 @@ def train_unet(cfg: UNetJob) -> str:
                         title=f"UNet {cfg.model}, {cfg.prediction_type} loss")
         print(f"final checkpoint: {final}\nloss curve: {png}")
     dist.barrier()
+    preemption.finish(final)  # stopped by SLURM's warning signal: rank 0 requeues the job
     return final

@@ -1,0 +1,307 @@
+"""SLURM: the sbatch scripts of `launch/submit.py`, and preemption inside a running job.
+
+Submission. Each job becomes one batch script, written beside its outputs and submitted
+with `sbatch`; requeued, the same script starts again and the job resumes:
+
+- unet: `srun` starts one task per GPU (or per `--tasks-per-node` CPU rank); each task is a
+  rank whose place and rendezvous `trainer.dist` reads from SLURM's environment. Or, with
+  `launcher="deepspeed"`, srun starts DeepSpeed's own launcher once per node (`--no_ssh`,
+  `--node_rank $SLURM_NODEID`) with a hostfile built from the allocation.
+- cache: a job array; task i of K encodes the input shards [i*N/K, (i+1)*N/K) of the N
+  sorted ones (`shard_slice`), split further between the task's ranks; the task that
+  completes the last shard writes the manifest (see trainer/cache.py).
+- autoencoder: one task (its trainer runs as one process for now); preempted like unet.
+
+Preemption. `--signal=USR1@SECONDS` makes SLURM send SIGUSR1 to every process of the job's
+steps (not to the batch shell: that is `B:`) that long before the time limit; SIGTERM comes
+at the limit itself, on scancel and on preemption. `Preemption` turns either into a flag;
+once per step the ranks agree on it (one all-reduce), all write a checkpoint and the
+processes exit 0. After SIGUSR1 rank 0 first asks SLURM to requeue the job, and the
+requeued job starts the same script, which resumes from that checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+from . import config as config_lib
+from . import dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: launch/ is here
+JOBS = {"unet": "train_unet.py", "cache": "cache_latents.py", "autoencoder": "train_autoencoder.py"}
+LAUNCHERS = ("srun", "deepspeed")
+
+
+# --- preemption inside the job --------------------------------------------------------------------
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (the limit itself, scancel,
+    preemption) sets a flag instead of ending the process; `requested()` agrees on it across
+    ranks, the run stops with a checkpoint, and `finish()` requeues the job after a warning.
+
+    Only a warning requeues: SIGTERM means SLURM is ending the job itself, and requeueing then
+    would undo a user's scancel (`scontrol requeue` accepts a job being cancelled); a job
+    preempted with PreemptMode=REQUEUE is requeued by SLURM anyway.
+
+    Create it before the DataLoader forks its workers: they inherit the handler. SLURM signals
+    every process of a step, workers included, and SIGUSR1's default action would kill them
+    (their SIGTERM is data_pipeline.loader's business).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    WARNED, ENDING = 1, 2  # agreed across ranks with MAX: one SIGTERM anywhere means no requeue
+
+    def __init__(self):
+        self.received: str | None = None  # the first signal's name
+        self.code = 0  # 0, WARNED or ENDING on this rank
+        self.agreed = 0  # the same across ranks once requested() said yes: this invocation stops early
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        self.code = max(self.code, self.ENDING if signum == signal.SIGTERM else self.WARNED)
+
+    def requested(self) -> bool:
+        """Collective: True on every rank when any rank received a signal. Every rank must
+        call it at the same point of the loop: a rank that stopped alone would leave the
+        others waiting in the next collective, and the checkpoint is a collective save."""
+        self.agreed = int(dist.all_reduce_max(float(self.code)))
+        return self.agreed > 0
+
+    def finish(self, checkpoint_path: str | None) -> bool:
+        """After the run stopped early for a signal: after a warning rank 0 requeues the SLURM
+        job (SLURM then ends this one; the requeued job resumes from `checkpoint_path`).
+        Returns whether it stopped early."""
+        if not self.agreed:
+            return False
+        if dist.world().is_main:
+            # Printed before the requeue: SLURM ends the job right after it.
+            print(f"stopped early on {self.received or 'a signal to another rank'}; checkpoint {checkpoint_path}",
+                  flush=True)
+            print(requeue() if self.agreed == self.WARNED else
+                  "not requeued after SIGTERM (SLURM is ending the job); rerun or resubmit to resume", flush=True)
+        return True
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+def requeue() -> str:
+    """Ask SLURM to requeue this job; returns what happened, as a clause for the log.
+
+    SLURM then terminates the running job (SIGTERM, which `Preemption` absorbs, then SIGKILL
+    after KillWait), keeps its id and starts its batch script again once it is eligible
+    (after the credential lifetime, 120 s by default). Jobs submitted with --no-requeue and
+    interactive allocations cannot be requeued; they end here and resume when rerun."""
+    job = dist.slurm_job_id()
+    if job is None:
+        return "not a SLURM job: rerun the same command to resume"
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job} failed ({e}); resubmit the job to resume"
+    # scontrol runs inside this job's step: SLURM ending the step for the requeue may kill it
+    # (SIGTERM) before it exits, which also means the requeue was accepted.
+    if proc.returncode not in (0, -signal.SIGTERM):
+        why = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"scontrol requeue {job} failed ({why[-1] if why else proc.returncode}); resubmit the job to resume"
+    return f"requeued SLURM job {job}: it resumes from there when it starts again"
+
+
+# --- submission -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Resources:
+    """What one submission asks SLURM for; the options of launch/submit.py."""
+    nodes: int = 1  # nodes to allocate
+    gpus_per_node: int = 0  # GPUs per node, one task (rank) each; 0: CPU-only tasks
+    tasks_per_node: int = 0  # ranks per node; 0: gpus_per_node (1 without GPUs); with GPUs it must equal them
+    cpus_per_task: int = 0  # cores per rank (its DataLoader workers included); 0: the cluster's default
+    partition: str = ""  # -p; "": the default partition
+    time: str = ""  # time limit (e.g. 2-00:00:00); "": the partition's default
+    account: str = ""  # -A; "": the user's default account
+    signal_s: int = 120  # SIGUSR1 this many seconds before the time limit (unet, autoencoder: checkpoint and requeue)
+    launcher: str = "srun"  # unet: srun (a task per rank) | deepspeed (DeepSpeed's launcher per node, hostfile)
+    array_tasks: int = 0  # cache: job-array tasks, each a slice of the input shards; 0: min(shards, 64)
+    log_dir: str = ""  # where the script and logs go; "": the run directory (unet, autoencoder), OUT_URL.slurm (cache)
+    sbatch: list[str] = dataclasses.field(default_factory=list)  # more sbatch options, verbatim (--qos=high)
+
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    def validate(self, job: str) -> None:
+        if job not in JOBS:
+            raise config_lib.ConfigError(f"--job must be one of {', '.join(JOBS)}, got {job!r}")
+        if self.nodes < 1 or min(self.gpus_per_node, self.tasks_per_node, self.cpus_per_task, self.array_tasks) < 0:
+            raise config_lib.ConfigError("--nodes must be positive; --gpus-per-node, --tasks-per-node, "
+                                         "--cpus-per-task and --array-tasks must be >= 0")
+        if self.gpus_per_node and self.tasks_per_node not in (0, self.gpus_per_node):
+            raise config_lib.ConfigError(f"--tasks-per-node={self.tasks_per_node} with --gpus-per-node="
+                                         f"{self.gpus_per_node}: one task per GPU (leave --tasks-per-node out)")
+        if self.launcher not in LAUNCHERS:
+            raise config_lib.ConfigError(f"--launcher must be srun or deepspeed, got {self.launcher!r}")
+        if self.launcher != "srun" and job != "unet":
+            raise config_lib.ConfigError(f"--launcher={self.launcher} is for the unet job; {job} runs under srun")
+        if self.array_tasks and job != "cache":
+            raise config_lib.ConfigError("--array-tasks is for the cache job")
+        if job == "autoencoder" and self.nodes * self.ranks_per_node() > 1:
+            raise config_lib.ConfigError("the autoencoder trainer runs as one process for now: "
+                                         "use --nodes 1 and at most one GPU or task per node")
+        if not 0 <= self.signal_s <= 65535:
+            raise config_lib.ConfigError(f"--signal-seconds must be in 0..65535, got {self.signal_s}")
+
+
+def job_class(job: str):
+    """The config dataclass of a job (imported on demand: each pulls in its models)."""
+    if job == "unet":
+        from .unet import UNetJob
+        return UNetJob
+    if job == "cache":
+        from .cache import CacheJob
+        return CacheJob
+    from .autoencoder import AutoencoderJob
+    return AutoencoderJob
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def log_dir(job: str, cfg, res: Resources) -> str:
+    """Where the script and SLURM's output files go: beside what the job writes."""
+    if res.log_dir:
+        return os.path.abspath(res.log_dir)
+    if job == "cache":
+        # Not inside the cache: its folder holds exactly what a run without SLURM writes.
+        if _is_url(cfg.out_url):
+            raise config_lib.ConfigError(f"out_url={cfg.out_url} is not a local folder: name one for the script and "
+                                         "logs with --log-dir")
+        return os.path.abspath(cfg.out_url.removeprefix("file://").rstrip("/") + ".slurm")
+    if _is_url(cfg.run_dir):
+        raise config_lib.ConfigError(f"run_dir={cfg.run_dir} is not a local folder: name one with --log-dir")
+    return os.path.abspath(cfg.run_dir)
+
+
+def _count_shards(cfg) -> int:
+    from data_pipeline import storage
+
+    cfg.data.configure_storage()
+    return len(storage.expand_shards(cfg.data.urls, cfg.data.endpoint_url))
+
+
+def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resources, cfg, *,
+                  num_shards: int | None = None, python: str = sys.executable) -> str:
+    """The batch script of one submission. `cfg` is the resolved config (for names and folders);
+    the job itself is started with the same --config and overrides, resolved again on the node."""
+    res.validate(job)
+    out = log_dir(job, cfg, res)
+    per_node = res.ranks_per_node()
+    name = os.path.basename(os.path.normpath(cfg.out_url if job == "cache" else cfg.run_dir))
+    opts = [f"--job-name=ldm-{job}-{name}", f"--nodes={res.nodes}", f"--ntasks-per-node={per_node}"]
+    if res.gpus_per_node:
+        opts.append(f"--gpus-per-node={res.gpus_per_node}")
+    if res.cpus_per_task:
+        opts.append(f"--cpus-per-task={res.cpus_per_task}")
+    opts += [f"--{key}={getattr(res, key)}" for key in ("partition", "time", "account") if getattr(res, key)]
+
+    preamble, cmd_extra = [], []
+    if job == "cache":
+        if cfg.shard_slice:
+            raise config_lib.ConfigError(f"shard_slice={cfg.shard_slice}: the job array sets it; leave it out of "
+                                         "the config and the overrides")
+        n = num_shards if num_shards is not None else _count_shards(cfg)
+        if n == 0:
+            raise config_lib.ConfigError(f"data.urls={cfg.data.urls} names no shards")
+        k = min(res.array_tasks or 64, n)
+        opts.append(f"--array=0-{k - 1}")
+        preamble += [
+            f"# Array task i of {k} encodes input shards [i*{n}/{k}, (i+1)*{n}/{k}) of the {n} sorted ones (counted",
+            "# at submission); its ranks split that slice. The task that completes the last shard writes the",
+            "# manifest. A rerun (or a requeue) skips shards that are done.",
+            f"START=$(( SLURM_ARRAY_TASK_ID * {n} / {k} ))",
+            f"STOP=$(( (SLURM_ARRAY_TASK_ID + 1) * {n} / {k} ))",
+        ]
+        cmd_extra = ["shard_slice=$START:$STOP"]
+        output = os.path.join(out, "cache-%A_%a.out")
+    else:
+        output = os.path.join(out, "slurm-%j.out")
+    if job != "cache" and res.signal_s:
+        # Not "B:USR1": that reaches only the batch shell, which cannot pass it to srun's tasks.
+        opts.append(f"--signal=USR1@{res.signal_s}")
+    # Requeued (by the trainer on the warning signal, or by SLURM after a node failure or
+    # preemption) the job keeps its id and appends to its log instead of truncating it.
+    opts += ["--requeue", "--open-mode=append", f"--output={output}", f"--chdir={os.getcwd()}", *res.sbatch]
+
+    args = [shlex.quote(a) for a in (["--config", os.path.abspath(config)] if config else []) + overrides] + cmd_extra
+    script = os.path.join(ROOT, "launch", JOBS[job])
+    srun = ["srun", "--kill-on-bad-exit=1"]
+    if res.cpus_per_task:  # srun does not inherit sbatch's --cpus-per-task from SLURM 22.05 on
+        srun.append(f"--cpus-per-task={res.cpus_per_task}")
+    lines = ["#!/bin/bash",
+             f"# Written by launch/submit.py --job {job}; `sbatch {os.path.join(out, job + '.sbatch')}` "
+             "submits it again.",
+             *[f"#SBATCH {o}" for o in opts], "",
+             "set -u",
+             "export PYTHONUNBUFFERED=1",
+             'echo "$(date -Is) job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
+             *preamble]
+    if job == "unet" and res.launcher == "deepspeed":
+        deepspeed = os.path.join(os.path.dirname(python), "deepspeed")
+        lines += [
+            "# DeepSpeed's launcher once per node; it starts the node's ranks from a hostfile of the allocation.",
+            f"export LDM_HOSTFILE={shlex.quote(out)}/hostfile-$SLURM_JOB_ID",
+            f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed \'s/$/ slots={per_node}/\' > "$LDM_HOSTFILE"',
+            'export LDM_HEAD=$(head -n 1 "$LDM_HOSTFILE" | cut -d" " -f1)',
+            "export LDM_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))  # as trainer/dist.py derives it under srun",
+            "# The launcher ignores SIGUSR1 (its default action would kill it); the ranks catch it themselves.",
+        ]
+        inner = (f'trap "" USR1; exec {shlex.quote(deepspeed)} --hostfile "$LDM_HOSTFILE" --no_ssh '
+                 f'--node_rank "$SLURM_NODEID" --master_addr "$LDM_HEAD" --master_port "$LDM_PORT" '
+                 f"{shlex.quote(script)} {' '.join(args)}")
+        # One launcher task per node holding all of the node's share of the job: its CPUs and GPUs.
+        step = ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", f"--ntasks={res.nodes}",
+                f"--cpus-per-task={per_node * (res.cpus_per_task or 1)}"]
+        if res.gpus_per_node:
+            step.append(f"--gpus-per-node={res.gpus_per_node}")
+        lines.append(f"{' '.join(step)} bash -c {shlex.quote(inner)}")
+    else:
+        lines += ["# One task per rank; trainer/dist.py reads its rank and the rendezvous from SLURM's environment.",
+                  "# --kill-on-bad-exit: a rank that fails ends the step at once; the others do not wait for it.",
+                  f"{' '.join(srun)} {shlex.quote(python)} {shlex.quote(script)} {' '.join(args)}"]
+    return "\n".join(lines) + "\n"
+
+
+def submit(job: str, config: str | None, overrides: list[str], res: Resources,
+           dry_run: bool = False) -> tuple[str | None, str]:
+    """Write the script into its folder and `sbatch` it: (job id, script path); (None, the script) for dry runs."""
+    res.validate(job)
+    cfg = config_lib.load_config(job_class(job), config, overrides)
+    text = sbatch_script(job, config, overrides, res, cfg)
+    if dry_run:
+        return None, text
+    out = log_dir(job, cfg, res)
+    os.makedirs(out, exist_ok=True)  # SLURM does not create the folder of --output
+    path = os.path.join(out, f"{job}.sbatch")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    try:
+        proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True, timeout=120)
+    except OSError as e:
+        raise config_lib.ConfigError(f"cannot run sbatch ({e.strerror}); the script is {path}") from None
+    # scontrol runs inside this job's step: SLURM ending the step for the requeue may kill it
+    # (SIGTERM) before it exits, which also means the requeue was accepted.
+    if proc.returncode not in (0, -signal.SIGTERM):
+        why = (proc.stderr or proc.stdout).strip().splitlines()
+        raise config_lib.ConfigError(f"sbatch {path} failed: {why[-1] if why else proc.returncode}")
+    return proc.stdout.strip().split(";")[0], path
