@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The benchmarks (benchmarks/run_all.py; not part of test): about 10 minutes on a quiet 2-core CPU,
+# writes benchmarks/RESULTS.md, each benchmark's JSON and report in runs/bench/.
+bench: venv
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) runs

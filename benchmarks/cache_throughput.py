@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/cache_throughput.py
     .venv/bin/python benchmarks/cache_throughput.py --vae demo --resolution 64 --num 512
     .venv/bin/python benchmarks/cache_throughput.py --vae /models/sd-vae-ft-mse --resolution 256 --num 256
+    .venv/bin/python benchmarks/cache_throughput.py --num 1024 --repeats 3 --json runs/bench/precompute.json
 
 What is measured
 ----------------
@@ -85,7 +86,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
 
 import trainer.cache as cache_mod  # noqa: E402
 from data_pipeline import synthetic  # noqa: E402
@@ -340,6 +341,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="encoder dtype")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement, alternating")
     p.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default, all cores)")
+    p.add_argument("--json", default="", metavar="OUT", help="also write the figures to this JSON file")
     args = p.parse_args()
     if args.num < args.batch or args.repeats < 1 or args.workers < 0 or args.per_shard < 1:
         p.error("--num must be at least --batch, --repeats and --per-shard positive, --workers non-negative")
@@ -456,9 +458,12 @@ def main() -> None:
     print()
     # Each repeat's job run is divided by the bare runs next to it in time, and the median of
     # those paired ratios is the figure: drifts in machine speed over the run cancel out.
+    ratios = {}
     for name, ref in (("(b)", bare), ("(b')", bare_te)):
         per = [jr / r for jr, r in zip(job_rates, ref)]
         ratio = statistics.median(per)
+        ratios[name] = {**_stats(per), "per_repeat": per,
+                        "of_medians": rows[0][1]["median"] / statistics.median(ref)}
         verdict = "meets" if ratio >= TARGET else "MISSES"
         print(f"ratio job/{name}: {ratio:.2f}  {verdict} the >= {TARGET} target  (median of the per-repeat ratios "
               f"{', '.join(f'{v:.2f}' for v in per)}; ratio of the medians {rows[0][1]['median'] / statistics.median(ref):.2f})")
@@ -470,6 +475,7 @@ def main() -> None:
     print()
 
     # --- where the job's time goes ---------------------------------------------------------
+    breakdown = []
     if hooked:
         med = lambda key: statistics.median(j[key] for j in jobs)  # noqa: E731
         phase = med("phase_s")
@@ -495,6 +501,7 @@ def main() -> None:
                 print(f"  {label:<86}    n/a (trainer.cache.{name} not found)")
             else:
                 print(f"  {label:<86} {v:6.2f}s {v / phase * 100:5.1f}%")
+                breakdown.append({"part": label, "seconds": v, "share": v / phase})
         worker = statistics.median(j["cpu"].children for j in jobs)
         own = statistics.median(j["cpu"].own for j in jobs)
         first = [j.get("first_batch_s") for j in jobs if j.get("first_batch_s") is not None]
@@ -515,6 +522,18 @@ def main() -> None:
             [f"other processes used up to {max(others):.1f} of {avail} cores"] if others and max(others) > 0.5 else [])
         print(f"note: noisy figures ({'; '.join(why)}): take the absolute rates as rough; the per-repeat "
               "side-by-side ratios are the more robust figure")
+
+    if args.json:
+        write_json(args.json, {"benchmark": "cache_throughput", "date": started.isoformat(timespec="seconds"),
+                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "usable_cpus": avail, "device": str(device),
+                                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                               "settings": {**{k: v for k, v in vars(args).items()}, "dtype": str(dtype)},
+                               "rows": [{"label": label, "images_per_s": st} for label, st, _ in rows],
+                               "ratio_job_over_bare": ratios["(b)"], "ratio_job_over_bare_with_text": ratios["(b')"],
+                               "target": TARGET, "fixed_cost_s": fixed, "cache_kb_per_sample": sample_kb,
+                               "breakdown": breakdown, "noisy": bool(noisy or (others and max(others) > 0.5)),
+                               "other_cores_max": max(others) if others else None})
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

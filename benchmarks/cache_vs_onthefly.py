@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
@@ -42,7 +41,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
 
 from data_pipeline import synthetic  # noqa: E402
 from models.autoencoder import downsample_factor, load_autoencoder  # noqa: E402
@@ -231,17 +230,15 @@ def main() -> None:
               f"to {busy:.1f} cores): take absolute times as rough; the per-repeat ratios are the more robust figure")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "cache_vs_onthefly", "date": started.isoformat(timespec="seconds"),
-                       "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "device": where,
-                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-                       "settings": {**vars(args), "precision": precision, "latent_shape": [channels, size, size],
-                                    "context_shape": [ctx_len, ctx_dim]},
-                       "flops_per_image": dict(unet_train=unet_flops, vae_encode=vae_flops, text_encode=text_flops),
-                       "variants": figures, "peak_tflops": peak, "peak_memory_gb": mem,
-                       "ratio": dict(measured=measured, per_repeat=per_repeat, of_medians=of_medians,
-                                     of_minima=of_minima, cpu_time=cpu_ratio, flop_predicted=predicted)}, f, indent=2)
+        write_json(args.json, {"benchmark": "cache_vs_onthefly", "date": started.isoformat(timespec="seconds"),
+                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "device": where,
+                                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                               "settings": {**vars(args), "precision": precision, "latent_shape": [channels, size, size],
+                                            "context_shape": [ctx_len, ctx_dim]},
+                               "flops_per_image": dict(unet_train=unet_flops, vae_encode=vae_flops, text_encode=text_flops),
+                               "variants": figures, "peak_tflops": peak, "peak_memory_gb": mem,
+                               "ratio": dict(measured=measured, per_repeat=per_repeat, of_medians=of_medians,
+                                             of_minima=of_minima, cpu_time=cpu_ratio, flop_predicted=predicted)})
         print(f"figures written to {args.json}")
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: what machine this is, and how busy it was."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -27,3 +28,10 @@ def machine_busy_seconds() -> float | None:
         return (sum(v[:8]) - v[3] - v[4]) / TICK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def write_json(path: str, figures: dict) -> None:
+    """A benchmark's figures for `--json` (read by run_all.py), its folder created."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=2)

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/loader_throughput.py
     .venv/bin/python benchmarks/loader_throughput.py --images /data/twemoji64 --resolution 64
     .venv/bin/python benchmarks/loader_throughput.py --images 's3://bucket/laion/{000000..000099}.tar'
+    .venv/bin/python benchmarks/loader_throughput.py --workers 1 --latent-shape 4x8x8 --text-emb 32x64 \
+        --batch 64 --headroom demo --json runs/bench/loader.json      # item 2: loader headroom, demo UNet
 
 What is measured
 ----------------
@@ -56,6 +58,25 @@ than decoding images on the same machine, in the same run; it is the figure to q
 since absolute rates depend on the CPU and on what else runs. A spread above ~10%, a
 "cores" value well below 1.00 or an "other" value near the number of spare cores means
 the machine was busy and the absolute figures are noisy (the script says so). This is a benchmark, not a test: it asserts nothing.
+
+Loader headroom (--headroom PRESET)
+-----------------------------------
+After the loader rows, the same run times the training step that consumes these latents:
+the PRESET UNet (models.unet.build_unet on --latent-shape latents and --text-emb context)
+stepped as trainer/unet.py steps it, through trainer.engine's DeepSpeed engine (ZeRO-2, fp32,
+one rank, AdamW, clipping 1.0): z ~ N(mean, std^2) from fp16 moments, caption dropout 0.1,
+training_loss, engine.backward, engine.step, loss.item(), on a batch of --batch random fp16
+samples held in memory. The step runs with torch's default threads (all cores, what a training
+process gets; --step-threads sets another: `make bench` passes 1, since on a 2-core machine the
+worker has the other core, and two threads that share their cores with other processes slow down
+several-fold), timed over --repeats windows of at least --seconds after a warm-up. The headroom is
+
+    latent samples/s that one DataLoader worker delivers / samples/s the training step consumes
+
+(median over median), target >= 10: a rank then needs a tenth of a worker to stay fed, so
+the loader can absorb slower storage, bigger text embeddings or a faster step before the
+step waits for data. The range printed beside it pairs the slowest loader window with the
+fastest step window and the reverse.
 """
 from __future__ import annotations
 
@@ -76,7 +97,7 @@ if ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
 from safetensors.torch import save as st_save  # noqa: E402
 
 from data_pipeline import synthetic  # noqa: E402
@@ -198,6 +219,67 @@ def measure(urls: list[str], decode, batch: int, workers: int, counts: list[int]
             "other": max(other) if other else None, "warmup_s": warmup}
 
 
+HEADROOM_TARGET = 10.0
+
+
+def time_train_step(preset: str, latent_shape: tuple[int, ...], text_emb: tuple[int, ...], batch: int, *,
+                    seconds: float, repeats: int, warmup_steps: int = 2) -> dict:
+    """samples/s of trainer/unet.py's step for UNet `preset` on random fp16 cache samples in memory.
+
+    The step is the trainer's (latent draw, caption dropout, training_loss, DeepSpeed backward and
+    step), so the rate is what a training process asks of its loader, without the loader's own cost.
+    """
+    from models.diffusion import draw_latents, noise_schedule, training_loss
+    from models.unet import build_unet
+    from trainer import dist
+    from trainer.engine import build_engine, deepspeed_config
+
+    w = dist.init()
+    channels, size, _ = latent_shape
+    unet = build_unet(preset, channels, size, text_emb[1])
+    params = sum(q.numel() for q in unet.parameters())
+    engine = build_engine(unet, deepspeed_config(
+        batch_per_rank=batch, grad_accum=1, world_size=w.size, zero_stage=2, precision="fp32", lr=1e-3,
+        betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0))
+    schedule = noise_schedule("epsilon")
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn((batch, *latent_shape), generator=g).half()
+    std = (torch.rand((batch, *latent_shape), generator=g) * 0.1 + 0.01).half()
+    emb = torch.randn((batch, *text_emb), generator=g).half()
+    empty = torch.zeros(text_emb)
+
+    def one(i: int) -> None:
+        gen = torch.Generator().manual_seed(i)
+        z0 = draw_latents(mean, std, gen) * 0.18215
+        context = emb.float()
+        drop = torch.rand(batch, generator=gen) < 0.1
+        context = torch.where(drop[:, None, None], empty, context)
+        loss = training_loss(engine, z0, context, schedule, gen)
+        engine.backward(loss)
+        engine.step()
+        loss.item()
+
+    for i in range(warmup_steps):
+        one(i)
+    windows, step_s, i = [], [], warmup_steps
+    for _ in range(repeats):
+        n, m0, c0 = 0, machine_busy_seconds(), time.process_time()
+        t0 = time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < seconds:
+            one(i)
+            i, n = i + 1, n + 1
+        wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, machine_busy_seconds()
+        windows.append((batch * n / wall, cpu / wall, None if m0 is None or m1 is None else max(0.0, (m1 - m0 - cpu) / wall)))
+        step_s.append(wall / n)
+    rates = [r for r, _, _ in windows]
+    others = [o for _, _, o in windows if o is not None]
+    med = statistics.median(rates)
+    return {"preset": preset, "params": params, "threads": torch.get_num_threads(), "batch": batch,
+            "median": med, "min": min(rates), "max": max(rates), "spread": (max(rates) - min(rates)) / med,
+            "values": rates, "ms_per_step": statistics.median(step_s) * 1e3,
+            "cores": statistics.median(c for _, c, _ in windows), "other": max(others) if others else None}
+
+
 def _sum_or_none(values):
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
@@ -230,10 +312,30 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before timing (at least 3 batches)")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per measurement")
     p.add_argument("--workers", default="0,1", help="DataLoader num_workers values to measure, comma-separated")
+    p.add_argument("--headroom", default="", metavar="PRESET",
+                   help="also time the training step of this UNet preset (e.g. demo) on these latents and print the "
+                        "loader headroom: latent samples/s on one worker / samples/s the step consumes")
+    p.add_argument("--step-threads", type=int, default=0,
+                   help="torch threads for the --headroom step (0: torch's default, all cores)")
+    p.add_argument("--json", default="", metavar="OUT", help="also write the figures to this JSON file")
     args = p.parse_args()
-    workers = [int(w) for w in args.workers.split(",")]
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        p.error(f"--workers takes comma-separated integers, got {args.workers!r}")
     if args.num < args.batch or min(workers) < 0 or args.repeats < 1:
         p.error("--num must be at least --batch, --workers non-negative, --repeats positive")
+    if args.headroom:
+        from models.unet import PRESETS as UNET_PRESETS
+        if args.headroom not in UNET_PRESETS:
+            p.error(f"--headroom: unknown UNet preset {args.headroom!r}; choose from {', '.join(UNET_PRESETS)}")
+        if 1 not in workers:
+            p.error("--headroom compares with the loader on one worker: include 1 in --workers")
+        if len(args.latent_shape) != 3 or len(args.text_emb) != 2:
+            p.error("--headroom needs a C x H x W --latent-shape and a tokens x width --text-emb")
+    if args.step_threads < 0:
+        p.error("--step-threads must be non-negative")
+    default_threads = torch.get_num_threads()
 
     torch.set_num_threads(1)
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -271,6 +373,12 @@ def main() -> None:
                 results[name, w] = measure(urls, decode, args.batch, w, counts, warmup_s=args.warmup,
                                            seconds=args.seconds, repeats=args.repeats,
                                            quarantine_path=os.path.join(tmp, f"quarantine-{name}-{w}.jsonl"))
+        step = None
+        if args.headroom:
+            torch.set_num_threads(args.step_threads or default_threads)
+            step = time_train_step(args.headroom, args.latent_shape, args.text_emb, args.batch,
+                                   seconds=args.seconds, repeats=args.repeats)
+            torch.set_num_threads(1)
         quarantined = {}
         for name, *_ in pipelines:
             for w in workers:
@@ -328,6 +436,39 @@ def main() -> None:
             [f"other processes used up to {max(others):.1f} of {avail} cores"] if others and max(others) > 0.5 else [])
         print(f"note: noisy figures ({'; '.join(why)}): take the absolute rates as rough; "
               "the side-by-side ratio is the more robust figure")
+
+    headroom = None
+    if step is not None:
+        loader = results["latent", 1]
+        headroom = {"median": loader["median"] / step["median"], "min": loader["min"] / step["max"],
+                    "max": loader["max"] / step["min"], "target": HEADROOM_TARGET}
+        headroom["spread"] = (headroom["max"] - headroom["min"]) / headroom["median"]
+        print()
+        other = "n/a" if step["other"] is None else f"{step['other']:.2f}"
+        print(f"training step, UNet {args.headroom} ({step['params'] / 1e6:.2f}M params) on "
+              f"{'x'.join(map(str, args.latent_shape))} latents, batch {args.batch}, DeepSpeed ZeRO-2 fp32, "
+              f"{step['threads']} torch threads: {step['median']:.0f} samples/s ({step['min']:.0f}-{step['max']:.0f}, "
+              f"spread {step['spread'] * 100:.1f}%; {step['ms_per_step']:.0f} ms/step; cores {step['cores']:.2f}, "
+              f"other {other})")
+        verdict = "meets" if headroom["median"] >= HEADROOM_TARGET else "MISSES"
+        print(f"loader headroom: {headroom['median']:.1f}x  {verdict} the >= {HEADROOM_TARGET:g} target  (latent samples/s "
+              f"on one worker {loader['median']:.0f} / samples/s the step consumes {step['median']:.0f}; range "
+              f"{headroom['min']:.1f}-{headroom['max']:.1f})")
+
+    if args.json:
+        write_json(args.json, {"benchmark": "loader_throughput", "date": started.isoformat(timespec="seconds"),
+                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "usable_cpus": avail,
+                                           "torch": torch.__version__},
+                               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                               "loader": [{"pipeline": name, "workers": w, "samples_per_s": {
+                                   k: results[name, w][k] for k in ("median", "min", "max")},
+                                   "spread": (results[name, w]["max"] - results[name, w]["min"]) / results[name, w]["median"],
+                                   **{k: results[name, w][k] for k in ("mb_s", "cores", "other")}}
+                                   for name, *_ in pipelines for w in workers],
+                               "ratio_latent_over_image": {str(w): results["latent", w]["median"] / results["image", w]["median"]
+                                                           for w in workers},
+                               "train_step": step, "headroom": headroom})
+        print(f"figures written to {args.json}")
 
 if __name__ == "__main__":
     main()

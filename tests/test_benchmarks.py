@@ -27,3 +27,85 @@ def test_gpu_benchmark_parses_its_arguments_and_needs_cuda():
         assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = run_cmd([PY, "benchmarks/gpu.py", "--presets", "sd15"], check=False)
     assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- issue 8: the benchmarks make bench runs (benchmarks/run_all.py) ----------------------------------------------
+def _refused(args: list[str], says: str) -> None:
+    out = run_cmd([PY, *args], check=False)
+    assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_distributed_benchmark_refuses_bad_arguments():
+    _refused(["benchmarks/distributed.py", "--parts", "speed"], "--parts takes step and/or memory")
+    _refused(["benchmarks/distributed.py", "--stages", "0,4"], "ZeRO stages 0-3")
+    _refused(["benchmarks/distributed.py", "--stages", "two"], "ZeRO stages 0-3")
+    _refused(["benchmarks/distributed.py", "--ranks", "1"], "--ranks must be at least 2")
+    _refused(["benchmarks/distributed.py", "--rounds", "0"], "must be positive")
+    _refused(["benchmarks/_zero_worker.py", "memory", "--zero", "4"], "invalid choice")
+
+
+def test_zero_worker_counts_what_one_rank_holds(tmp_path):
+    """One rank, ZeRO-2: the walk finds parameters 4, gradients 4, fp32 master 4 and Adam 8 bytes per parameter."""
+    out = tmp_path / "mem.json"
+    run_cmd([PY, "benchmarks/_zero_worker.py", "memory", "--zero", "2", "--width", "64", "--layers", "2",
+             "--steps", "1", "--json", str(out)])
+    import json
+
+    rank = json.loads(out.read_text())["ranks"][0]
+    per_param = {k: v / rank["params"] for k, v in rank["held_bytes"].items()}
+    for key, expected in (("parameters", 4), ("gradients", 4), ("fp32_master", 4), ("adam_state", 8)):
+        assert abs(per_param[key] - expected) < 0.5, (key, per_param)
+    assert rank["rss_growth_bytes"] is not None and rank["peak_rss_growth_bytes"] is not None
+
+
+def test_pixel_vs_latent_runs_and_refuses_bad_arguments(tmp_path):
+    _refused(["benchmarks/pixel_vs_latent.py", "--resolution", "30"], "multiple of 8")
+    _refused(["benchmarks/pixel_vs_latent.py", "--flop-presets", "sdxl"], "unknown 'sdxl'")
+    out = tmp_path / "pvl.json"
+    res = run_cmd([PY, "benchmarks/pixel_vs_latent.py", "--preset", "tiny", "--resolution", "16", "--pixel-batch", "1",
+                   "--latent-batch", "2", "--seconds", "0", "--repeats", "1", "--flop-presets", "tiny",
+                   "--flop-resolutions", "32", "--json", str(out)])
+    assert "512x512x3 / 64x64x4 = 48" in res.stdout
+    import json
+
+    d = json.loads(out.read_text())
+    assert d["numbers_ratio"] == 48 and d["ratio_flops"] > 1 and d["ratio_time"]["median"] > 0
+    assert [(f["preset"], f["resolution"]) for f in d["flops"]] == [("tiny", 16), ("tiny", 32)]
+
+
+def test_loader_headroom_runs_and_refuses_bad_arguments(tmp_path):
+    _refused(["benchmarks/loader_throughput.py", "--headroom", "huge"], "unknown UNet preset 'huge'")
+    _refused(["benchmarks/loader_throughput.py", "--headroom", "tiny", "--workers", "0"], "include 1 in --workers")
+    out = tmp_path / "loader.json"
+    res = run_cmd([PY, "benchmarks/loader_throughput.py", "--workers", "1", "--num", "64", "--per-shard", "32",
+                   "--batch", "16", "--latent-shape", "4x4x4", "--text-emb", "8x16", "--headroom", "tiny",
+                   "--step-threads", "1", "--seconds", "0.2", "--repeats", "1", "--warmup", "0", "--resolution", "16",
+                   "--draw-size", "24", "--unique", "8", "--json", str(out)])
+    assert "loader headroom:" in res.stdout
+    import json
+
+    d = json.loads(out.read_text())
+    latent = next(r for r in d["loader"] if r["pipeline"] == "latent" and r["workers"] == 1)
+    assert abs(d["headroom"]["median"] - latent["samples_per_s"]["median"] / d["train_step"]["median"]) < 1e-6
+    assert d["train_step"]["threads"] == 1 and d["headroom"]["target"] == 10
+
+
+def test_run_all_writes_results(tmp_path):
+    _refused(["benchmarks/run_all.py", "--only", "speed"], "--only: unknown 'speed'")
+    out = tmp_path / "RESULTS.md"
+    run_cmd([PY, "benchmarks/run_all.py", "--only", "plan", "--out", str(out), "--json-dir", str(tmp_path)])
+    text = out.read_text()
+    assert "## Machine and software" in text and "deepspeed" in text and "diffusers" in text
+    assert "## Targets (issue 8)" in text and "2.41 TFLOP per image" in text
+
+
+def test_distributed_benchmark_reports_a_failed_launch(tmp_path):
+    """A launch past --timeout is killed with its ranks; the JSON lists the error and the exit status is 1."""
+    out = tmp_path / "dist.json"
+    res = run_cmd([PY, "benchmarks/distributed.py", "--parts", "memory", "--stages", "0", "--width", "64", "--layers",
+                   "2", "--timeout", "2", "--json", str(out)], check=False)
+    assert res.returncode == 1 and "timed out after 2s" in res.stderr and "Traceback" not in res.stderr
+    import json
+
+    d = json.loads(out.read_text())
+    assert d["memory"][0]["stage"] == 0 and "timed out" in d["memory"][0]["error"] and len(d["errors"]) == 1

@@ -1,0 +1,561 @@
+"""Run every benchmark with its `make bench` settings and write benchmarks/RESULTS.md.
+
+    make bench                                        # = .venv/bin/python benchmarks/run_all.py
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke run, a few minutes, small and noisy
+    .venv/bin/python benchmarks/run_all.py --only loader,pixel_vs_latent --out /tmp/RESULTS.md
+
+Each benchmark runs as its own process, one after another (they would compete for the cores),
+writes its figures with `--json` into --json-dir and its printed report into a .log beside it.
+RESULTS.md then gathers the machine, the software versions, the date, every figure with its
+median over repeats and its spread, and for each target of issue 8 whether it was met, with a
+sentence where it was not. The settings keep `make bench` within about 10 minutes on a quiet
+2-core CPU (20 at most); a benchmark that fails is reported in RESULTS.md and makes the exit
+status non-zero, and the others still run. benchmarks/gpu.py runs only where CUDA is present.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "benchmarks")
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    name: str  # key for --only, and the stem of its .json and .log
+    title: str
+    script: str
+    bench: list[str]  # `make bench` settings
+    quick: list[str]  # --quick settings: seconds, for smoke runs
+    json: bool = True  # takes --json OUT
+    cuda: bool = False  # runs only where CUDA is present
+    deepspeed: bool = False  # starts DeepSpeed's comm backend (its CPU comm op is built before the runs)
+
+
+BENCHES = [
+    Bench("cache_tiny", "1. Cache speedup, tiny preset", "cache_vs_onthefly.py",
+          ["--preset", "tiny", "--threads", "1", "--steps", "8", "--repeats", "5", "--warmup", "2"],
+          ["--preset", "tiny", "--threads", "1", "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "8"]),
+    Bench("cache_demo", "1. Cache speedup, demo preset (mid-size)", "cache_vs_onthefly.py",
+          ["--preset", "demo", "--threads", "1", "--steps", "4", "--repeats", "5", "--warmup", "1"],
+          ["--preset", "demo", "--threads", "1", "--steps", "1", "--repeats", "2", "--warmup", "1", "--batch", "8"]),
+    Bench("loader", "2. Loader headroom", "loader_throughput.py",
+          ["--workers", "1", "--num", "1000", "--latent-shape", "4x8x8", "--text-emb", "32x64", "--batch", "64",
+           "--headroom", "demo", "--step-threads", "1", "--seconds", "3", "--repeats", "3"],
+          ["--workers", "1", "--num", "256", "--per-shard", "128", "--latent-shape", "4x8x8", "--text-emb", "32x64",
+           "--batch", "64", "--headroom", "demo", "--step-threads", "1", "--seconds", "1", "--repeats", "2", "--warmup", "0.5",
+           "--resolution", "64", "--draw-size", "96"], deepspeed=True),
+    Bench("precompute", "3. Precompute efficiency", "cache_throughput.py",
+          ["--num", "1024", "--repeats", "3"],
+          ["--num", "128", "--batch", "32", "--per-shard", "64", "--repeats", "2"]),
+    Bench("distributed", "4. Distributed overhead and ZeRO memory", "distributed.py",
+          ["--rounds", "2", "--steps", "5", "--repeats", "3", "--warmup", "2"],
+          ["--rounds", "1", "--steps", "1", "--repeats", "2", "--warmup", "1", "--batch", "16", "--width", "512",
+           "--layers", "4", "--small-bucket", "100000"], deepspeed=True),
+    Bench("pixel_vs_latent", "5. Pixel vs latent", "pixel_vs_latent.py",
+          ["--resolution", "64", "--pixel-batch", "2", "--latent-batch", "64", "--seconds", "4", "--repeats", "3"],
+          ["--resolution", "64", "--pixel-batch", "1", "--latent-batch", "8", "--seconds", "0", "--repeats", "1",
+           "--flop-presets", "demo", "--flop-resolutions", "256"]),
+    Bench("gpu", "6. GPU throughput and MFU", "gpu.py", ["--steps", "10", "--warmup", "3"],
+          ["--presets", "sd15", "--resolutions", "256", "--compile", "off", "--checkpointing", "off", "--steps", "3",
+           "--warmup", "1"], cuda=True, deepspeed=True),
+    Bench("plan", "Sizing a run (plan.py)", "plan.py",
+          ["--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"],
+          ["--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"], json=False),
+]
+
+
+# --- running --------------------------------------------------------------------------------------
+def _cuda_available() -> bool:
+    """Asked in a child process: importing torch here would only slow the runner down."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def run_group(cmd: list[str], timeout_s: int, **kwargs) -> tuple[int, str, str]:
+    """(status, stdout, stderr) of `cmd` in its own process group; past the timeout the whole group is
+    killed (a benchmark's DataLoader workers and DeepSpeed ranks included) and the status is -1."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return -1, out, f"{err}\ntimed out after {timeout_s}s (--timeout)"
+
+
+def child_env() -> dict[str, str]:
+    """The benchmarks' environment. DeepSpeed JIT-builds its CPU comm op into ~/.cache/torch_extensions,
+    which every virtualenv of this user shares: another environment's build there makes the next
+    launch rebuild it (minutes, under a lock), inside the timed runs. This one gets its own directory."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    return env
+
+
+def prebuild_deepspeed_ops(timeout_s: int) -> str:
+    """Build (or load) DeepSpeed's CPU comm op once, before anything is timed; a line for the report."""
+    code = "from deepspeed.comm.torch import build_shm_op; print('loaded' if build_shm_op() else 'not available')"
+    t = time.perf_counter()
+    rc, out, err = run_group([sys.executable, "-c", code], timeout_s, cwd=ROOT, env=child_env())
+    state = out.strip().splitlines()[-1] if rc == 0 and out.strip() else f"failed ({(err.strip() or '?').splitlines()[-1]})"
+    return f"DeepSpeed CPU comm op {state} in {time.perf_counter() - t:.0f}s before the runs"
+
+
+def run_one(b: Bench, argv: list[str], json_dir: str, timeout_s: int) -> dict:
+    """Run one benchmark; its report goes to NAME.log, its figures to NAME.json."""
+    log_path, json_path = (os.path.join(json_dir, f"{b.name}.{ext}") for ext in ("log", "json"))
+    if os.path.exists(json_path):
+        os.remove(json_path)  # never report a previous run's figures
+    cmd = [sys.executable, os.path.join("benchmarks", b.script), *argv] + (["--json", json_path] if b.json else [])
+    t0 = time.perf_counter()
+    rc, out, err = run_group(cmd, timeout_s, cwd=ROOT, env=child_env())
+    seconds = time.perf_counter() - t0
+    with open(log_path, "w") as f:
+        f.write(f"$ {' '.join(cmd)}\n{out}\n{err}")
+    result = {"cmd": " ".join(cmd[1:]).replace(ROOT + os.sep, ""), "rc": rc, "seconds": seconds,
+              "stdout": out, "log": os.path.relpath(log_path, ROOT)}
+    if b.json and os.path.exists(json_path):  # a failed run may still have written what it measured
+        try:
+            with open(json_path) as f:
+                result["data"] = json.load(f)
+        except (OSError, ValueError) as e:
+            err += f"\nunreadable --json output: {e}"
+    if rc == 0 and b.json and "data" not in result:
+        result["rc"], err = -2, f"no readable --json output\n{err}"
+    if result["rc"] != 0:
+        result["error"] = (err.strip() or out.strip()).splitlines()[-12:]
+    return result
+
+
+# --- figures and targets ------------------------------------------------------------------------
+@dataclasses.dataclass
+class Figure:
+    name: str
+    median: float
+    lo: float | None = None
+    hi: float | None = None
+    unit: str = ""
+    n: int | None = None  # repeats behind the median
+
+    @property
+    def spread(self) -> float | None:
+        if self.lo is None or self.hi is None or not self.median:
+            return None
+        return (self.hi - self.lo) / abs(self.median)
+
+
+@dataclasses.dataclass
+class Target:
+    item: str
+    figure: str
+    measured: str
+    target: str
+    status: str  # met | MISSED | reported (no numeric target) | not run
+    why: str = ""
+
+
+def _fig(name: str, s: dict, unit: str = "", n: int | None = None) -> Figure:
+    """A figure from a {median, min, max[, values | per_repeat]} dict of a benchmark's JSON."""
+    values = s.get("values") or s.get("per_repeat")
+    return Figure(name, s["median"], s.get("min", s["median"]), s.get("max", s["median"]), unit,
+                  len(values) if values else n)
+
+
+def summarize_cache(d: dict, label: str) -> tuple[list[Figure], list[Target]]:
+    r, v = d["ratio"], d["variants"]
+    ratio = Figure("on the fly / cached, step time", r["measured"], min(r["per_repeat"]), max(r["per_repeat"]), "x",
+                   len(r["per_repeat"]))
+    figs = [_fig("cached step", v["cached"]["ms_per_step"], "ms"), _fig("on-the-fly step", v["on_the_fly"]["ms_per_step"], "ms"),
+            ratio, Figure("on the fly / cached, CPU time", r["cpu_time"], unit="x"),
+            Figure("FLOP-predicted ratio (VAE + text + UNet) / UNet", r["flop_predicted"], unit="x")]
+    f = d["flops_per_image"]
+    why = ""
+    if abs(r["measured"] / r["flop_predicted"] - 1) > 0.1:
+        if r["measured"] < r["flop_predicted"]:
+            why = (f"Measured below the FLOP prediction: per FLOP the no-grad encoder forwards "
+                   f"({(f['vae_encode'] + f['text_encode']) / 1e9:.3f} GFLOP/image) ran faster than the UNet's training "
+                   f"step ({f['unet_train'] / 1e9:.3f} GFLOP/image), whose optimizer and elementwise work the FLOP count "
+                   "leaves out.")
+        else:
+            why = ("Measured above the FLOP prediction: the encoders ran at a lower FLOP rate than the UNet step "
+                   "(small convolutions at full image resolution, no-grad overheads).")
+    t = Target(f"1. cache speedup ({label})", "step time on the fly / cached", f"{r['measured']:.2f}x "
+               f"(FLOP-predicted {r['flop_predicted']:.2f}x)", "none set; FLOP prediction beside",
+               "reported", why)
+    return figs, [t]
+
+
+def summarize_loader(d: dict) -> tuple[list[Figure], list[Target]]:
+    figs = []
+    for row in d["loader"]:
+        s = row["samples_per_s"]
+        figs.append(Figure(f"loader, {row['pipeline']} shards, {row['workers']} worker(s)", s["median"], s["min"], s["max"],
+                           "samples/s", d["settings"]["repeats"]))
+    step, h = d.get("train_step"), d.get("headroom")
+    if not step or not h:
+        return figs, [Target("2. loader headroom", "", "", ">= 10", "not run", "run without --headroom")]
+    figs.append(_fig(f"training step consumes (UNet {step['preset']}, batch {step['batch']}, {step['threads']} threads)",
+                     step, "samples/s"))
+    figs.append(Figure("loader headroom (loader on 1 worker / step)", h["median"], h["min"], h["max"], "x",
+                       d["settings"]["repeats"]))
+    met = h["median"] >= h["target"]
+    why = "" if met else (
+        f"One worker delivers {h['median']:.1f}x what the step consumes: each rank needs more than a tenth of a worker, "
+        "so slower storage or a faster step would leave the step waiting; more data.num_workers restore the margin.")
+    return figs, [Target("2. loader headroom", "latent samples/s on 1 worker / samples/s the step consumes",
+                         f"{h['median']:.1f}x (range {h['min']:.1f}-{h['max']:.1f})", f">= {h['target']:g}",
+                         "met" if met else "MISSED", why)]
+
+
+def summarize_precompute(d: dict) -> tuple[list[Figure], list[Target]]:
+    figs = [_fig(row["label"].strip(), row["images_per_s"], "images/s", d["settings"]["repeats"]) for row in d["rows"]]
+    for key, label in (("ratio_job_over_bare", "job / bare vae.encode (b)"),
+                       ("ratio_job_over_bare_with_text", "job / bare vae.encode + text encoder (b')")):
+        figs.append(_fig(label, d[key], "x"))
+    r = d["ratio_job_over_bare"]
+    met = r["median"] >= d["target"]
+    why = ""
+    if not met:
+        parts = sorted(d.get("breakdown", []), key=lambda p: -p["share"])
+        bare = next((row for row in d["rows"] if row["label"].startswith("(b) ")), None)
+        vae = next((p for p in parts if p["part"].startswith("VAE encode")), None)
+        why = f"The job reached {r['median']:.2f} of the bare loop"
+        if parts:
+            why += "; its encode phase went to " + ", ".join(f"{p['part'].split(':')[0].split(' (')[0]} "
+                                                             f"{p['share'] * 100:.0f}%" for p in parts[:3])
+        if vae and bare:
+            bare_s = d["settings"]["num"] / bare["images_per_s"]["median"]
+            why += (f"; the VAE calls alone took {vae['seconds']:.2f}s inside the job against {bare_s:.2f}s for the same "
+                    "images in the bare loop")
+        why += (f". Against the loop that also runs the text encoder, as the job must, the ratio is "
+                f"{d['ratio_job_over_bare_with_text']['median']:.2f}.")
+        if d.get("noisy"):
+            why += " The run was noisy (other processes on the cores)."
+    return figs, [Target("3. precompute efficiency", "cache_latents images/s / bare encode loop images/s",
+                         f"{r['median']:.2f} (per repeat {', '.join(f'{v:.2f}' for v in r['per_repeat'])})",
+                         f">= {d['target']:g}", "met" if met else "MISSED", why)]
+
+
+def _sci(n: float) -> str:
+    """5000000 -> 5e6."""
+    return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def summarize_distributed(d: dict) -> tuple[list[Figure], list[Target]]:
+    figs, targets = [], []
+    step = d.get("step")
+    if step:
+        n = step["ranks"]
+        figs += [_fig("1-rank step (demo UNet, ZeRO-2)", step["one_rank_ms"], "ms"),
+                 _fig(f"{n}-rank step, same per-rank batch", step["n_rank_ms"], "ms"),
+                 _fig(f"{n}-rank / 1-rank step time", step["ratio"], "x"),
+                 _fig(f"{n}-rank / 1-rank CPU time per step", step["cpu_ratio"], "x")]
+        r = step["ratio"]
+        why = (f"Each of the {n} ranks does {step['cpu_ratio']['median']:.2f}x the CPU work of the single rank "
+               "(gradient reduce-scatter and parameter all-gather over gloo, ZeRO's bookkeeping)"
+               + (f"; other processes used up to {step['other_cores_max']:.1f} of the cores during a launch, so the "
+                  "wall-clock ratio is noisy and the CPU-time ratio is the steadier figure."
+                  if (step.get("other_cores_max") or 0) > 0.5 else "."))
+        targets.append(Target("4. distributed overhead", f"{n}-rank ZeRO-2 / 1-rank step time, same per-rank batch",
+                              f"{r['median']:.2f}x (per round {', '.join(f'{v:.2f}' for v in r['values'])})",
+                              "none set; ideal 1.00", "reported", why))
+    mem = [row for row in d.get("memory") or [] if "error" not in row]  # failed launches are in d["errors"]
+    if mem:
+        n, params = d["settings"]["ranks"], mem[0]["params"]
+
+        def label(row: dict) -> str:
+            return f"ZeRO-{row['stage']}" + (f" (reduce bucket {_sci(row['reduce_bucket'])})" if row.get("reduce_bucket") else "")
+        for row in mem:
+            figs.append(Figure(f"{label(row)} model states held per rank (predicted {row['predicted_model_states']:.2f})",
+                               row["model_states_per_param"], unit="B/param"))
+            figs.append(Figure(f"{label(row)} optimizer state (fp32 master + Adam) per rank (predicted "
+                               f"{row['predicted_optimizer_state']:.2f})", row["optimizer_state_per_param"], unit="B/param"))
+            for key, what in (("rss_at_count_per_param", "RSS growth at the count"),
+                              ("peak_rss_steps_per_param", "peak RSS growth over the steps")):
+                if row.get(key) is not None:
+                    figs.append(Figure(f"{label(row)} {what}", row[key], unit="B/param"))
+        plain = [row for row in mem if not row.get("reduce_bucket")]
+        off = [row for row in plain if abs(row["optimizer_state_per_param"] - row["predicted_optimizer_state"])
+               > 0.05 * max(row["predicted_optimizer_state"], 1.0)]
+        notes = []
+        for row in plain:
+            h, p = row["held_per_param"], row["predicted_per_param"]
+            if abs(h["gradients"] - p["gradients"]) > 0.5:
+                notes.append(f"ZeRO-{row['stage']} holds {h['gradients']:.1f} B/param of gradients after the backward "
+                             f"where the model predicts {p['gradients']:.1f} (DeepSpeed reduces the full gradients into "
+                             "this rank's partition at the end of the backward and frees them)")
+        if all(row.get("rss_at_count_per_param") is not None for row in mem):
+            notes.append("RSS growth at the count, against the walked model states (B/param): " + ", ".join(
+                f"{label(row)} {row['rss_at_count_per_param']:.1f} vs {row['model_states_per_param']:.1f}" for row in mem))
+            three = next((row for row in plain if row["stage"] == 3), None)
+            small = next((row for row in mem if row.get("reduce_bucket")), None)
+            if three is not None:
+                extra = three["rss_at_count_per_param"] - three["model_states_per_param"]
+                text = (f"ZeRO-3 keeps {extra:.1f} B/param beyond its model states with DeepSpeed's default reduce bucket "
+                        f"(reduce_bucket_size 5e8 elements, {three['held_per_param']['buffers'] * params / 1e9:.1f} GB "
+                        "allocated per rank, which every gradient passes through)")
+                if small is not None:
+                    text += (f", {small['rss_at_count_per_param'] - small['model_states_per_param']:.1f} with a "
+                             f"{_sci(small['reduce_bucket'])}-element bucket")
+                notes.append(text)
+        if all(row.get("peak_rss_steps_per_param") is not None for row in plain):
+            notes.append("peak RSS growth over the steps (B/param): " + ", ".join(
+                f"ZeRO-{row['stage']} {row['peak_rss_steps_per_param']:.1f}" for row in plain)
+                + ": transients (full gradients before their reduction, the optimizer step's temporaries, ZeRO-3's "
+                "gathered layers) come on top of the model states, so peaks fall less than the model states do")
+        why = "; ".join(notes)
+        why = (why[0].upper() + why[1:] + ".") if why else ""
+        if off:
+            why = ("Optimizer state differs from the prediction at " + ", ".join(f"ZeRO-{r['stage']}" for r in off)
+                   + ". " + why)
+        shares = ", ".join(f"ZeRO-{row['stage']} {row['optimizer_state_per_param']:.1f}" for row in plain)
+        predicted = ", ".join(f"{row['predicted_optimizer_state']:.1f}" for row in plain)
+        targets.append(Target("4. ZeRO memory per rank", f"optimizer state per rank, {n} ranks, B/param (master + Adam)",
+                              f"{shares} (predicted {predicted})", "falls as the ZeRO paper's model predicts",
+                              "MISSED" if off else "met", why))
+    return figs, targets
+
+
+def summarize_pixel(d: dict) -> tuple[list[Figure], list[Target]]:
+    s = d["steps"]
+    res = d["settings"]["resolution"]
+    figs = [_fig(f"pixel step, 3x{res}x{res}, batch {s['pixel']['batch']}", s["pixel"]["ms_per_image"], "ms/image"),
+            _fig(f"latent step, 4x{res // 8}x{res // 8}, batch {s['latent']['batch']}", s["latent"]["ms_per_image"],
+                 "ms/image"),
+            _fig(f"pixel / latent step time per image at {res}px", d["ratio_time"], "x"),
+            _fig(f"pixel / latent CPU time per image at {res}px", d["ratio_cpu_time"], "x")]
+    for f in d["flops"]:
+        figs.append(Figure(f"FLOP ratio pixel / latent, {f['preset']} at {f['resolution']}px "
+                           f"({f['pixel_flops'] / 1e9:.4g} / {f['latent_flops'] / 1e9:.4g} GFLOP)", f["ratio"], unit="x"))
+    figs.append(Figure("numbers per image, pixel / latent (the claim)", d["numbers_ratio"], unit="x"))
+    big = [f for f in d["flops"] if f["resolution"] == 512] or d["flops"]
+    low = min([d["ratio_time"]["median"]] + [f["ratio"] for f in d["flops"]])
+    met = low >= d["numbers_ratio"]
+    why = "" if met else (f"The smallest cost ratio measured is {low:.1f}x, below the {d['numbers_ratio']:.0f}x fewer "
+                          "numbers: at that size the pixel-space network costs less than its input size suggests.")
+    return figs, [Target("5. pixel vs latent", "cost per image, pixel / latent (f=8), same UNet",
+                         f"step time {d['ratio_time']['median']:.0f}x at {res}px; FLOPs "
+                         + ", ".join(f"{f['ratio']:.0f}x ({f['preset']} {f['resolution']}px)" for f in big),
+                         f">= {d['numbers_ratio']:.0f}x (the 48x claim)", "met" if met else "MISSED", why)]
+
+
+def summarize_gpu(d: dict) -> tuple[list[Figure], list[Target]]:
+    figs, best = [], None
+    for row in d["rows"]:
+        label = (f"{row['preset']} {row['resolution']}px compile={'on' if row['compile'] else 'off'} "
+                 f"ckpt={'on' if row['checkpointing'] else 'off'}")
+        if "error" in row:
+            continue
+        spread = row.get("step_ms_spread")
+        figs.append(Figure(f"{label}: images/s", row["images_per_s"], unit="images/s"))
+        figs.append(Figure(f"{label}: step (spread {spread:.0%})" if spread is not None else f"{label}: step",
+                           row["step_ms"], unit="ms"))
+        if row.get("mfu") is not None:
+            figs.append(Figure(f"{label}: MFU", row["mfu"] * 100, unit="%"))
+            best = row if best is None or row["mfu"] > best["mfu"] else best
+    if best is None:
+        return figs, [Target("6. GPU MFU", "", "no MFU (unknown peak or every configuration failed)", "toward 40%",
+                             "reported")]
+    met = best["mfu"] >= 0.40
+    why = "" if met else ("Best MFU below the 40% goal; MLPerf Training v4.0 SD reaches about 23% on H100 at 512 px, "
+                          "so read it against that reference.")
+    return figs, [Target("6. GPU MFU", f"best configuration ({best['preset']} {best['resolution']}px)",
+                         f"{best['mfu'] * 100:.1f}% MFU, {best['images_per_s']:.1f} images/s on {d['device']}",
+                         "toward 40% (MLPerf SD ~23%)", "met" if met else "MISSED", why)]
+
+
+SUMMARIZERS = {"cache_tiny": lambda d: summarize_cache(d, "tiny"), "cache_demo": lambda d: summarize_cache(d, "demo"),
+               "loader": summarize_loader, "precompute": summarize_precompute, "distributed": summarize_distributed,
+               "pixel_vs_latent": summarize_pixel, "gpu": summarize_gpu}
+ITEM_OF = {"cache_tiny": "1. cache speedup (tiny)", "cache_demo": "1. cache speedup (demo)", "loader": "2. loader headroom",
+           "precompute": "3. precompute efficiency", "distributed": "4. distributed overhead / ZeRO memory",
+           "pixel_vs_latent": "5. pixel vs latent", "gpu": "6. GPU MFU"}
+
+
+# --- the report -------------------------------------------------------------------------------------
+NOISE = ("[WARNING]", "[INFO]", "No CUDA runtime", "FutureWarning", "built successfully", "figures written to")
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return ""
+    a = abs(v)
+    text = f"{v:,.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:.3f}"
+    return text
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "deepspeed", "diffusers", "open_clip_torch", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _memory_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def write_results(path: str, profile: str, results: dict[str, dict], skipped: dict[str, str], started, wall_s: float,
+                  load0, other_cores: float | None, prebuild: str = "") -> list[Target]:
+    versions = _versions()
+    ncpu = os.cpu_count()
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ncpu
+    mem = _memory_gb()
+    sections, targets = [], []
+    for b in BENCHES:
+        if b.name in skipped:
+            targets.append(Target(ITEM_OF.get(b.name, b.title), "", "", "", "not run", skipped[b.name]))
+            continue
+        if b.name not in results:
+            continue
+        r = results[b.name]
+        lines = [f"### {b.title}", "", f"`{r['cmd']}` — {r['seconds']:.0f} s, full report in `{r['log']}`", ""]
+        if r["rc"] != 0:
+            lines += ["**Failed** (exit status {}){}:".format(r["rc"], "; the figures it measured before are below"
+                                                               if "data" in r else ""),
+                      "", "```text", *r.get("error", []), "```", ""]
+            if b.name in ITEM_OF:
+                targets.append(Target(ITEM_OF[b.name], "", "failed", "", "not run", f"{b.script} failed: "
+                                      + (r.get("error") or ["?"])[-1]))
+            if "data" not in r:
+                sections.append("\n".join(lines))
+                continue
+        if not b.json:
+            lines += ["```text", r["stdout"].strip(), "```", ""]
+            sections.append("\n".join(lines))
+            continue
+        figs, tgs = SUMMARIZERS[b.name](r["data"])
+        targets += tgs
+        lines += ["| figure | median | min – max | spread | n | unit |", "|---|---:|---:|---:|---:|---|"]
+        for f in figs:
+            rng = f"{_num(f.lo)} – {_num(f.hi)}" if f.lo is not None and f.hi is not None and f.n else ""
+            spread = f"{f.spread * 100:.1f}%" if f.spread is not None and f.n else ""
+            lines.append(f"| {f.name} | {_num(f.median)} | {rng} | {spread} | {f.n or ''} | {f.unit} |")
+        # The script's own report (runs/ is not committed): its breakdowns and notes stay with the figures.
+        report = [line for line in r["stdout"].splitlines() if not any(k in line for k in NOISE)]
+        lines += ["", "<details><summary>the script's report</summary>", "", "```text", *report, "```", "", "</details>", ""]
+        sections.append("\n".join(lines))
+
+    gpu_note = skipped.get("gpu", "")
+    head = [
+        "# Benchmark results",
+        "",
+        f"Written by `make bench` (`benchmarks/run_all.py`{' --quick' if profile == 'quick' else ''}) on "
+        f"{started.isoformat(timespec='seconds')}; the whole run took {wall_s / 60:.1f} min."
+        + (" **Quick profile: small settings for a smoke test, the figures are rough.**" if profile == "quick" else ""),
+        "",
+        "Performance claims here are ratios measured side by side in one run on one machine; absolute times on a "
+        "shared CPU are noise. Each figure is the median over its repeats; min – max and spread "
+        "((max − min) / median) are over the same repeats; n is the number of repeats (blank: a single computed value).",
+        "",
+        "## Machine and software",
+        "",
+        f"- machine: {cpu_model()}, {ncpu} logical CPUs ({avail} usable)"
+        + (f", {mem:.1f} GB memory" if mem else "") + f"; {platform.system()} {platform.release()} {platform.machine()}",
+        f"- load average before the run: {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} (1 / 5 / 15 min)"
+        if load0 else "- load average: n/a",
+        f"- other processes used {other_cores:.2f} cores on average during the run (Linux /proc/stat, minus the "
+        "benchmarks' own CPU time)" if other_cores is not None else "- CPU used by other processes: n/a",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        *([f"- {prebuild}"] if prebuild else []),
+        f"- GPU: {gpu_note}" if gpu_note else "- GPU: " + (results.get("gpu", {}).get("data") or {}).get("device", "n/a"),
+        "",
+        "## Targets (issue 8)",
+        "",
+        "| item | figure | measured | target | result |",
+        "|---|---|---|---|---|",
+    ]
+    for t in targets:
+        head.append(f"| {t.item} | {t.figure} | {t.measured} | {t.target} | {t.status} |")
+    notes = [f"- **{t.item}** ({t.status}): {t.why}" for t in targets if t.why]
+    if notes:
+        head += ["", *notes]
+    head += ["", "## Figures", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(head) + "\n" + "\n".join(sections))
+    return targets
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small settings for a smoke run (minutes; rough figures)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(b.name for b in BENCHES)}")
+    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"), help="the Markdown file to write")
+    p.add_argument("--json-dir", default=os.path.join(ROOT, "runs", "bench"), help="where each benchmark's JSON and log go")
+    p.add_argument("--timeout", type=int, default=900, help="seconds one benchmark may take")
+    args = p.parse_args()
+    names = [b.name for b in BENCHES]
+    only = [v.strip() for v in args.only.split(",") if v.strip()]
+    bad = [v for v in only if v not in names]
+    if bad:
+        p.error(f"--only: unknown {bad[0]!r}; choose from {', '.join(names)}")
+    if args.timeout < 1:
+        p.error("--timeout must be positive")
+    os.makedirs(args.json_dir, exist_ok=True)
+    profile = "quick" if args.quick else "bench"
+
+    started = datetime.datetime.now().astimezone()
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    m0, t0 = machine_busy_seconds(), time.perf_counter()
+    cuda = _cuda_available()
+    prebuild = ""
+    if any(b.deepspeed and (not only or b.name in only) and (cuda or not b.cuda) for b in BENCHES):
+        prebuild = prebuild_deepspeed_ops(args.timeout)
+        print(f"[{time.perf_counter() - t0:6.0f}s] {prebuild}", flush=True)
+    results, skipped = {}, {}
+    for b in BENCHES:
+        if only and b.name not in only:
+            continue
+        if b.cuda and not cuda:
+            skipped[b.name] = f"none visible, benchmarks/{b.script} not run (it needs CUDA)"
+            continue
+        print(f"[{time.perf_counter() - t0:6.0f}s] {b.title}: {b.script} ...", flush=True)
+        r = run_one(b, b.quick if args.quick else b.bench, args.json_dir, args.timeout)
+        results[b.name] = r
+        print(f"[{time.perf_counter() - t0:6.0f}s]   {'done' if r['rc'] == 0 else 'FAILED'} in {r['seconds']:.0f}s "
+              f"(log: {r['log']})", flush=True)
+    wall = time.perf_counter() - t0
+    m1 = machine_busy_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = children.ru_utime + children.ru_stime + time.process_time()
+    other = None if m0 is None or m1 is None else max(0.0, (m1 - m0 - own) / wall)
+    targets = write_results(args.out, profile, results, skipped, started, wall, load0, other, prebuild)
+    print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {wall / 60:.1f} min")
+    width = max((len(t.item) for t in targets), default=0)
+    for t in targets:
+        print(f"  {t.item:<{width}}  {t.status:<9} {t.measured}")
+    failed = [name for name, r in results.items() if r["rc"] != 0]
+    if failed:
+        sys.exit(f"error: {', '.join(failed)} failed; see their logs in {args.json_dir}")
+
+
+if __name__ == "__main__":
+    main()
