@@ -9,14 +9,20 @@ What the cache stores for each kind (`encode_moments`): an AutoencoderKL's poste
 and std; a VQModel's pre-quantisation latent `quant_conv(encoder(x))` with std 0, because a
 latent diffusion model on a VQ first stage works on the continuous latent and lets the
 decoder quantise (Rombach et al. 2022, sec. 3.1) — `VQModel.decode` does, by default.
+
+`vae=identity` is the pixel-space "first stage" (`IdentityAutoencoder`, the latent-diffusion
+paper's LDM-1 baseline): f = 1, the latent is the image itself in [-1, 1] (3 channels,
+std 0, scaling_factor 1), so the cache, the UNet trainer and sampling run on pixels unchanged.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, ConfigMixin, ModelMixin, VQModel
+from diffusers.configuration_utils import register_to_config
 
 from .identity import model_identity
 
@@ -68,6 +74,36 @@ def build_autoencoder(preset: str, latent_channels: int = 4, seed: int = 0,
         return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, **blocks, **cfg)
 
 
+IDENTITY = "identity"  # the vae= spec of the pixel-space first stage
+
+
+@dataclass
+class _Latents:
+    latents: torch.Tensor  # what encode() returns: read by encode_moments like a VQModel's (std 0)
+
+
+@dataclass
+class _Decoded:
+    sample: torch.Tensor  # what decode() returns, as diffusers' DecoderOutput
+
+
+class IdentityAutoencoder(ModelMixin, ConfigMixin):
+    """Pixels as the latent space (LDM-1): encode and decode return their input unchanged."""
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 3, scaling_factor: float = 1.0):
+        super().__init__()
+        # No weights. An empty parameter carries the dtype and device that callers read from
+        # a VAE (next(vae.parameters()), vae.device), and follows .to() like real weights.
+        self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def encode(self, x: torch.Tensor) -> _Latents:
+        return _Latents(latents=x.to(self.anchor.dtype))
+
+    def decode(self, z: torch.Tensor) -> _Decoded:
+        return _Decoded(sample=z)
+
+
 _CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 
 
@@ -78,11 +114,14 @@ def _class_of(config: dict, where: str):
     return _CLASSES[name]
 
 
-def load_autoencoder(source: str) -> AutoencoderKL | VQModel:
+def load_autoencoder(source: str) -> AutoencoderKL | VQModel | IdentityAutoencoder:
     """Load a frozen AutoencoderKL or VQModel: `preset:NAME` (random weights, tests only), a
     local diffusers folder, or a hub id such as `stabilityai/sd-vae-ft-mse` (needs network or
-    the hub cache). The class comes from config.json. Missing files give one line naming them."""
-    if source.startswith("preset:"):
+    the hub cache); or `identity`, the pixel-space IdentityAutoencoder. The class comes from
+    config.json. Missing files give one line naming them."""
+    if source == IDENTITY:
+        model = IdentityAutoencoder()
+    elif source.startswith("preset:"):
         model = build_autoencoder(source.split(":", 1)[1])
     elif os.path.isdir(source):
         for name in ("config.json",):
@@ -135,4 +174,6 @@ def autoencoder_identity(model) -> str:
 
 
 def downsample_factor(model) -> int:
+    if isinstance(model, IdentityAutoencoder):
+        return 1
     return 2 ** (len(model.config.block_out_channels) - 1)

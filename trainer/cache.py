@@ -39,7 +39,8 @@ class CacheJob:
     data: ImageData = dataclasses.field(default_factory=ImageData)  # image shards in (resolution: crop size)
     out_url: str = ""  # where latent shards and manifest.json go (local path or s3://...)
     out_endpoint_url: str | None = None  # S3-compatible endpoint for out_url; default AWS_ENDPOINT_URL
-    vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, or preset:NAME (random, tests only)
+    vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, preset:NAME (random, tests only),
+    #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline)
     text_encoder: str = "tiny"  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k)
     text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer
     batch_size: int = 64  # images per encoder call

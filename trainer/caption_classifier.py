@@ -151,10 +151,11 @@ def _train(data, resolution, steps, out_dir, batch_size, lr, seed, width, endpoi
     return model
 
 
-def caption_accuracy(model: CaptionClassifier, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+def caption_accuracy(model: CaptionClassifier, images: torch.Tensor, prompts: Sequence[str],
+                     heads: Sequence[str] | None = None) -> dict[str, float]:
     """Share of images whose predicted attribute matches its prompt, per head of the model,
-    and "all": the share with every head right. images: [N, 3, H, W] in [-1, 1] at the
-    model's resolution; prompts: N captions in the synthetic grammar."""
+    and "all": the share with every head in `heads` (default: every head) right. images:
+    [N, 3, H, W] in [-1, 1] at the model's resolution; prompts: N captions in the synthetic grammar."""
     if len(images) != len(prompts) or len(prompts) == 0:
         raise ValueError(f"caption_accuracy needs as many prompts as images (>0), got {len(prompts)} "
                          f"prompts for {len(images)} images")
@@ -172,5 +173,9 @@ def caption_accuracy(model: CaptionClassifier, images: torch.Tensor, prompts: Se
     got = model.predict(images)
     right = {h: [g[h] == w[h] for g, w in zip(got, wanted)] for h in model.vocab}
     out = {h: sum(r) / len(r) for h, r in right.items()}
-    out["all"] = sum(all(right[h][i] for h in right) for i in range(len(prompts))) / len(prompts)
+    joint = list(heads) if heads is not None else list(right)
+    unknown = [h for h in joint if h not in right]
+    if unknown:
+        raise ValueError(f"heads: {unknown[0]!r} is not a head of this classifier ({', '.join(right)})")
+    out["all"] = sum(all(right[h][i] for h in joint) for i in range(len(prompts))) / len(prompts)
     return out

@@ -44,7 +44,8 @@ def load_run(run_dir: str, weights: str = "ema"):
 
 
 def load_frozen(manifest: dict, cache_url: str):
-    """The VAE and text encoder a cache was made with, checked against its manifest."""
+    """The VAE (`identity` for a pixel-space cache) and text encoder a cache was made with,
+    checked against its manifest."""
     vae = load_autoencoder(manifest["vae"]["source"])
     if autoencoder_identity(vae) != manifest["vae"]["identity"]:
         raise config_lib.ConfigError(f"the autoencoder at {manifest['vae']['source']} is not the one the cache "

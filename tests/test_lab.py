@@ -1,0 +1,106 @@
+"""The autoencoder lab (launch/compare_autoencoders.py): the tiny config end to end, rerun skips
+finished stages, --dry-run, and the identity first stage (pixel space, LDM-1)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import pytest
+import torch
+
+from conftest import PY, run_cmd
+
+LAB = "launch/compare_autoencoders.py"
+TINY = "configs/lab/tiny.yaml"
+SPACES = ("kl_plain", "kl_gan", "vq_gan", "pixels")
+
+
+def test_identity_first_stage_round_trips_exactly():
+    from models.autoencoder import (IdentityAutoencoder, autoencoder_identity, downsample_factor, encode_moments,
+                                    latent_channels, load_autoencoder)
+
+    vae = load_autoencoder("identity")
+    assert isinstance(vae, IdentityAutoencoder)
+    assert (downsample_factor(vae), latent_channels(vae), vae.config.scaling_factor) == (1, 3, 1.0)
+    assert autoencoder_identity(vae) == autoencoder_identity(load_autoencoder("identity"))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    mean, std = encode_moments(vae, x)
+    assert torch.equal(mean, x) and torch.equal(std, torch.zeros_like(x))
+    assert torch.equal(vae.decode(mean).sample, x)
+
+
+def test_dry_run_prints_config_and_bad_keys_fail(tmp_path):
+    out = run_cmd([PY, LAB, "--config", TINY, f"run_dir={tmp_path}/lab", "--dry-run"]).stdout
+    assert f"run_dir: {tmp_path}/lab" in out and "unet:" in out
+    assert not os.path.exists(tmp_path / "lab")  # nothing was run
+    bad = run_cmd([PY, LAB, "--config", TINY, "unet.overrides=[bogus=1]", "--dry-run"], check=False)
+    assert bad.returncode != 0 and "unknown config key 'bogus'" in bad.stderr and "unet.overrides" in bad.stderr
+    bad = run_cmd([PY, LAB, "--config", TINY, "sampling.sampler=euler", "--dry-run"], check=False)
+    assert bad.returncode != 0 and "sampling.sampler" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lab") / "run"
+    t0 = time.time()
+    proc = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}"], timeout=600)
+    return str(run_dir), time.time() - t0, proc
+
+
+def test_tiny_lab_writes_the_report(lab_run):
+    run_dir, _, _ = lab_run
+    report = open(os.path.join(run_dir, "report.md")).read()
+    for heading in ("## Configuration", "## Reconstruction", "## Generation", "## Loss curves", "## What this shows"):
+        assert heading in report
+    for name in ("kl_plain", "kl_gan", "vq_gan"):
+        assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.]+ \|", report, re.M), name  # reconstruction row
+    for space in SPACES:  # generation row: latent shape, GFLOP, images/s, loss, s/image, accuracies
+        assert re.search(rf"^\| {space} \| \d+×\d+×\d+ \| [0-9.]+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+%", report, re.M)
+    assert "| pixels | 3×16×16 |" in report
+    assert "random backbone" in report  # LPIPS had no ImageNet weights, and the report says so
+    assert "n/a (no Inception weights)" in report
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"eval/recon_grid.png", "unet_loss.png", "autoencoder_loss.png"} <= set(links)
+    assert {f"samples_{s}.png" for s in SPACES} <= set(links)
+    for link in links:
+        assert os.path.getsize(os.path.join(run_dir, link)) > 0, link
+
+
+def test_pixel_cache_holds_the_images_and_samples_decode(lab_run):
+    """cache -> train -> sample on the identity first stage: the cached "latents" are the
+    training images themselves (exact to 8 bits), the UNet trained and sampled on them."""
+    from data_pipeline.images import image_and_caption
+    from data_pipeline.latents import decode_sample, read_manifest
+    from data_pipeline.shards import iter_samples
+
+    run_dir, _, _ = lab_run
+    cache = os.path.join(run_dir, "latents", "pixels")
+    manifest = read_manifest(cache)
+    assert manifest["vae"]["source"] == "identity" and manifest["vae"]["scaling_factor"] == 1.0
+    assert manifest["latent_shape"] == [3, 16, 16] and manifest["vae"]["downsample_factor"] == 1
+    shard = manifest["shards"][0]
+    cached = {s["__key__"]: decode_sample(s) for s in iter_samples(os.path.join(cache, shard["shard"]))}
+    images = {s["__key__"]: image_and_caption(s, 16)[0] for s in iter_samples(shard["source"])}
+    assert cached.keys() == images.keys()
+    for key, x in images.items():
+        z = cached[key]["mean"].float()
+        assert torch.equal(z.add(1).mul(127.5).round(), x.add(1).mul(127.5).round()), key
+        assert torch.count_nonzero(cached[key]["std"]) == 0
+    with open(os.path.join(run_dir, "stages", "samples_pixels.json")) as f:
+        assert json.load(f)["accuracy"] is not None  # samples were drawn and scored
+    assert os.path.exists(os.path.join(run_dir, "unets", "pixels", "loss.png"))
+
+
+def test_rerun_skips_finished_stages(lab_run):
+    run_dir, first_s, _ = lab_run
+    t0 = time.time()
+    proc = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}"])
+    again_s = time.time() - t0
+    skipped = re.findall(r"\[lab\] (\S+): done before, skipped", proc.stdout)
+    assert len(skipped) == 19 and "unet_pixels" in skipped, proc.stdout[-2000:]
+    assert " ..." not in proc.stdout  # no stage ran again
+    assert again_s < max(30.0, first_s / 2), (again_s, first_s)
+    different = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}", "unet.lr=0.01"], check=False)
+    assert different.returncode != 0 and "holds a different config" in different.stderr
