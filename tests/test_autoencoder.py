@@ -13,6 +13,7 @@ from conftest import PY, ROOT
 from models.autoencoder import build_autoencoder, downsample_factor, encode_moments, load_autoencoder
 from models.discriminator import build_discriminator, patch_grid
 from models.perceptual import load_lpips
+from trainer import checkpoint
 from trainer import config as config_lib
 from trainer.ae_losses import (CodebookUsage, FirstStageLoss, adaptive_weight, codebook_losses, hinge_d_loss,
                                hinge_g_loss, restart_dead_codes, vq_forward)
@@ -335,3 +336,41 @@ def test_exports_load_as_the_caches_frozen_vae(runs, tiny_shards):
     mean, std = encode_moments(vae, x)
     assert type(vae).__name__ == "VQModel" and torch.equal(std, torch.zeros_like(mean))
     assert vae.decode(mean).sample.shape == x.shape  # sampling decodes (and quantises) the cached latent
+
+
+LAUNCHERS = {"torchrun": ["torchrun", "--standalone", "--nproc_per_node", "2"],
+             "accelerate": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no"]}
+
+
+def _torchrun(run_dir, shards, *extra: str, launcher: str = "torchrun") -> str:
+    """vq_gan on 2 ranks: codebook counts summed over ranks, restarts broadcast."""
+    cmd = LAUNCHERS[launcher]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **ONE_THREAD}
+    proc = subprocess.run([os.path.join(os.path.dirname(PY), cmd[0]), *cmd[1:], "launch/train_autoencoder.py", "--config", "configs/autoencoder/vq_gan.yaml",
+                           *_overrides("vq_gan", run_dir, shards), "total_samples=32", "checkpoint_every_samples=16",
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_two_ranks_average_gradients_and_resume_exactly(tiny_shards, tmp_path):
+    """2 ranks x 4 images: 4 steps of 8. Run once straight (accelerate launch), once as 2 + 2
+    steps with a restart (torchrun); the logs, the weights and the export agree, and each
+    checkpoint's replica check passed (without the gradient all-reduce it fails at step 2)."""
+    straight = _torchrun(tmp_path / "straight", tiny_shards, launcher="accelerate")  # the same ranks as torchrun's
+    assert "autoencoder exported to" in straight
+    first = _torchrun(tmp_path / "resumed", tiny_shards, "stop_after_samples=16")
+    assert "stopped after stop_after_samples=16 at step 2 of 4" in first
+    second = _torchrun(tmp_path / "resumed", tiny_shards)
+    assert second.count("resuming from") == 1 and "(step 2)" in second  # printed by rank 0 only
+    a, b = _losses(tmp_path / "straight" / "log.jsonl"), _losses(tmp_path / "resumed" / "log.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and [r["samples"] for r in b] == [8, 16, 24, 32]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    wa = load_file(str(tmp_path / "straight" / "export" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "export" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    state = torch.load(os.path.join(checkpoint.latest(str(tmp_path / "resumed")), "optimizer.pt"), weights_only=True)
+    assert state["world_size"] == 2 and len(state["loaders"]) == 2

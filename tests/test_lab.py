@@ -1,10 +1,13 @@
-"""The autoencoder lab (launch/compare_autoencoders.py): the tiny config end to end, rerun skips
-finished stages, --dry-run, and the identity first stage (pixel space, LDM-1)."""
+"""The autoencoder lab (launch/compare_autoencoders.py): the tiny config end to end, on synthetic
+data and on "real" data (the same shards given as data.urls: no caption classifier, CLIP score
+from a tiny random-weight OpenCLIP model), rerun skips finished stages, --dry-run, and the
+identity first stage (pixel space, LDM-1)."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -56,8 +59,10 @@ def test_tiny_lab_writes_the_report(lab_run):
         assert heading in report
     for name in ("kl_plain", "kl_gan", "vq_gan"):
         assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.]+ \|", report, re.M), name  # reconstruction row
-    for space in SPACES:  # generation row: latent shape, GFLOP, images/s, loss, s/image, accuracies
-        assert re.search(rf"^\| {space} \| \d+×\d+×\d+ \| [0-9.]+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+%", report, re.M)
+    for space in SPACES:  # generation row: latent shape, GFLOP, images/s, loss, s/image, FID, CLIP, accuracies
+        assert re.search(rf"^\| {space} \| \d+×\d+×\d+ \| [0-9.]+ \| \d+ \| [0-9.]+ \| [0-9.]+ \| "
+                         r"n/a \(no Inception weights\) \| n/a \(no CLIP model\) \| [0-9.]+%", report, re.M), space
+    assert "- CLIP score: n/a (no CLIP model): eval.clip_model is empty" in report
     assert "| pixels | 3×16×16 |" in report
     assert "random backbone" in report  # LPIPS had no ImageNet weights, and the report says so
     assert "n/a (no Inception weights)" in report
@@ -104,3 +109,40 @@ def test_rerun_skips_finished_stages(lab_run):
     assert again_s < max(30.0, first_s / 2), (again_s, first_s)
     different = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}", "unet.lr=0.01"], check=False)
     assert different.returncode != 0 and "holds a different config" in different.stderr
+
+
+@pytest.fixture(scope="module")
+def real_data_run(lab_run, tmp_path_factory):
+    """The tiny lab on "real" data: the synthetic run's shards given as data.urls, with a tiny
+    OpenCLIP model of random weights for the CLIP score (its values are not meaningful) and no
+    Inception weights. Its first stages are the synthetic run's exports, and its caches and UNets
+    that run's stage results (the same shards, exports and settings would give the same ones): the
+    real-data branch (reconstruction, sampling, scoring, report) runs in seconds instead of
+    retraining four UNets."""
+    from models.clip_score import save_tiny_clip
+
+    synthetic_dir = lab_run[0]
+    spec = save_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+    run_dir = str(tmp_path_factory.mktemp("lab_real") / "run")
+    os.makedirs(os.path.join(run_dir, "stages"))
+    for space in SPACES:
+        for stage in (f"cache_{space}", f"unet_{space}"):
+            shutil.copy(os.path.join(synthetic_dir, "stages", f"{stage}.json"), os.path.join(run_dir, "stages"))
+    exports = [f"models.{n}={synthetic_dir}/autoencoders/{n}/export" for n in SPACES[:3]]
+    run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}", f"data.urls={synthetic_dir}/data/train",
+             f"data.heldout_urls={synthetic_dir}/data/heldout", *exports, f"eval.clip_model={spec}",
+             "sampling.prompts=[a red circle on a white background, a blue square]"], timeout=600)
+    return run_dir
+
+
+def test_real_data_lab_reports_clip_score_without_a_classifier(real_data_run):
+    report = open(os.path.join(real_data_run, "report.md")).read()
+    assert not os.path.exists(os.path.join(real_data_run, "stages", "classifier.json"))
+    for space in SPACES:  # ... s/image | sample FID n/a | a CLIP score | no caption accuracy
+        assert re.search(rf"^\| {space} \| .* \| n/a \(no Inception weights\) \| [0-9]+\.[0-9]{{2}} \| "
+                         r"n/a \(real data: no caption classifier\) \|$", report, re.M), space
+        with open(os.path.join(real_data_run, "stages", f"samples_{space}.json")) as f:
+            samples = json.load(f)
+        assert samples["clip_samples"] == 4 and 0 <= samples["clip_score"] <= 100 and samples["accuracy"] is None
+    assert "- CLIP score: 100 × the mean of max(cos, 0)" in report and "not a measurement" in report
+    assert re.search(r"^- sample FID: n/a \(no Inception weights\): .*(not found|neither)", report, re.M)

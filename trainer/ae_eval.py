@@ -309,27 +309,35 @@ def optional_networks(lpips_weights: str | None, lpips_net: str, inception_weigh
     """(LPIPS net or None, Inception features or None, notes). Weights not given are looked
     for in torch's hub cache; whatever is missing is reported by `say` in one line naming the
     file, and its column reads n/a — the other metrics still run."""
-    from models.fid_inception import FID_WEIGHTS_FILE, TORCHVISION_WEIGHTS_FILE, default_inception_path, load_inception
-
     notes: dict[str, str] = {}
-    lpips_model = inception = None
+    lpips_model = None
     try:
         lpips_model = load_lpips_net(lpips_weights or "", lpips_net)
     except FileNotFoundError as e:
         say(f"LPIPS: n/a (no LPIPS weights): {e}")
-    if inception_weights is None:
-        inception_weights = default_inception_path()
-        if inception_weights is None:
-            say(f"rFID: n/a (no Inception weights): no --inception-weights given and neither {FID_WEIGHTS_FILE} "
-                f"nor {TORCHVISION_WEIGHTS_FILE} is in {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    if inception_weights is not None:
-        try:
-            inception = load_inception(inception_weights)
-        except FileNotFoundError as e:
-            say(f"rFID: n/a (no Inception weights): {e}")
+    inception = optional_inception(inception_weights, say)
     if lpips_weights == "random" and lpips_model is not None:
         notes["lpips_note"] = "LPIPS from a randomly initialised backbone (pipeline check, not a perceptual score)"
     return lpips_model, inception, notes
+
+
+def optional_inception(weights: str | None, say: Callable[[str], None], metric: str = "rFID",
+                       option: str = "--inception-weights") -> nn.Module | None:
+    """Inception features from `weights` (None: torch's hub cache), or None after `say` has
+    given one line, "METRIC: n/a (no Inception weights): ...", naming the file."""
+    from models.fid_inception import FID_WEIGHTS_FILE, TORCHVISION_WEIGHTS_FILE, default_inception_path, load_inception
+
+    if weights is None:
+        weights = default_inception_path()
+        if weights is None:
+            say(f"{metric}: n/a (no Inception weights): no {option} given and neither {FID_WEIGHTS_FILE} "
+                f"nor {TORCHVISION_WEIGHTS_FILE} is in {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+            return None
+    try:
+        return load_inception(weights)
+    except FileNotFoundError as e:
+        say(f"{metric}: n/a (no Inception weights): {e}")
+        return None
 
 
 def run_evaluation(model_specs: list[str], data: str, out_dir: str, *, resolution: int = 256, limit: int | None = None,

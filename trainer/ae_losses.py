@@ -81,8 +81,11 @@ class CodebookUsage:
         self.seen = 0  # batches added so far
         self.restarted = 0  # codes re-initialised by restart_dead_codes so far
 
-    def update(self, indices: torch.Tensor) -> None:
-        self.counts[self.seen % self.window] = torch.bincount(indices.flatten().cpu(), minlength=self.size)
+    def update(self, indices: torch.Tensor, reduce=None) -> None:
+        """Count one batch's codes; `reduce` sums the counts over ranks, so that every rank
+        sees the same dead codes and restarts the same ones."""
+        counts = torch.bincount(indices.flatten().cpu(), minlength=self.size)
+        self.counts[self.seen % self.window] = reduce(counts) if reduce is not None else counts
         self.seen += 1
 
     def stats(self) -> dict:

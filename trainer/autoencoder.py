@@ -33,7 +33,7 @@ from . import checkpoint
 from . import config as config_lib
 from . import dist, slurm
 from .ae_losses import OBJECTIVES, CodebookUsage, FirstStageLoss, restart_dead_codes
-from .data import ImageData, build_loader
+from .data import ImageData, build_loader, image_shard_counts
 from .metrics import RunLog, plot_loss
 
 
@@ -45,7 +45,7 @@ class AutoencoderJob:
     preset: str = "demo"  # architecture in models/autoencoder.py: tiny, demo (f4), f8, sd; vq_tiny, vq_f4, vq_f8, ...
     latent_channels: int = 4  # channels of the latent space
     codebook_size: int = 0  # VQ codes (vq_gan); 0: the preset's
-    batch_per_rank: int = 32  # images per optimizer step
+    batch_per_rank: int = 32  # images per rank per optimizer step (global batch: x world size)
     total_samples: int = 100_000  # training length in images
     lr: float = 1e-3  # autoencoder Adam peak learning rate
     warmup_samples: int = 5_000  # linear warm-up, then cosine decay to 10% of lr (autoencoder only)
@@ -105,8 +105,8 @@ class AutoencoderJob:
                 raise bad(f"disc_layers={self.disc_layers} leaves no patches at data.resolution="
                           f"{self.data.resolution} (needs resolution >= {3 * 2 ** max(self.disc_layers, 1)})")
 
-    def steps(self, samples: int) -> int:
-        return max(1, samples // self.batch_per_rank)
+    def steps(self, samples: int, world_size: int = 1) -> int:
+        return max(1, samples // (self.batch_per_rank * world_size))
 
 
 def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
@@ -122,9 +122,9 @@ def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pi
     return {"x": x}
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The latent draws of one step: a function of (seed, step), so a resumed run draws the same."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The latent draws of one step: a function of (seed, step, rank), so a resumed run draws the same."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step + rank * (1 << 40)) % (2 ** 63))
 
 
 @torch.no_grad()
@@ -163,6 +163,16 @@ class WeightEMA:
         self.shadow = {k: state[k].float().clone() for k in self.shadow}
 
 
+def _check_replicas(model: torch.nn.Module, step: int) -> None:
+    """Averaged gradients keep every rank's weights bit-identical; a fingerprint compared at
+    each checkpoint turns a rank that went its own way into an error, not a silent fork."""
+    fingerprint = float(sum(p.detach().double().sum() for p in model.parameters()))
+    prints = dist.all_gather_objects(fingerprint)
+    if len(set(prints)) > 1:
+        raise config_lib.TrainingError(f"the ranks' autoencoder weights differ at step {step} "
+                                       f"(parameter sums {prints}); a rank skipped or repeated a step")
+
+
 def build_objective(cfg: AutoencoderJob, device) -> FirstStageLoss:
     """The loss with its frozen LPIPS network and its discriminator (loaded first: a missing
     LPIPS backbone stops the run before any data is read)."""
@@ -186,10 +196,13 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     """Train, checkpoint, resume, export. Returns the export folder (the checkpoint when
     `stop_after_samples` ended the invocation early)."""
     preemption = slurm.Preemption()  # before the DataLoader forks: its workers inherit the handler
-    w = dist.world()
-    if w.size > 1:
-        raise RuntimeError("train_autoencoder runs as a single process for now; start it with plain python")
-    config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"))
+    # Data parallel over torchrun / accelerate launch / srun ranks: each rank draws its own
+    # batches, the gradients are averaged (dist.average_gradients), the weights stay equal.
+    w = dist.init() if dist.world().size > 1 else dist.world()
+    batch = cfg.batch_per_rank * w.size  # images per optimizer step, all ranks
+    if w.is_main:
+        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"))
+    dist.barrier()
     torch.manual_seed(cfg.seed)
     device = dist.device()
     if cfg.precision == "bf16" and device.type != "cuda":
@@ -226,61 +239,81 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
             disc_opt.load_state_dict(state["disc_optimizer"])
         if usage is not None:
             usage.load_state_dict(state["codebook_usage"])
-        step, loader_state = state["step"], state["loader"]
-        print(f"resuming from {resume} (step {step})")
-    total_steps = cfg.total_samples // cfg.batch_per_rank
+        if state.get("world_size", 1) != w.size:
+            raise checkpoint.CheckpointError(f"checkpoint {resume} was written by {state.get('world_size', 1)} "
+                                             f"ranks and this run has {w.size}: resume with the same number")
+        step, loader_state = state["step"], state.get("loaders", [state["loader"]])[w.rank]
+        if w.is_main:
+            print(f"resuming from {resume} (step {step})")
+    total_steps = cfg.total_samples // batch
     last_step = total_steps
     if cfg.stop_after_samples > 0:
-        last_step = min(total_steps, step + math.ceil(cfg.stop_after_samples / cfg.batch_per_rank))
-    log_every, ckpt_every = cfg.steps(cfg.log_every_samples), cfg.steps(cfg.checkpoint_every_samples)
+        last_step = min(total_steps, step + math.ceil(cfg.stop_after_samples / batch))
+    log_every, ckpt_every = cfg.steps(cfg.log_every_samples, w.size), cfg.steps(cfg.checkpoint_every_samples, w.size)
 
     # --- data -----------------------------------------------------------------------------
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
+    counts = None  # several ranks take the same number of batches per epoch: counted by rank 0
+    if w.size > 1 and not cfg.data.resampled:
+        counts = dist.all_gather_objects(image_shard_counts(urls, cfg.data.endpoint_url, cfg.run_dir)
+                                         if w.is_main else None)[0]
     loader = build_loader(cfg.data, urls, functools.partial(decode_image_sample, **cfg.data.decode_options()),
-                          cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir, state=loader_state)
+                          cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir, counts=counts,
+                          state=loader_state)
     batches = iter(loader)
-    runlog = RunLog(cfg.run_dir, True, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
+    runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
                     config=config_lib.to_dict(cfg))
     if step == 0 and objective.lpips is not None and objective.lpips.random_backbone:
         runlog.log(0, samples=0, note=RANDOM_NOTICE)
 
     def save_checkpoint() -> str:
-        # Weights as safetensors; optimizer tensors are read back with weights_only=True.
+        # Rank 0 writes the replicated state, with every rank's loader position; the other ranks
+        # wait, so no rank runs ahead of a checkpoint that is not complete.
+        loaders = dist.all_gather_objects(loader.state_dict())
+        _check_replicas(model, step)
         path = os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.tag_for(step))
+        if not w.is_main:
+            dist.barrier()
+            return path
+        # Weights as safetensors; optimizer tensors are read back with weights_only=True.
         os.makedirs(path, exist_ok=True)
         save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
         if disc is not None:
             save_file(disc.state_dict(), os.path.join(path, "discriminator.safetensors"))
         if ema is not None:
             save_file(ema.state_dict(), os.path.join(path, "ema.safetensors"))
-        state = {"optimizer": opt.state_dict(), "step": step, "loader": loader.state_dict()}
+        state = {"optimizer": opt.state_dict(), "step": step, "loader": loaders[0], "loaders": loaders,
+                 "world_size": w.size}
         if disc_opt is not None:
             state["disc_optimizer"] = disc_opt.state_dict()
         if usage is not None:
             state["codebook_usage"] = usage.state_dict()
         torch.save(state, os.path.join(path, "optimizer.pt"))
-        checkpoint.mark_complete(path, {"step": step, "samples": step * cfg.batch_per_rank})
+        checkpoint.mark_complete(path, {"step": step, "samples": step * batch})
         checkpoint.prune(cfg.run_dir, keep_last=2)
+        dist.barrier()
         return path
 
     # --- training loop --------------------------------------------------------------------
     model.train()
     if disc is not None:
         disc.train()
-    bar = tqdm(total=total_steps, initial=step, desc=f"autoencoder ({cfg.objective})", unit="step")
+    bar = tqdm(total=total_steps, initial=step, desc=f"autoencoder ({cfg.objective})", unit="step",
+               disable=not w.is_main)
     t0, done_since = time.time(), 0
     while step < last_step:
         x = next(batches)["x"].to(device)
-        seen = step * cfg.batch_per_rank
+        seen = step * batch
         lr = lr_at(seen, cfg.lr, cfg.warmup_samples, cfg.total_samples)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast():
-            loss, recon, logs = objective.generator_loss(model, x, seen, step_generator(cfg.seed, step))
+            loss, recon, logs = objective.generator_loss(model, x, seen, step_generator(cfg.seed, step, w.rank))
         if not torch.isfinite(loss):
             raise config_lib.TrainingError(f"autoencoder loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(model.parameters())
         _clip_step(model.parameters(), opt, cfg.grad_clip)
         if ema is not None:
             ema.update(model)
@@ -292,23 +325,27 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
                                                f"lower disc_lr (now {cfg.disc_lr})")
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
+            dist.average_gradients(disc.parameters())
             _clip_step(disc.parameters(), disc_opt, cfg.grad_clip)
             logs.update(d_logs)
         if usage is not None:
-            usage.update(objective.last_indices)
+            usage.update(objective.last_indices, reduce=dist.all_reduce_sum_)
             if cfg.codebook_restart_batches and (step + 1) % cfg.codebook_restart_batches == 0:
                 usage.restarted += restart_dead_codes(model.quantize.embedding, objective.last_latents, usage.dead(),
                                                       step_generator(cfg.seed + 1, step), opt)
+                dist.broadcast_(model.quantize.embedding.weight)  # rank 0's picks: the codebooks stay equal
         step, done_since = step + 1, done_since + 1
         bar.update(1)
         if step < last_step and preemption.requested():  # SLURM's warning signal or SIGTERM: checkpoint now
             last_step = step
 
         if step % log_every == 0 or step == total_steps:
-            rate = done_since * cfg.batch_per_rank / (time.time() - t0)
-            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+            rate = done_since * batch / (time.time() - t0)
+            mean_loss = dist.all_reduce_mean(loss.item())  # every rank calls these at the same steps
+            values = {k: dist.all_reduce_mean(float(v.detach()) if torch.is_tensor(v) else float(v))  # over ranks
+                      for k, v in sorted(logs.items())}
             values.update(usage.stats() if usage is not None else {})
-            runlog.log(step, samples=step * cfg.batch_per_rank, loss=loss.item(), **values, lr=lr,
+            runlog.log(step, samples=step * batch, loss=mean_loss, **values, lr=lr,
                        disc_active=objective.gan_active(seen), images_per_s=rate)
             rec_key = "mse" if cfg.objective == "kl_plain" else "l1"
             bar.set_postfix({rec_key: f"{values[rec_key]:.4f}", "img_s": f"{rate:.0f}"})
@@ -320,20 +357,25 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     if preemption.finish(path):  # stopped by a signal: requeue after SLURM's warning
         return path
     if step < total_steps:
-        print(f"stopped after stop_after_samples={cfg.stop_after_samples} at step {step} of {total_steps}; "
-              "rerun the same command to continue")
+        if w.is_main:
+            print(f"stopped after stop_after_samples={cfg.stop_after_samples} at step {step} of {total_steps}; "
+                  "rerun the same command to continue")
         return path
 
-    # --- export: the autoencoder alone (EMA weights when kept) -----------------------------
+    # --- export: the autoencoder alone (EMA weights when kept), by rank 0 -------------------
+    export = os.path.join(cfg.run_dir, "export")
+    if not w.is_main:
+        dist.barrier()
+        return export
     model.eval()
     if ema is not None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.shadow.items()})
     scaling = measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
     model.register_to_config(scaling_factor=scaling)
-    export = os.path.join(cfg.run_dir, "export")
     model.save_pretrained(export, safe_serialization=True)
     keys = ("mse",) if cfg.objective == "kl_plain" else ("l1", "lpips")
     plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
               keys=keys, title=f"autoencoder ({cfg.objective}) reconstruction loss")
     print(f"autoencoder exported to {export} (scaling_factor {scaling:.4f})")
+    dist.barrier()
     return export

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from data_pipeline import storage
@@ -9,6 +10,7 @@ from data_pipeline.buckets import ImageBucketer, make_buckets
 from data_pipeline.images import DEFAULT_MAX_PIXELS
 from data_pipeline.loader import Loader, ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
+from data_pipeline.shards import iter_samples
 
 from .dist import World
 
@@ -50,6 +52,26 @@ class ImageData(ShardData):
         if not self.buckets:
             return None
         return ImageBucketer(make_buckets(self.resolution, self.bucket_step, self.bucket_max_aspect))
+
+
+def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str) -> list[int]:
+    """Samples per image shard: several ranks need them to take the same number of batches
+    (a latent cache's manifest has them; image shards do not). Counted once by reading the
+    tars without decoding, and kept by URL in run_dir/shard_counts.json for later runs."""
+    path = os.path.join(run_dir, "shard_counts.json")
+    known = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            known = json.load(f)
+    missing = [u for u in urls if u not in known]
+    for url in missing:
+        known[url] = sum(1 for _ in iter_samples(url, endpoint_url))
+    if missing:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(known, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return [known[u] for u in urls]
 
 
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,

@@ -162,6 +162,43 @@ def all_reduce_max(value: float) -> float:
     return t.item()
 
 
+def _several() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients(params) -> None:
+    """Data parallelism without a wrapper: each gradient becomes its mean over the ranks, in
+    one all-reduce of a flat copy. For the autoencoder trainer, whose LPIPS/GAN adaptive weight
+    takes autograd.grad of the decoder's last layer, which DDP's reducer hooks do not allow
+    alongside backward (the UNet's gradients go through DeepSpeed)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not _several():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum over ranks (CPU tensors go through the device for NCCL)."""
+    if _several():
+        on = t.to(device())
+        dist.all_reduce(on)
+        t.copy_(on)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In place: rank `src`'s values on every rank."""
+    if _several():
+        dist.broadcast(t.data, src)
+    return t
+
+
 def all_gather_objects(obj):
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]

@@ -7,7 +7,8 @@ the diffusion model that each one's latent space gets.
 PatchGAN (`kl_gan`) and a VQ-GAN (`vq_gan`), measures their reconstructions on held-out images,
 caches the training set's latents with each and with the identity first stage (pixels, the
 latent-diffusion paper's LDM-1), trains the same UNet in all four spaces, samples a fixed prompt
-set from each and scores the samples with a caption classifier, then writes `report.md`.
+set from each and scores the samples — with a caption classifier on synthetic data; with sample
+FID and CLIP score wherever their weights are available locally — then writes `report.md`.
 
 Every stage is a function whose result (paths, numbers, seconds taken) is written to
 `run_dir/stages/NAME.json` when it finishes; rerunning the same command reads those files
@@ -34,7 +35,7 @@ from models.unet import build_unet
 
 from . import config as config_lib
 from . import dist
-from .ae_eval import run_evaluation
+from .ae_eval import ImageBatches, run_evaluation
 from .autoencoder import train_autoencoder
 from .cache import cache_latents
 from .caption_classifier import SyntheticSet, caption_accuracy, train_classifier
@@ -43,6 +44,7 @@ from .lab_config import (FIRST_STAGES, PIXELS, SPACES, LabJob, autoencoder_job, 
                          train_urls, unet_job)
 from .lab_report import write_lab_report
 from .metrics import read_log
+from .sample_quality import SampleQuality, check_clip_spec
 from .sampling import load_run, sample_rows, save_grid
 from .unet import train_unet
 
@@ -169,8 +171,9 @@ def score(classifier, images: torch.Tensor, prompts: list[str]) -> dict:
     return acc
 
 
-def sample_space(cfg: LabJob, space: str, unet_run: str, prompts: list[str], classifier) -> dict:
-    """Samples of the fixed prompts from the space's EMA UNet: a grid, their time, their score."""
+def sample_space(cfg: LabJob, space: str, unet_run: str, prompts: list[str], classifier,
+                 quality: SampleQuality) -> dict:
+    """Samples of the fixed prompts from the space's EMA UNet: a grid, their time, their scores."""
     s = cfg.sampling
     unet, vae, text_encoder, job, manifest = load_run(unet_run, weights="ema")
     device = dist.device()
@@ -180,10 +183,11 @@ def sample_space(cfg: LabJob, space: str, unet_run: str, prompts: list[str], cla
     seconds_per_image = (time.perf_counter() - t0) / (len(prompts) * s.per_prompt)
     grid = save_grid(rows[:s.grid_prompts], prompts[:s.grid_prompts], os.path.join(cfg.run_dir, f"samples_{space}.png"),
                      tile=64)
-    result = {"grid": grid, "seconds_per_image": seconds_per_image, "accuracy": None, "scored": 0}
+    images, image_prompts = [im for row in rows for im in row], [p for p in prompts for _ in range(s.per_prompt)]
+    result = {"grid": grid, "seconds_per_image": seconds_per_image, "accuracy": None, "scored": 0,
+              **quality(images, image_prompts)}
     if classifier is not None:
-        images = torch.stack([to_tensor(im) for row in rows for im in row])
-        result["accuracy"] = score(classifier, images, [p for p in prompts for _ in range(s.per_prompt)])
+        result["accuracy"] = score(classifier, torch.stack([to_tensor(im) for im in images]), image_prompts)
         result["scored"] = len(images)
     return result
 
@@ -192,6 +196,9 @@ def sample_space(cfg: LabJob, space: str, unet_run: str, prompts: list[str], cla
 
 def run_lab(cfg: LabJob) -> str:
     """Every stage of the comparison in order; returns the report's path."""
+    # Before hours of training rather than after them, and before the config is saved, so that
+    # the corrected path is not "a different config" to this run directory.
+    check_clip_spec(cfg.eval.clip_model, need_file=True)
     config_lib.save_resolved(cfg, cfg.run_dir)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -215,13 +222,19 @@ def run_lab(cfg: LabJob) -> str:
         cache = run(f"cache_{space}", cache_space, cfg, space, vaes[space])
         run(f"unet_{space}", train_space, cfg, space, cache)
 
-    # --- f. samples of a fixed prompt set from each UNet, scored by the caption classifier --------
+    # --- f. samples of a fixed prompt set from each UNet, scored by the caption classifier, and by
+    #        sample FID against the held-out images and CLIP score where their weights are given --
     prompts = list(cfg.sampling.prompts) or heldout_pairs(cfg, cfg.sampling.num_prompts)[1]
     classifier = None
     if cfg.synthetic:  # captions in the synthetic grammar: the classifier can check them
         classifier = load_classifier(run("classifier", classifier_stage, cfg)["dir"])
+    e = cfg.eval
+    real = lambda: ImageBatches(heldout_urls(cfg), cfg.data.resolution, e.batch_size, e.images,  # noqa: E731
+                                cfg.data.endpoint_url)
+    quality = SampleQuality(e.inception_weights, e.clip_model, real, dist.device(), e.batch_size)
     for space in SPACES:
-        run(f"samples_{space}", sample_space, cfg, space, results[f"unet_{space}"]["run"], prompts, classifier)
+        run(f"samples_{space}", sample_space, cfg, space, results[f"unet_{space}"]["run"], prompts, classifier,
+            quality)
 
     # --- g. the report -------------------------------------------------------------------------------
     report = write_lab_report(cfg, results, prompts)

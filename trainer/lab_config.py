@@ -17,6 +17,7 @@ from data_pipeline import synthetic
 from . import config as config_lib
 from .autoencoder import AutoencoderJob
 from .cache import CacheJob
+from .sample_quality import check_clip_spec
 from .unet import UNetJob
 
 FIRST_STAGES = ("kl_plain", "kl_gan", "vq_gan")  # trained first stages, by objective
@@ -109,9 +110,10 @@ class LabClassifier:
 
 @dataclasses.dataclass
 class LabEval:
-    images: int = 512  # held-out images evaluated (fewer when the shards hold fewer)
+    images: int = 512  # held-out images evaluated, and the real side of sample FID (fewer when the shards hold fewer)
     batch_size: int = 64  # images per evaluation batch
-    inception_weights: str = ""  # rFID: Inception-v3 weights file; "": torch hub cache, else rFID is n/a
+    inception_weights: str = ""  # rFID and sample FID: Inception-v3 weights file; "": torch hub cache, else n/a
+    clip_model: str = ""  # CLIP score: OpenCLIP MODEL:PATH (a local weights file); "": CLIP score is n/a
     hf_cutoff: float = 0.5  # high-frequency share: energy above this fraction of Nyquist
     grid_images: int = 4  # held-out images in the reconstruction grid
 
@@ -128,7 +130,7 @@ class LabJob:
     unet: LabUNet = dataclasses.field(default_factory=LabUNet)  # second-stage training, per space
     sampling: LabSampling = dataclasses.field(default_factory=LabSampling)  # generation
     classifier: LabClassifier = dataclasses.field(default_factory=LabClassifier)  # caption accuracy
-    eval: LabEval = dataclasses.field(default_factory=LabEval)  # reconstruction metrics
+    eval: LabEval = dataclasses.field(default_factory=LabEval)  # reconstruction and sample-quality metrics
 
     @property
     def synthetic(self) -> bool:
@@ -145,6 +147,7 @@ class LabJob:
         for key in ("images", "steps", "batch_size", "width"):
             if getattr(self.classifier, key) <= 0:
                 raise bad(f"classifier.{key} must be positive, got {getattr(self.classifier, key)}")
+        check_clip_spec(self.eval.clip_model)  # its form here; its file when the lab starts (dry runs work)
         if self.sampling.sampler not in ("ddim", "dpm"):
             raise bad(f"sampling.sampler must be ddim or dpm, got {self.sampling.sampler!r}")
         for key in ("textures", "background_textures"):

@@ -6,6 +6,7 @@ run_dir/stages/), so the report can be rewritten at any time without rerunning a
 from __future__ import annotations
 
 import os
+import re
 
 from data_pipeline import synthetic
 
@@ -28,6 +29,20 @@ def _rel(cfg: LabJob, path: str) -> str:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _na_cell(samples: dict, key: str) -> str:
+    """"n/a (reason)" from the stage's one-line reason, e.g. "n/a (no Inception weights)"."""
+    found = re.search(r"n/a \([^)]*\)", samples.get("na", {}).get(key, ""))
+    return found.group(0) if found else "n/a"
+
+
+def _quality_cells(s: dict) -> list[str]:
+    """Sample FID (with its sample count: it is biased at small N) and CLIP score of one space."""
+    fid = (f"{s['sample_fid']:.2f} ({s['fid_samples']} samples)" if s.get("sample_fid") is not None
+           else _na_cell(s, "sample_fid"))
+    clip = f"{s['clip_score']:.2f}" if s.get("clip_score") is not None else _na_cell(s, "clip_score")
+    return [fid, clip]
 
 
 # ---------------------------------------------------------------- plots
@@ -85,20 +100,42 @@ def _save(fig, path: str) -> str:
 
 def generation_table(results: dict, scored: bool) -> str:
     head = ["space", "latent (c×h×w)", "UNet GFLOP/image (train step)", "UNet images/s (train)", "final loss",
-            "sampling s/image"] + ([label for _, label in HEADS] if scored else ["caption accuracy"])
+            "sampling s/image", "sample FID ↓", "CLIP score ↑"]
+    head += [label for _, label in HEADS] if scored else ["caption accuracy"]
     rows = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for space in SPACES:
         u, s = results[f"unet_{space}"], results[f"samples_{space}"]
         c, h, w = u["latent_shape"]
         cells = [space, f"{c}×{h}×{w}", f"{u['train_flops_per_image'] / 1e9:.3f}",
                  "n/a" if u["images_per_s"] is None else f"{u['images_per_s']:.0f}",
-                 "n/a" if u["final_loss"] is None else f"{u['final_loss']:.4f}", f"{s['seconds_per_image']:.3f}"]
+                 "n/a" if u["final_loss"] is None else f"{u['final_loss']:.4f}", f"{s['seconds_per_image']:.3f}",
+                 *_quality_cells(s)]
         if scored:
             cells += [_pct(s["accuracy"].get(key)) for key, _ in HEADS]
         else:
             cells.append("n/a (real data: no caption classifier)")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def quality_notes(results: dict) -> list[str]:
+    """What the sample FID and CLIP score columns measure, or why they are n/a."""
+    samples = [results[f"samples_{space}"] for space in SPACES]
+    out, first = [], samples[0]
+    if any(s.get("sample_fid") is not None for s in samples):
+        n = first["fid_samples"]
+        out.append(f"Sample FID: Fréchet distance between Inception-v3 pool features ({first['inception']}) of "
+                   f"{first['fid_real_images']} held-out images and of each space's {n} samples; lower is closer"
+                   + (f". With {n} samples (< 2048) the covariances are rank-deficient and FID is biased upward: "
+                      "compare spaces with each other at this count, not with published FIDs." if n < 2048 else "."))
+    if any(s.get("clip_score") is not None for s in samples):
+        out.append(f"CLIP score: 100 × the mean of max(cos, 0) between the OpenCLIP embeddings ({first['clip_model']}) "
+                   "of each sample and of its prompt, as torchmetrics' CLIPScore (Hessel et al. 2021's CLIP-S "
+                   "weights it by 2.5 instead of 100); higher follows the prompts better"
+                   + (". Random-weight test model: not a measurement." if "tiny-clip-random" in first["clip_model"]
+                      else "."))
+    reasons = dict.fromkeys(line for s in samples for line in s.get("na", {}).values())  # unique, in order
+    return out + list(reasons)
 
 
 def stage_table(results: dict) -> str:
@@ -144,6 +181,17 @@ def generation_findings(results: dict, scored: bool) -> list[str]:
         fastest = max((s for s in latent if s in rates), key=rates.get)
         out[0] += f", and trains {rates[fastest] / rates[PIXELS]:.1f}× fewer images/s ({fastest}: {rates[fastest]:.0f}, pixels: {rates[PIXELS]:.0f})"
     out[0] += "."
+    fids = {s: results[f"samples_{s}"].get("sample_fid") for s in SPACES}
+    fids = {s: v for s, v in fids.items() if v is not None}
+    if fids:
+        best = min(fids, key=fids.get)
+        out.append(f"Sample FID is lowest in {best} ({fids[best]:.2f} at {results[f'samples_{best}']['fid_samples']} "
+                   "samples per space).")
+    clips = {s: results[f"samples_{s}"].get("clip_score") for s in SPACES}
+    clips = {s: v for s, v in clips.items() if v is not None}
+    if clips:
+        best = max(clips, key=clips.get)
+        out.append(f"CLIP score is highest in {best} ({clips[best]:.2f}).")
     if scored:
         acc = {s: results[f"samples_{s}"]["accuracy"]["shape+color+position"] for s in SPACES}
         best = max(acc, key=acc.get)  # the first of equals
@@ -199,6 +247,7 @@ def write_lab_report(cfg: LabJob, results: dict, prompts: list[str]) -> str:
                   f"{_pct(CHANCE['position'])}, all three {_pct(CHANCE['shape+color+position'])}. On held-out real "
                   f"images the classifier itself scores {_pct(ceiling['shape+color+position'])} (shape+colour+position) "
                   f"and {_pct(ceiling['all'])} (every attribute): the ceiling."]
+    lines += [f"- {note}" for note in quality_notes(results)]
     lines += ["- GFLOP/image: model FLOPs of one training step (forward + backward) per image (trainer/flops.py); "
               "images/s: the median logged training interval on this machine. Final loss: the last logged "
               "interval's mean denoising MSE; spaces differ in scale, so compare curves, not values, across spaces.",

@@ -10,7 +10,7 @@ with `sbatch`; requeued, the same script starts again and the job resumes:
 - cache: a job array; task i of K encodes the input shards [i*N/K, (i+1)*N/K) of the N
   sorted ones (`shard_slice`), split further between the task's ranks; the task that
   completes the last shard writes the manifest (see trainer/cache.py).
-- autoencoder: one task (its trainer runs as one process for now); preempted like unet.
+- autoencoder: one task per GPU like unet (data parallel, gradients averaged); preempted like unet.
 
 Preemption. `--signal=USR1@SECONDS` makes SLURM send SIGUSR1 to every process of the job's
 steps (not to the batch shell: that is `B:`) that long before the time limit; SIGTERM comes
@@ -154,9 +154,6 @@ class Resources:
             raise config_lib.ConfigError(f"--launcher={self.launcher} is for the unet job; {job} runs under srun")
         if self.array_tasks and job != "cache":
             raise config_lib.ConfigError("--array-tasks is for the cache job")
-        if job == "autoencoder" and self.nodes * self.ranks_per_node() > 1:
-            raise config_lib.ConfigError("the autoencoder trainer runs as one process for now: "
-                                         "use --nodes 1 and at most one GPU or task per node")
         if not 0 <= self.signal_s <= 65535:
             raise config_lib.ConfigError(f"--signal-seconds must be in 0..65535, got {self.signal_s}")
 
