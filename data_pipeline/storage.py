@@ -45,7 +45,8 @@ def _is_s3(url: str) -> bool:
     return url.startswith(("s3://", "s3a://"))
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """A plain path or file:// URL (not object storage)."""
     return "://" not in url or url.startswith("file://")
 
 
@@ -224,7 +225,7 @@ def open_url(url: str, mode: str = "rb", endpoint_url: str | None = None):
         if not _storage_error(e):
             raise
         raise DataError(f"cannot open {url}: {_describe(e)}") from None
-    return f if _is_local(url) else _NamedStream(f, url, mode)
+    return f if is_local(url) else _NamedStream(f, url, mode)
 
 
 def exists(url: str, endpoint_url: str | None = None) -> bool:

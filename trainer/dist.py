@@ -141,13 +141,18 @@ def init(timeout_s: int = 600) -> World:
     return w
 
 
+def _several() -> bool:
+    """Whether this process is one of several ranks of a joined group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_mean(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t)
@@ -155,15 +160,11 @@ def all_reduce_mean(value: float) -> float:
 
 
 def all_reduce_max(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-def _several() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def average_gradients(params) -> None:
@@ -200,7 +201,7 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def all_gather_objects(obj):
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _several():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import threading
 
+from data_pipeline import storage
+
 from . import config as config_lib
 from . import dist
 
@@ -170,28 +172,22 @@ def job_class(job: str):
     return AutoencoderJob
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def log_dir(job: str, cfg, res: Resources) -> str:
     """Where the script and SLURM's output files go: beside what the job writes."""
     if res.log_dir:
         return os.path.abspath(res.log_dir)
     if job == "cache":
         # Not inside the cache: its folder holds exactly what a run without SLURM writes.
-        if _is_url(cfg.out_url):
+        if not storage.is_local(cfg.out_url):
             raise config_lib.ConfigError(f"out_url={cfg.out_url} is not a local folder: name one for the script and "
                                          "logs with --log-dir")
         return os.path.abspath(cfg.out_url.removeprefix("file://").rstrip("/") + ".slurm")
-    if _is_url(cfg.run_dir):
+    if not storage.is_local(cfg.run_dir):
         raise config_lib.ConfigError(f"run_dir={cfg.run_dir} is not a local folder: name one with --log-dir")
     return os.path.abspath(cfg.run_dir)
 
 
 def _count_shards(cfg) -> int:
-    from data_pipeline import storage
-
     cfg.data.configure_storage()
     return len(storage.expand_shards(cfg.data.urls, cfg.data.endpoint_url))
 
