@@ -28,5 +28,5 @@ setup(
         # Loss-curve PNGs; plotting by hand with PIL would be more code than it saves.
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "moto[server]>=5"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5"]},
 )

@@ -68,22 +68,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def release_shm_name(w: dist.World) -> None:
-    """Unlink this rank's DeepSpeed shared-memory allreduce buffer name once every rank has mapped it.
-
-    Under the `deepspeed` launcher (LOCAL_SIZE set) DeepSpeed's CPU comm op creates
-    /dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK (69 MB) per rank and never removes it, so
-    every launch would leave them behind in RAM. The mappings stay valid after the unlink."""
-    dist.barrier()  # every rank is past DeepSpeed's comm initialisation, so all peers have mapped every buffer
-    if "LOCAL_SIZE" in os.environ:
-        name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                f"{os.environ.get('MASTER_PORT', '')}_{w.rank}")
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
-
-
 # --- the bytes a rank holds ----------------------------------------------------------------------
 def _storage(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
@@ -214,7 +198,6 @@ def run_memory(args, w: dist.World) -> dict:
     tiny.backward(tiny(torch.ones(args.batch, 16)).pow(2).mean())
     tiny.step()
     del tiny
-    release_shm_name(w)
     torch.manual_seed(0)
     rss0 = _status_kb("VmRSS")
     peak_reset = reset_peak_rss()  # from here VmHWM is the peak since the baseline
@@ -255,7 +238,6 @@ def run_step(args, w: dist.World) -> dict:
     unet = build_unet("demo", 4, 8, 64)
     params = sum(p.numel() for p in unet.parameters())
     engine = build_engine(unet, _config(args, w, args.batch))
-    release_shm_name(w)
     schedule = noise_schedule("epsilon")
     g = torch.Generator().manual_seed(1000 + w.rank)
     pool = [(torch.randn(args.batch, 4, 8, 8, generator=g).half(),

@@ -5,6 +5,7 @@ Everything here runs on CPU in seconds and never touches the network beyond loop
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,13 +15,61 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
+LEFT_BEHIND: list[str] = []  # commands whose processes outlived them (reported at the end of the run)
+
+
 def run_cmd(args: list[str], check: bool = True, env: dict | None = None, timeout: int = 600):
-    """Run a project command from the repository root; returns the CompletedProcess."""
+    """Run a project command from the repository root; returns the CompletedProcess.
+
+    The command gets a process group of its own, and whatever of that group is still alive
+    when it returns or times out (launcher ranks, loader workers) is killed and reported at
+    the end of the run: on a 2-core CI machine one orphan spinning on a dead peer would slow
+    every later test into its timeout. A timeout is an AssertionError with the output so far.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        timed_out = True
+    if _kill_group(proc.pid):
+        LEFT_BEHIND.append(" ".join(args)[:200])
+    if timed_out:
+        raise AssertionError(f"{' '.join(args)} did not finish in {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+    result = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
+    return result
+
+
+def _kill_group(pgid: int) -> bool:
+    """SIGKILL every process left in the group; True when there was one."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Machine state at the end of the run, for reading a failed CI log: memory, /dev/shm
+    (tmpfs, so its files are RAM) and commands that left processes behind."""
+    tr = terminalreporter
+    try:
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        avail_gib = int(meminfo["MemAvailable"].split()[0]) / 2**20
+        shm = os.statvfs("/dev/shm")
+        shm_used_gib = (shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**30
+        tr.write_line(f"machine: {avail_gib:.1f} GiB memory available, /dev/shm holds {shm_used_gib:.1f} GiB, "
+                      f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    except (OSError, KeyError, ValueError):
+        pass
+    for cmd in LEFT_BEHIND:
+        tr.write_line(f"left processes behind (killed): {cmd}")
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,13 @@ def init(timeout_s: int = 600) -> World:
         env.setdefault("MASTER_PORT", str(rendezvous[1]))
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
+    else:
+        # With LOCAL_SIZE set (the `deepspeed` launcher sets it) DeepSpeed's CPU backend maps a
+        # 69 MB shared-memory buffer per rank, /dev/shm/deepspeed_allreduce_buffer_*, that it
+        # never unlinks, so every CPU run leaves its buffers in RAM until reboot, and where
+        # /dev/shm is smaller (Docker's 64 MB) the rank crashes in that buffer's set-up. The
+        # buffer serves only inference_all_reduce (tensor-parallel inference), never training.
+        env.pop("LOCAL_SIZE", None)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # A bounded timeout turns a dead or hung peer into an error instead of a hang (for NCCL,
     # torch's watchdog then ends the process: TORCH_NCCL_ASYNC_ERROR_HANDLING's default).
