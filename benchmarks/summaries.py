@@ -105,6 +105,11 @@ def summarize_precompute(d: dict) -> tuple[list[Figure], list[Target]]:
                     "images in the bare loop")
         why += (f". Against the loop that also runs the text encoder, as the job must, the ratio is "
                 f"{d['ratio_job_over_bare_with_text']['median']:.2f}.")
+        if d.get("ceiling_on_cpu") is not None:
+            why += (f" On this CPU the target is out of reach: the VAE already keeps every core busy, so the "
+                    f"decoding in the loader worker ({d['worker_cpu_s']:.2f}s of CPU) and the text encoder, work "
+                    f"the bare loop does not do, cap the median ratio at about {d['ceiling_on_cpu']:.2f}. On a GPU node the "
+                    "encoders run on the GPU while the CPU cores decode.")
         if d.get("noisy"):
             why += " The run was noisy (other processes on the cores)."
     return figs, [Target("3. precompute efficiency", "cache_latents images/s / bare encode loop images/s",
