@@ -341,9 +341,12 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
 
         if step % log_every == 0 or step == total_steps:
             rate = done_since * batch / (time.time() - t0)
-            mean_loss = dist.all_reduce_mean(loss.item())  # every rank calls these at the same steps
-            values = {k: dist.all_reduce_mean(float(v.detach()) if torch.is_tensor(v) else float(v))  # over ranks
-                      for k, v in sorted(logs.items())}
+            # Means over ranks, in one all-reduce (every rank logs at the same steps).
+            keys = sorted(logs)
+            means = torch.tensor([loss.item(), *(float(logs[k].detach() if torch.is_tensor(logs[k]) else logs[k])
+                                                  for k in keys)], dtype=torch.float64)
+            means = (dist.all_reduce_sum_(means) / w.size).tolist()
+            mean_loss, values = means[0], dict(zip(keys, means[1:]))
             values.update(usage.stats() if usage is not None else {})
             runlog.log(step, samples=step * batch, loss=mean_loss, **values, lr=lr,
                        disc_active=objective.gan_active(seen), images_per_s=rate)

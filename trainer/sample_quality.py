@@ -25,7 +25,6 @@ from .ae_eval import optional_inception
 from .config import ConfigError
 
 CLIP_WEIGHT = 100.0  # torchmetrics' scale (Hessel et al.'s CLIP-S uses 2.5)
-NA = {"sample_fid": "no Inception weights", "clip_score": "no CLIP model"}
 
 
 def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
@@ -107,7 +106,7 @@ class SampleQuality:
 
             self.clip = load_clip(self.clip_model, self.device)  # a bad file is an error: the user asked for it
         else:
-            self.na["clip_score"] = f"CLIP score: n/a ({NA['clip_score']}): eval.clip_model is empty"
+            self.na["clip_score"] = "CLIP score: n/a (no CLIP model): eval.clip_model is empty"
         for line in self.na.values():
             self.say(line)
 
