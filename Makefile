@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 
 # Both stages of a latent diffusion model on the embedded synthetic data, on CPU.
 demo: venv
-	$(PY) launch/make_synthetic.py --out $(RUN)/shards --num 4000 --per-shard 500
+	$(PY) launch/make_synthetic.py --out $(RUN)/shards --num 4000 --per-shard 500 --overwrite
 	$(PY) launch/train_autoencoder.py --config configs/autoencoder/demo.yaml run_dir=$(RUN)/autoencoder data.urls=$(RUN)/shards
 	$(PY) launch/cache_latents.py --config configs/cache/demo.yaml data.urls=$(RUN)/shards out_url=$(RUN)/latents vae=$(RUN)/autoencoder/export
 	$(VENV)/bin/deepspeed --num_gpus 1 launch/train_unet.py --config configs/unet/demo.yaml run_dir=$(RUN)/unet data.urls=$(RUN)/latents

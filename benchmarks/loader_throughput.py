@@ -45,7 +45,7 @@ By default the data is generated in a temporary directory and deleted afterwards
   WebDataset .tar shards with an image and a .txt caption per sample).
 * latent shards: synthetic samples in the cache format of trainer/cache.py
   (`KEY.safetensors` with fp16 `mean`/`std` of `--latent-shape` and fp16 `text_emb` of
-  `--text-emb`, plus `KEY.txt` and `KEY.json`), written directly with safetensors, not
+  `--text-emb`, plus `KEY.txt`, `KEY.json` and `KEY.sha256`), written directly with safetensors, not
   VAE-encoded. The default 4x64x64 + 77x1024 is what a 512-px Stable Diffusion 2.x cache
   holds (about 222 KB per sample, mostly the text embedding), whatever `--resolution` is.
 
@@ -101,6 +101,7 @@ from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (b
 from safetensors.torch import save as st_save  # noqa: E402
 
 from data_pipeline import synthetic  # noqa: E402
+from data_pipeline.latents import sample_digest  # noqa: E402
 from data_pipeline.loader import ShardBatches, make_loader  # noqa: E402
 from data_pipeline.quarantine import Quarantine  # noqa: E402
 from data_pipeline.shards import write_shards  # noqa: E402
@@ -132,9 +133,11 @@ def synthetic_latents(num: int, latent_shape: tuple[int, ...], text_emb_shape: t
             "std": pool[o[1]:o[1] + n_lat].abs().add(0.01).reshape(latent_shape).clone(),
             "text_emb": pool[o[2]:o[2] + n_emb].reshape(text_emb_shape).clone(),
         }
-        yield {"__key__": f"{i:08d}", "safetensors": st_save(tensors),
-               "txt": synthetic.caption(synthetic.attributes(seed, i)).encode(),
-               "json": json.dumps({"original_size": [512, 512]}).encode()}
+        sample = {"__key__": f"{i:08d}", "safetensors": st_save(tensors),
+                  "txt": synthetic.caption(synthetic.attributes(seed, i)).encode(),
+                  "json": json.dumps({"original_size": [512, 512]}).encode()}
+        sample["sha256"] = sample_digest(sample).encode()  # the cache format's per-sample check
+        yield sample
 
 
 def write_counted(samples, out: str, per_shard: int, prefix: str) -> tuple[list[str], list[int], int]:

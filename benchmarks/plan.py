@@ -27,7 +27,7 @@ from trainer.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_key, 
 # CLIP ViT-L/14 text tower, SD 2.x OpenCLIP ViT-H/14's.
 TEXT = {"sd15": ("ViT-L-14", 768), "sd21": ("ViT-H-14", 1024)}
 CONTEXT_TOKENS = 77
-TAR_HEADER_BYTES = 512 * 3 * 2  # three members (.safetensors, .txt, .json): header + padding, roughly
+TAR_HEADER_BYTES = 512 * 4 * 2  # four members (.safetensors, .txt, .json, .sha256): header + padding, roughly
 
 
 def text_tower_flops(name: str) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .images import IMAGE_EXTS, header_size
+from .images import DEFAULT_FORMATS, IMAGE_EXTS, header_size
 
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:
@@ -36,12 +36,12 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> int
 class ImageBucketer:
     """Maps a raw sample to its bucket index (picklable, for DataLoader workers)."""
 
-    def __init__(self, buckets: list[tuple[int, int]]):
-        self.buckets = buckets
+    def __init__(self, buckets: list[tuple[int, int]], formats: tuple[str, ...] = DEFAULT_FORMATS):
+        self.buckets, self.formats = buckets, tuple(formats)  # formats: those the decoder will open
 
     def __call__(self, sample: dict) -> int:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        size = header_size(sample[ext]) if ext else None
+        size = header_size(sample[ext], self.formats) if ext else None
         # Unreadable headers go to the square bucket; decoding will quarantine them.
         return nearest_bucket(size, self.buckets) if size and min(size) > 0 else self.square
 

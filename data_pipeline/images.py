@@ -2,6 +2,11 @@
 
 Decoding is defensive because web-scale shards hold whatever was scraped:
 
+* only an allow-list of formats is opened (JPEG, PNG, WebP unless the config opts into
+  more), whatever the member's extension says: PIL's EPS plugin runs Ghostscript on the
+  file's PostScript, and JPEG 2000 decodes ~20x slower per pixel than JPEG; a member in any
+  other format is a one-line DataError naming the format it is, and so is any exception a
+  decoder raises (a hostile file must never escape as an uncaught error that ends a job);
 * the pixel count an image's header claims is checked before any pixel is decoded, so a
   small file that claims 30000x30000 (a decompression bomb) is rejected at once and
   without memory; PIL's own `Image.MAX_IMAGE_PIXELS` guard stays in force as well;
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import warnings
 
 import numpy as np
@@ -32,9 +36,40 @@ CAPTION_EXTS = ("txt", "caption")
 # Largest pixel count an image header may claim: 8000x8000 photos pass, bombs do not.
 DEFAULT_MAX_PIXELS = 64_000_000
 
-# What malformed files make PIL (and its plugins) raise while parsing or decoding.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError,
-                  ZeroDivisionError, struct.error, Image.DecompressionBombError)
+# Formats opened by default: what web image shards hold. Anything else is refused unless a
+# config opts into it (data.image_formats), because Image.open otherwise tries every plugin
+# PIL has, whatever the file name says: EPS runs Ghostscript on the file's PostScript, and
+# JPEG 2000 / TIFF / PSD are slow or rarely-exercised decoders.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """`formats` upper-cased and checked against the formats this PIL can open; a
+    ValueError naming the unknown one otherwise."""
+    Image.init()
+    if isinstance(formats, str) or not formats:
+        raise ValueError(f"image formats must be a non-empty list of PIL format names, got {formats!r}")
+    out = tuple(str(f).upper() for f in formats)
+    for f in out:
+        if f not in Image.OPEN:
+            raise ValueError(f"unknown image format {f!r}: PIL opens {', '.join(sorted(Image.OPEN))}")
+    return out
+
+
+def _sniff(data: bytes) -> str | None:
+    """The format whose signature `data` starts with, from the plugins' `accept` tests
+    (prefix checks only: nothing is parsed), to name a refused format in the error."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            ok = accept(prefix) if accept is not None else False
+            if ok and not isinstance(ok, str):
+                return fmt
+        except Exception:  # noqa: BLE001 - only for wording an error message
+            continue
+    return None
 
 # EXIF orientation -> the transposition that undoes it (as ImageOps.exif_transpose does).
 _ORIENTATION = {
@@ -52,11 +87,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(data: bytes, formats: tuple[str, ...]) -> tuple[int, int] | None:
     """The size an image's header claims, read the way `Image.open` reads it but without
     PIL's decompression-bomb check (used only to word the error for a rejected bomb)."""
     prefix = data[:16]
-    for fmt in list(Image.ID):
+    for fmt in formats:
         factory, accept = Image.OPEN[fmt]
         try:
             ok = accept(prefix) if accept else True
@@ -81,22 +116,37 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _ORIENTATION else 1
 
 
-def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0,
-          resolution: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Open lazily, check the claimed size, pick a JPEG draft scale, decode, apply the EXIF
-    orientation and convert to RGB. Returns (RGB image, original (w, h) after rotation)."""
+def _refused(data: bytes, where: str, formats: tuple[str, ...]) -> DataError:
+    found = _sniff(data)
+    allowed = ", ".join(formats)
+    if found is None:
+        return DataError(f"cannot decode image {where}: not an image in a format PIL knows (allowed: {allowed})")
+    if found in formats:
+        return DataError(f"cannot decode image {where}: a damaged {found} (PIL cannot read its header)")
+    return DataError(f"image {where} is {found}, not an allowed format ({allowed}); "
+                     "data.image_formats opts into others")
+
+
+def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0, resolution: int | None = None,
+          formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[Image.Image, tuple[int, int]]:
+    """Open lazily (only `formats`), check the claimed size, pick a JPEG draft scale, decode,
+    apply the EXIF orientation and convert to RGB. Returns (RGB image, original (w, h) after
+    rotation). Every failure, whatever a decoder raised, is a one-line DataError."""
+    formats = tuple(formats)
     try:
         with warnings.catch_warnings():  # PIL warns between its two limits; we judge by max_pixels
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
+    except Image.UnidentifiedImageError:
+        raise _refused(data, where, formats) from None
     except Image.DecompressionBombError as e:
-        claimed = _header_size(data)
+        claimed = _header_size(data, formats)
         if claimed is None:
             raise DataError(f"image {where} is too large: {_one_line(e)}") from None
         if claimed[0] * claimed[1] > max_pixels:
             raise _too_large(where, claimed, max_pixels, "max_pixels") from None
         raise _too_large(where, claimed, 2 * Image.MAX_IMAGE_PIXELS, "twice PIL's Image.MAX_IMAGE_PIXELS") from None
-    except _DECODE_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - whatever a plugin raises on hostile bytes is this sample's fault
         raise DataError(f"cannot decode image {where}: {_one_line(e)}") from None
 
     w, h = img.size
@@ -118,7 +168,7 @@ def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0,
         if orientation != 1:
             img = img.transpose(_ORIENTATION[orientation])
         return _to_rgb(img), size
-    except _DECODE_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - as above; MemoryError too: one image's demand, not the job's
         raise DataError(f"cannot decode image {where}: {_one_line(e)}") from None
 
 
@@ -151,11 +201,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted JPEGs are read right), YCbCr, LAB, RGBX...
 
 
-def decode_rgb(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode image bytes to RGB, honouring EXIF rotation and compositing transparency over
-    white. A header claiming more than `max_pixels` pixels is rejected before decoding;
-    any failure is a one-line DataError naming `where`."""
-    return _open(data, where, max_pixels)[0]
+def decode_rgb(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image:
+    """Decode image bytes (one of `formats`) to RGB, honouring EXIF rotation and compositing
+    transparency over white. A header claiming more than `max_pixels` pixels is rejected
+    before decoding; any failure is a one-line DataError naming `where`."""
+    return _open(data, where, max_pixels, formats=formats)[0]
 
 
 def _size(resolution) -> tuple[int, int]:
@@ -199,13 +250,13 @@ def original_crop_box(size: tuple[int, int], resolution) -> tuple[float, float, 
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(w, h) after EXIF rotation from the header alone, or None if it cannot be read.
-    Cheap enough to run on every sample, also on samples a resume skips over."""
+def header_size(data: bytes, formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[int, int] | None:
+    """(w, h) after EXIF rotation from the header alone, or None if it cannot be read or is
+    not one of `formats`. Cheap enough to run on every sample, also on samples a resume skips over."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=tuple(formats))
         w, h = img.size
         return (h, w) if _orientation(img) >= 5 else (w, h)
     except Exception:  # noqa: BLE001 - unreadable: the decode will quarantine it
@@ -226,12 +277,12 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def image_and_caption(sample: dict, resolution, *, min_size: int = 0,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, str, tuple[int, int]]:
+def image_and_caption(sample: dict, resolution, *, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[torch.Tensor, str, tuple[int, int]]:
     """(3xHxW tensor in [-1, 1], caption, original (w, h) after EXIF rotation) from a raw
     shard sample, or a one-line DataError naming the shard and key when the image or caption
-    is missing or unreadable, the image header claims more than `max_pixels` pixels, or the
-    image's shorter side is below `min_size` (smaller images are upscaled)."""
+    is missing or unreadable, the image is not one of `formats`, its header claims more than
+    `max_pixels` pixels, or its shorter side is below `min_size` (smaller images are upscaled)."""
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if image_ext is None:
@@ -239,7 +290,7 @@ def image_and_caption(sample: dict, resolution, *, min_size: int = 0,
     caption_ext = next((e for e in CAPTION_EXTS if e in sample), None)
     if caption_ext is None:
         raise DataError(f"sample {where} has no caption (expected .txt)")
-    img, size = _open(sample[image_ext], where, max_pixels, min_size, max(_size(resolution)))
+    img, size = _open(sample[image_ext], where, max_pixels, min_size, max(_size(resolution)), formats)
     crop, _ = resize_center_crop(img, resolution)
     caption = sample[caption_ext].decode("utf-8", errors="replace").strip()
     return to_tensor(crop), caption, size

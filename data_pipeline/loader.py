@@ -21,7 +21,11 @@ epoch is smaller instead, and nothing is left out. With aspect-ratio buckets eve
 holds one bucket's shape; a stream then yields (bucket count - 1) batches fewer per epoch
 than its counts could fill, so that it can always fill what it promised. Samples that fail to decode are quarantined: their batch comes
 out smaller instead of being refilled, so batch boundaries stay a function of the raw
-data and resuming stays exact.
+data and resuming stays exact. A batch whose samples all fail (one bad image at batch
+size 1) cannot come out empty, since every rank must take the same number of steps: it
+becomes the next sample of the same stream that decodes, looked up in the stream's
+following batches (which still come out as usual). That choice depends on the stream's
+data alone, so a resumed run makes it the same way.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .quarantine import Quarantine
-from .shards import iter_samples
+from .shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 from .storage import DataError
 
 
@@ -62,6 +66,26 @@ class _Plan:
         return max(0, fill - self.slack)
 
 
+# How many samples after an all-failed batch are tried for a stand-in before giving up:
+# that many failures in a row exceed any sensible max_error_rate anyway.
+MAX_STAND_IN_SAMPLES = 1000
+
+
+class _Ahead:
+    """An iterator that can look at its coming items without consuming them."""
+
+    def __init__(self, it):
+        self.it, self.buffer = it, []
+
+    def __next__(self):
+        return self.buffer.pop(0) if self.buffer else next(self.it)
+
+    def peek(self, i: int):
+        while len(self.buffer) <= i:
+            self.buffer.append(next(self.it))
+        return self.buffer[i]
+
+
 class ShardBatches(IterableDataset):
     """Collated batches for one rank, continuing from `positions` (batches consumed per stream)."""
 
@@ -70,7 +94,8 @@ class ShardBatches(IterableDataset):
                  counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
                  resampled: bool = False, bucketer=None,
                  quarantine: Quarantine | None = None, endpoint_url: str | None = None,
-                 checksums: list[str] | None = None):
+                 checksums: list[str] | None = None, read_shard=None,
+                 max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)):
         V = virtual_ranks or world_size * max(1, num_workers)
         per_rank = V // world_size
         if V % world_size or per_rank % max(1, num_workers):
@@ -98,6 +123,10 @@ class ShardBatches(IterableDataset):
         self.positions = [0] * V  # batches consumed per stream; Loader.load_state_dict restores them
         self.quarantine, self.endpoint_url = quarantine, endpoint_url
         self.checksums = checksums  # sha256 per shard, verified while reading (latent caches)
+        self.max_member_bytes = max_member_bytes  # larger tar members are skipped unread, their sample quarantined
+        # Reads one shard, called as iter_samples is (`sha256=` gets checksums[i]); latent caches
+        # pass latents.read_cached_shard, whose per-shard check is the order of the keys.
+        self.read_shard = read_shard or iter_samples
 
     # -- which streams a rank serves, in the order its batches come from them ------------
     def streams_of(self, rank: int) -> list[int]:
@@ -130,7 +159,8 @@ class ShardBatches(IterableDataset):
         shards = self.plan.shards(epoch, stream)
         sums = self.checksums or [None] * len(self.urls)
         samples = (s for i in shards
-                   for s in iter_samples(self.urls[i], self.endpoint_url, on_error=self.quarantine, sha256=sums[i]))
+                   for s in self.read_shard(self.urls[i], self.endpoint_url, on_error=self.quarantine, sha256=sums[i],
+                                            max_member_bytes=self.max_member_bytes))
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -194,7 +224,23 @@ class ShardBatches(IterableDataset):
             batch = [{**s, "__size__": size} for s in batch]
         return batch
 
-    def _collate(self, epoch: int, raw: list[dict]) -> dict:
+    def _stand_in(self, ahead: _Ahead, stream: int, raw: list[dict]) -> list:
+        """The next sample of `stream` after the all-failed batch `raw` that decodes, found in
+        the stream's coming batches (left in place: they still come out in turn). Failures met
+        here are not reported: they are when their own batch comes."""
+        tried, i = 0, 0
+        while tried < MAX_STAND_IN_SAMPLES:
+            for s in ahead.peek(i)[1]:
+                tried += 1
+                try:
+                    return [self.decode(s)]
+                except DataError:
+                    continue
+            i += 1
+        raise DataError(f"every sample of a batch (first: {raw[0].get('__url__')}:{raw[0].get('__key__')}) and the "
+                        f"next {tried} samples of its stream {stream} failed to decode")
+
+    def _collate(self, epoch: int, raw: list[dict], ahead: _Ahead | None = None, stream: int = 0) -> dict:
         decoded = []
         for s in raw:
             try:
@@ -205,6 +251,8 @@ class ShardBatches(IterableDataset):
                 if self.quarantine is None:
                     raise
                 self.quarantine(s.get("__url__"), s.get("__key__"), str(e))
+        if not decoded and ahead is not None:  # every rank must still take this step
+            decoded = self._stand_in(ahead, stream, raw)
         if not decoded:
             raise DataError(f"every sample of a batch failed to decode (first: {raw[0].get('__url__')}:"
                             f"{raw[0].get('__key__')})")
@@ -223,11 +271,11 @@ class ShardBatches(IterableDataset):
         # This worker's streams, each from its own position, taken in turn: together with
         # the DataLoader's worker round-robin this gives the rank's stream round-robin.
         mine = self.streams_of(self.rank)[worker::workers]
-        gens = [self._stream_batches(v, self.positions[v]) for v in mine]
+        gens = [_Ahead(self._stream_batches(v, self.positions[v])) for v in mine]
         while True:
-            for g in gens:
+            for v, g in zip(mine, gens):
                 epoch, raw = next(g)
-                yield self._collate(epoch, raw)
+                yield self._collate(epoch, raw, g, v)
 
 
 def _sigterm_from_parent_only(worker_id: int) -> None:

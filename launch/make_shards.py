@@ -4,7 +4,9 @@
 
 `photos/cat.jpg` + `photos/cat.txt` becomes the sample `cat` with `cat.jpg` and
 `cat.txt`, the layout img2dataset and LAION-style pipelines produce. Image bytes are
-copied unchanged. An image without a caption is an error naming it.
+copied unchanged. An image without a caption is an error naming it. The output folder must
+be empty or absent (shards of an earlier run would be read beside the new ones); --overwrite
+first deletes the shards an earlier run left there.
 """
 import argparse
 import os
@@ -14,6 +16,8 @@ from tqdm import tqdm
 
 from data_pipeline import shards
 from data_pipeline.images import IMAGE_EXTS
+from data_pipeline.output_folder import check_prefix, claim_output_folder
+from data_pipeline.storage import DataError
 
 
 def main() -> None:
@@ -23,7 +27,12 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=1000, help="samples per tar shard")
     p.add_argument("--prefix", default="data", help="shard file name prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards an earlier run left in --out")
     args = p.parse_args()
+    if args.per_shard <= 0:
+        p.error(f"--per-shard must be a positive number of samples, got {args.per_shard}")
+    if (why := check_prefix(args.prefix)) is not None:
+        p.error(why)
     if not os.path.isdir(args.images):
         sys.exit(f"error: --images {args.images} is not a directory")
 
@@ -40,6 +49,10 @@ def main() -> None:
     pairs.sort()
     if not pairs:
         sys.exit(f"error: no images ({', '.join(IMAGE_EXTS)}) found under {args.images}")
+    try:  # checked after the inputs, so that a mistake there leaves an earlier output untouched
+        claim_output_folder(args.out, args.prefix, args.overwrite, args.endpoint_url)
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
     def samples():
         for i, (image, caption, ext) in enumerate(pairs):

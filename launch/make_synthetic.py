@@ -7,12 +7,18 @@
 --textures / --background-textures are lists the shape's / the background's fill is drawn
 from per image (repeats weight the draw); the caption names a fill that is not flat:
 "a red striped circle at the top left on a checkered white background".
+
+The output folder must be empty or absent (shards of an earlier run would be read beside
+the new ones); --overwrite first deletes the shards an earlier run left there.
 """
 import argparse
+import sys
 
 from tqdm import tqdm
 
 from data_pipeline import shards, synthetic
+from data_pipeline.output_folder import claim_output_folder
+from data_pipeline.storage import DataError
 
 
 def main() -> None:
@@ -27,6 +33,7 @@ def main() -> None:
     p.add_argument("--background-textures", default="flat",
                    help=f"background fills to draw from per image, from {valid}")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards an earlier run left in --out")
     args = p.parse_args()
     if args.num <= 0 or args.per_shard <= 0 or args.resolution < 8:
         p.error("--num and --per-shard must be positive and --resolution at least 8")
@@ -35,6 +42,10 @@ def main() -> None:
         background_textures = synthetic.parse_textures(args.background_textures, "--background-textures")
     except ValueError as e:
         p.error(str(e))
+    try:
+        claim_output_folder(args.out, "shapes", args.overwrite, args.endpoint_url)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     samples = (synthetic.sample(args.seed, i, args.resolution, textures, background_textures)
                for i in range(args.num))
     urls = shards.write_shards(tqdm(samples, total=args.num, desc="drawing", unit="img"),

@@ -8,9 +8,11 @@ The config and overrides are checked here, then passed unchanged to the job on t
 unet: one srun task per GPU, SIGUSR1 --signal-seconds before the time limit makes it
 checkpoint and requeue itself; the script and slurm-JOBID.out go to run_dir. cache: a job
 array over slices of the input shards; script and logs go to OUT_URL.slurm/. --dry-run
-prints the script and submits nothing.
+prints the script and submits nothing: stdout holds the script alone (`--dry-run > job.sbatch`),
+everything else goes to stderr.
 """
 import argparse
+import os
 import sys
 
 from data_pipeline.storage import DataError
@@ -44,10 +46,20 @@ def main() -> None:
                     cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                     account=args.account, signal_s=args.signal_seconds, launcher=args.launcher,
                     array_tasks=args.array_tasks, log_dir=args.log_dir, sbatch=args.sbatch)
+    # Resolving the config imports the job's models; a library that prints while loading (DeepSpeed's
+    # accelerator notice, warnings) must not end up in the script. File descriptor 1 points at stderr
+    # until the script is written to the real stdout.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
     try:
         job_id, script = submit(args.job, args.config, args.overrides, res, dry_run=args.dry_run)
     except (ConfigError, DataError, OSError) as e:
         sys.exit(f"error: {one_line(e)}")
+    finally:
+        sys.stdout.flush()
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
     print(script if job_id is None else f"submitted SLURM job {job_id}: {script}", end="" if job_id is None else "\n")
 
 

@@ -62,7 +62,7 @@ def run(a: argparse.Namespace, w: dist.World, zero: int, root: str, log) -> None
                 def crash(*_args, **_kwargs):
                     os._exit(3)
                 checkpoint.mark_complete = crash  # rank 0 writes the marker; the others die at the barrier
-            checkpoint.save(engine, root, step, {"step": step}, keep_last=a.keep_last, endpoint_url=a.endpoint_url,
+            checkpoint.save(engine, root, step * GLOBAL_BATCH, {"step": step}, keep_last=a.keep_last, endpoint_url=a.endpoint_url,
                             local_dir=a.local_dir)
 
 

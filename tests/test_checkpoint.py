@@ -58,25 +58,25 @@ def _moto_keys(bucket: str) -> dict:
 def test_s3_checkpoint_counts_only_with_its_marker_written_last(s3_run):
     root, endpoint, _, losses, tmp = s3_run
     assert sorted(losses) == list(range(1, 9))
-    assert checkpoint.complete_tags(root, endpoint) == ["step_000000004", "step_000000006"]  # step 2 pruned
-    assert checkpoint.latest(root, endpoint) == f"{root}/step_000000006"
-    assert checkpoint.info(f"{root}/step_000000006", endpoint) == {"step": 6, "world_size": 2, "zero_stage": 2}
+    assert checkpoint.complete_tags(root, endpoint) == ["samples_000000000032", "samples_000000000048"]  # 16 pruned
+    assert checkpoint.latest(root, endpoint) == f"{root}/samples_000000000048"
+    assert checkpoint.info(f"{root}/samples_000000000048", endpoint) == {"step": 6, "samples": 48, "world_size": 2, "zero_stage": 2}
 
     keys = _moto_keys("ckpt-tests")
-    assert not any(k.startswith("run/step_000000002/") for k in keys)
-    interrupted = sorted(k for k in keys if k.startswith("run/step_000000008/"))
-    assert interrupted == ["run/step_000000008/mp_rank_00_model_states.pt",
-                           "run/step_000000008/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                           "run/step_000000008/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    for tag in ("step_000000004", "step_000000006"):
+    assert not any(k.startswith("run/samples_000000000016/") for k in keys)
+    interrupted = sorted(k for k in keys if k.startswith("run/samples_000000000064/"))
+    assert interrupted == ["run/samples_000000000064/mp_rank_00_model_states.pt",
+                           "run/samples_000000000064/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                           "run/samples_000000000064/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    for tag in ("samples_000000000032", "samples_000000000048"):
         files = {k: v.last_modified for k, v in keys.items() if k.startswith(f"run/{tag}/")}
         marker = files.pop(f"run/{tag}/{checkpoint.MARKER}")
         assert len(files) == 3 and marker >= max(files.values())
-    with pytest.raises(checkpoint.CheckpointError, match=r"step_000000008 is not a complete checkpoint"):
-        checkpoint.info(f"{root}/step_000000008", endpoint)
+    with pytest.raises(checkpoint.CheckpointError, match=r"samples_000000000064 is not a complete checkpoint"):
+        checkpoint.info(f"{root}/samples_000000000064", endpoint)
 
-    local = checkpoint.fetch(f"{root}/step_000000006", local_dir=str(tmp / "fetched"), endpoint_url=endpoint)
-    assert local.startswith(str(tmp / "fetched")) and os.path.basename(local) == "step_000000006"
+    local = checkpoint.fetch(f"{root}/samples_000000000048", local_dir=str(tmp / "fetched"), endpoint_url=endpoint)
+    assert local.startswith(str(tmp / "fetched")) and os.path.basename(local) == "samples_000000000048"
     assert sorted(os.listdir(local)) == [checkpoint.MARKER, "mp_rank_00_model_states.pt",
                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
@@ -84,31 +84,31 @@ def test_s3_checkpoint_counts_only_with_its_marker_written_last(s3_run):
 
 def test_zero2_on_s3_resumes_on_one_rank_through_a_universal_checkpoint(s3_run):
     root, endpoint, common, straight, tmp = s3_run
-    run_cmd(_driver(1, *common, "--steps", 8, "--resume-from", f"{root}/step_000000006", "--universal",
+    run_cmd(_driver(1, *common, "--steps", 8, "--resume-from", f"{root}/samples_000000000048", "--universal",
                     "--log", tmp / "elastic.jsonl"))
     # the weights (step 7) and the optimizer state (step 8) are the 2-rank run's
     _close(straight, _losses(tmp / "elastic.jsonl"), (7, 8), 1e-5)
     keys = _moto_keys("ckpt-tests")
-    assert "run/step_000000006/universal/CONVERTED" in keys
-    assert "run/step_000000006/universal/zero/0.weight/exp_avg.pt" in keys
+    assert "run/samples_000000000048/universal/CONVERTED" in keys
+    assert "run/samples_000000000048/universal/zero/0.weight/exp_avg.pt" in keys
     # converted once: a second call finds it
-    assert checkpoint.to_universal(f"{root}/step_000000006", endpoint) == f"{root}/step_000000006/universal"
-    assert _moto_keys("ckpt-tests")["run/step_000000006/universal/CONVERTED"].last_modified == \
-        keys["run/step_000000006/universal/CONVERTED"].last_modified
+    assert checkpoint.to_universal(f"{root}/samples_000000000048", endpoint) == f"{root}/samples_000000000048/universal"
+    assert _moto_keys("ckpt-tests")["run/samples_000000000048/universal/CONVERTED"].last_modified == \
+        keys["run/samples_000000000048/universal/CONVERTED"].last_modified
 
 
 def test_resume_from_s3_skips_the_interrupted_save_and_continues_exactly(s3_run):
     root, endpoint, common, straight, tmp = s3_run
     out = run_cmd(_driver(2, *common, "--steps", 10, "--save-every", 2, "--keep-last", 3, "--resume",
                           "--log", tmp / "resumed.jsonl"))
-    assert f"resumed from {root}/step_000000006 at step 6" in out.stdout
+    assert f"resumed from {root}/samples_000000000048 at step 6" in out.stdout
     resumed = _losses(tmp / "resumed.jsonl")
     assert sorted(resumed) == [7, 8, 9, 10]
     _close(straight, resumed, (7, 8), 1e-6)
     # the new save of step 8 replaced the interrupted one's files, its marker came last
-    assert checkpoint.complete_tags(root, endpoint) == ["step_000000006", "step_000000008", "step_000000010"]
-    files = {k: v.last_modified for k, v in _moto_keys("ckpt-tests").items() if k.startswith("run/step_000000008/")}
-    assert max(files, key=files.get) == f"run/step_000000008/{checkpoint.MARKER}" and len(files) == 4
+    assert checkpoint.complete_tags(root, endpoint) == ["samples_000000000048", "samples_000000000064", "samples_000000000080"]
+    files = {k: v.last_modified for k, v in _moto_keys("ckpt-tests").items() if k.startswith("run/samples_000000000064/")}
+    assert max(files, key=files.get) == f"run/samples_000000000064/{checkpoint.MARKER}" and len(files) == 4
 
 
 def test_zero3_and_zero0_saved_by_two_ranks_resume_on_one(tmp_path):

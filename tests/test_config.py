@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Optional
 
 import pytest
@@ -48,7 +49,7 @@ def test_unknown_top_level_key_in_yaml_names_it_and_lists_valid_keys(tmp_path):
     path = write_yaml(tmp_path / "job.yaml", {"steps": 3, "stepz": 4})
     with pytest.raises(ConfigError) as e:
         load_config(Job, path)
-    assert str(e.value) == f"unknown config key 'stepz'; valid keys in Job: {JOB_KEYS}"
+    assert str(e.value) == f"unknown config key 'stepz' (did you mean 'steps'?); valid keys in Job: {JOB_KEYS}"
 
 
 def test_unknown_nested_key_in_yaml_names_dotted_key(tmp_path):
@@ -67,7 +68,45 @@ def test_unknown_nested_key_in_override_names_dotted_key():
 def test_unknown_top_level_key_in_override():
     with pytest.raises(ConfigError) as e:
         load_config(Job, None, ["nope.deeper=1"])
-    assert str(e.value) == f"unknown config key 'nope.deeper'; valid keys in Job: {JOB_KEYS}"
+    assert str(e.value) == f"unknown config key 'nope.deeper' (did you mean 'note'?); valid keys in Job: {JOB_KEYS}"
+
+
+def test_unknown_key_close_to_a_valid_one_says_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'data.worker' \(did you mean 'data.workers'\?\); "):
+        load_config(Job, None, ["data.worker=2"])
+    path = write_yaml(tmp_path / "job.yaml", {"data": {"url": "x"}})
+    with pytest.raises(ConfigError, match=r"^unknown config key 'data.url' \(did you mean 'data.urls'\?\); "):
+        load_config(Job, path)
+    path = write_yaml(tmp_path / "numbers.yaml", "1: x\nsteps: 2\n")  # a YAML key that is not a string
+    with pytest.raises(ConfigError, match=r"^unknown config key '1'; valid keys in Job"):
+        load_config(Job, path)
+
+
+@pytest.mark.parametrize("override", ["run_dir=runs/x\ntouch /tmp/pwned", "note=a\rb", "data.urls=a\x00b",
+                                      "note=\x1b[2J", "note=a\u2028b"])
+def test_control_characters_in_strings_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^config key '{key}' contains a control character \(.*\): not allowed$"):
+        load_config(Job, None, [override])
+
+
+def test_control_characters_in_yaml_strings_and_keys_are_refused(tmp_path):
+    path = write_yaml(tmp_path / "job.yaml", 'run_dir: "runs/x\\n#SBATCH --x"\n')
+    with pytest.raises(ConfigError, match=r"^config key 'run_dir' contains a control character \('\\n'\)"):
+        load_config(Job, path)
+    path = write_yaml(tmp_path / "key.yaml", '"run\\ndir": x\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(Job, path)
+    assert "\n" not in str(e.value) and "unknown config key 'run\\ndir'" in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_floats_are_refused(value, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^config key 'lr' expects a finite float, got '{re.escape(value)}'$"):
+        load_config(Job, None, [f"lr={value}"])
+    path = write_yaml(tmp_path / "job.yaml", f"lr: .{value.lstrip('-')}\n")  # YAML's own .nan, .inf
+    with pytest.raises(ConfigError, match=r"^config key 'lr' expects a finite float"):
+        load_config(Job, path)
 
 
 def test_override_into_non_section_and_without_equals_sign():
@@ -196,11 +235,14 @@ def test_dump_load_round_trip(tmp_path):
       "lr": 0.001, "weight_decay": 0.01}),
     (AutoencoderJob, "configs/autoencoder/demo.yaml", ["kl_weight=1e-5", "data.resolution=64"],
      {"kl_weight": 1e-5, "data.resolution": 64, "data.urls": "runs/demo/shards", "total_samples": 32000}),
-    (CacheJob, "configs/cache/demo.yaml", ["out_endpoint_url=http://127.0.0.1:9", "batch_size=16"],
-     {"out_endpoint_url": "http://127.0.0.1:9", "batch_size": 16, "vae": "runs/demo/autoencoder/export",
-      "data.resolution": 32}),
+    (CacheJob, "configs/cache/demo.yaml", ["out_endpoint_url=http://127.0.0.1:9", "batch_size=16", "vae={vae}"],
+     {"out_endpoint_url": "http://127.0.0.1:9", "batch_size": 16, "vae": "{vae}", "data.resolution": 32}),
 ], ids=["unet", "autoencoder", "cache"])
 def test_real_job_configs_round_trip(tmp_path, cls, config, overrides, expected):
+    # The cache's vae must exist when the config is resolved: the demo's is made by an earlier stage.
+    (tmp_path / "vae").mkdir()
+    overrides = [o.format(vae=tmp_path / "vae") for o in overrides]
+    expected = {k: v.format(vae=tmp_path / "vae") if isinstance(v, str) else v for k, v in expected.items()}
     cfg = load_config(cls, os.path.join(ROOT, config), overrides)
     for key, value in expected.items():  # the file's values and the overrides really arrived
         node = cfg

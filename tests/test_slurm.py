@@ -161,7 +161,7 @@ def test_submit_runs_a_2_task_training_job_to_completion(straight):
     run_dir, job_id, job = straight
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "0", job
     assert job["NumTasks"] == "2"
-    assert checkpoint.complete_tags(str(run_dir)) == ["step_000000040", "step_000000080"]
+    assert checkpoint.complete_tags(str(run_dir)) == ["samples_000000000640", "samples_000000001280"]
     assert [r["step"] for r in losses(run_dir)] == list(range(1, 81))
     out = slurm_out(run_dir, job_id)
     assert "2 ranks, global batch 16" in out and "final checkpoint:" in out and "stopped early" not in out
@@ -181,12 +181,12 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_exactly(clu
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", job
 
     out = slurm_out(run_dir, job_id)
-    stop = re.search(r"stopped early on SIGUSR1; checkpoint (\S+)/step_(\d+)\n", out)
+    stop = re.search(r"stopped early on SIGUSR1; checkpoint (\S+)/samples_(\d+)\n", out)
     assert stop, out[-3000:]
-    step = int(stop.group(2))
+    step = int(stop.group(2)) // 16  # 2 ranks x 8
     assert 10 <= step < 80
     assert f"requeued SLURM job {job_id}" in out
-    assert f"resuming from {run_dir}/checkpoints/step_{step:09d} at step {step}" in out
+    assert f"resuming from {run_dir}/checkpoints/{checkpoint.tag_for(step * 16)} at step {step}" in out
     assert out.count("final checkpoint:") == 2 and out.count("restart 1") == 1
 
     # The combined log equals the uninterrupted run's, and so do the final weights and EMA.
@@ -301,6 +301,6 @@ def test_the_autoencoder_job_is_preempted_and_resumed_the_same_way(cluster, tiny
     job = wait(cluster, job_id)[0]
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
     out = slurm_out(run_dir, job_id)
-    assert re.search(r"stopped early on SIGUSR1; checkpoint \S+/step_\d+\n", out), out[-3000:]
+    assert re.search(r"stopped early on SIGUSR1; checkpoint \S+/samples_\d+\n", out), out[-3000:]
     assert f"requeued SLURM job {job_id}" in out and "autoencoder exported to" in out
     assert [r["step"] for r in losses(run_dir)] == list(range(1, 101))

@@ -23,7 +23,8 @@ def _args(run_dir, cache, *extra):
 STAGE_ARGS = ("total_samples=960", "log_every_samples=16", "checkpoint_every_samples=160", "keep_last=2",
               "ema_halflife_samples=320", "ema_rampup_ratio=0")
 STAGE_EXTRA = {1: ("offload_optimizer=true",),  # ZeRO-Offload: optimizer state in host memory
-               3: ("validate_every_samples=480", "validation_prompts=[a red circle]", "validation_steps=2")}
+               3: ("validate_every_samples=480", "validation_prompts=[a red circle]", "validation_steps=2",
+                   "validation_guidance=3", "validation_negative_prompt=a blue square")}
 
 
 def _launch(run_dir, cache, *extra, port=None):
@@ -67,7 +68,8 @@ def test_each_zero_stage_trains_and_checkpoints(stage_runs, stage):
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, (first, last)
     assert rows[-1]["nonfinite_steps"] == 0 and rows[-1]["images_per_s"] > 0 and rows[-1]["tflops_per_device"] > 0
-    assert checkpoint.complete_tags(str(run_dir)) == ["step_000000050", "step_000000060"]
+    assert all(r["grad_norm"] > 0 for r in rows)  # every stage, also ZeRO-0 in fp32 where DeepSpeed drops it
+    assert checkpoint.complete_tags(str(run_dir)) == ["samples_000000000800", "samples_000000000960"]
     # Every parameter saved in full, also under ZeRO-3 (DeepSpeed #2056: a plain state_dict() is empty there).
     raw, ema = _weights(run_dir), _weights(run_dir, "ema_unet")
     assert raw.keys() == ema.keys() and raw["conv_in.weight"].shape == (32, 4, 3, 3)
@@ -75,7 +77,10 @@ def test_each_zero_stage_trains_and_checkpoints(stage_runs, stage):
     assert max((raw[k] - ema[k]).abs().max() for k in raw) > 1e-3  # the average lags the weights
     assert os.path.getsize(run_dir / "loss.png") > 1000
     if stage == 3:  # validation grids sampled with the gathered EMA weights
-        assert sorted(os.listdir(run_dir / "samples")) == ["step_000000030.png", "step_000000060.png"]
+        assert sorted(os.listdir(run_dir / "samples")) == ["step_000000030", "step_000000030.png",
+                                                           "step_000000060", "step_000000060.png"]
+        full_size = run_dir / "samples" / "step_000000060"  # each image at its own size beside the grid
+        assert sorted(os.listdir(full_size)) == [f"p000_{c:03d}.png" for c in range(4)] + ["prompts.json"]
 
 
 def test_ema_under_zero3_equals_ema_under_zero0(stage_runs):
@@ -109,7 +114,7 @@ def test_kill_9_of_one_rank_then_rerun_reproduces_the_uninterrupted_run(stage_ru
     args = _launch(run_dir, tiny_cache, "zero_stage=2", *STAGE_ARGS)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = run_dir / "checkpoints" / "step_000000020" / checkpoint.MARKER
+    marker = run_dir / "checkpoints" / "samples_000000000320" / checkpoint.MARKER
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -119,7 +124,7 @@ def test_kill_9_of_one_rank_then_rerun_reproduces_the_uninterrupted_run(stage_ru
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) != 0
     tags = checkpoint.complete_tags(str(run_dir))
-    assert tags and tags[-1] < "step_000000060", tags
+    assert tags and tags[-1] < "samples_000000000960", tags
     # As if the newest checkpoint's marker had never been written: its files stay, it is not used.
     os.remove(run_dir / "checkpoints" / tags[-1] / checkpoint.MARKER)
     expected = tags[-2] if len(tags) > 1 else None
@@ -147,7 +152,7 @@ def test_nan_losses_stop_the_run_after_k_consecutive_steps(tiny_cache, tmp_path)
                               "max_nonfinite_steps=3")], check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "error: loss was NaN/inf for 3 consecutive steps (up to step 4)" in out.stderr, out.stderr[-1000:]
-    assert "newest complete checkpoint: " + str(run_dir / "checkpoints" / "step_000000003") in out.stderr
+    assert "newest complete checkpoint: " + str(run_dir / "checkpoints" / "samples_000000000024") in out.stderr
     assert all(t.isfinite().all() for t in _weights(run_dir).values())
     assert [r["nonfinite_steps"] for r in read_log(run_dir / "log.jsonl")][-1] == 3
 
@@ -161,7 +166,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_cache, tmp_path):
     run_cmd([PY, *_args(straight, tiny_cache, *common)])
     # Stop after 10 of 24 steps: the checkpoint at step 10 is written on the way out.
     run_cmd([PY, *_args(resumed, tiny_cache, *common, "stop_after_samples=160")])
-    assert checkpoint.latest(str(resumed)).endswith("step_000000010")
+    assert checkpoint.latest(str(resumed)).endswith("samples_000000000160")
     out = run_cmd([PY, *_args(resumed, tiny_cache, *common)])
     assert "resuming from" in out.stdout and "step 10" in out.stdout
 
@@ -220,7 +225,34 @@ def test_elastic_resume_at_another_world_size(tiny_cache, tmp_path):
     assert [r["samples"] for r in rows] == list(range(16, 641, 16))  # 20 steps of 16, then 40 of 8, logged every 2
     losses = [r["loss"] for r in rows]
     assert max(losses[20:]) < losses[0] and sum(losses[-5:]) < sum(losses[15:20])
-    assert checkpoint.latest(str(run_dir)).endswith("step_000000080")
+    assert checkpoint.latest(str(run_dir)).endswith("samples_000000000640")
+
+
+def test_elastic_resume_onto_more_ranks_then_back_keeps_the_newest_checkpoint(tiny_cache, tmp_path):
+    """1 rank -> 2 ranks -> requeue on 1 rank, keep_last=2. The step falls when the global
+    batch grows (20 steps of 8 = 10 steps of 16); checkpoints named by samples keep growing,
+    so no new checkpoint is pruned or overwrites one, and the newest is the furthest."""
+    run_dir = tmp_path / "run"
+    common = ("zero_stage=2", "total_samples=480", "log_every_samples=16", "checkpoint_every_samples=32",
+              "keep_last=2", "elastic_resume=true", "data.virtual_ranks=2")
+
+    def newest_is_furthest(samples):
+        latest = checkpoint.latest(str(run_dir))
+        assert checkpoint.info(latest)["samples"] == samples, (latest, checkpoint.complete_tags(str(run_dir)))
+        tags = checkpoint.complete_tags(str(run_dir))
+        assert [checkpoint.info(str(run_dir / "checkpoints" / t))["samples"] for t in tags] == [samples - 32, samples]
+
+    run_cmd([PY, *_args(run_dir, tiny_cache, *common, "stop_after_samples=160")])
+    newest_is_furthest(160)
+    out = run_cmd(_launch(run_dir, tiny_cache, *common, "stop_after_samples=96"))
+    assert "at step 10 (elastic: written by 1 ranks, 160 samples)" in out.stdout
+    newest_is_furthest(256)
+    out = run_cmd([PY, *_args(run_dir, tiny_cache, *common)])
+    assert "at step 32 (elastic: written by 2 ranks, 256 samples)" in out.stdout
+    newest_is_furthest(480)
+    assert checkpoint.complete_tags(str(run_dir)) == [checkpoint.tag_for(448), checkpoint.tag_for(480)]
+    rows = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
+    assert [r["samples"] for r in rows] == list(range(16, 481, 16))
 
 
 def test_checkpoints_on_s3_resume_sample_and_export(tiny_cache, s3_bucket, tmp_path):
@@ -232,14 +264,14 @@ def test_checkpoints_on_s3_resume_sample_and_export(tiny_cache, s3_bucket, tmp_p
                        f"checkpoint_url={url}/unet-run", f"checkpoint_endpoint_url={endpoint}")]
     env = {"CHECKPOINT_LOCAL_DIR": str(tmp_path / "node-local")}
     run_cmd([*args, "stop_after_samples=64"], env=env)
-    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["step_000000004", "step_000000008"]
+    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["samples_000000000032", "samples_000000000064"]
     assert not (run_dir / "checkpoints").exists()
     out = run_cmd(args, env=env)
-    assert f"resuming from {url}/unet-run/step_000000008 at step 8" in out.stdout
-    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["step_000000012", "step_000000016"]
+    assert f"resuming from {url}/unet-run/samples_000000000064 at step 8" in out.stdout
+    assert checkpoint.complete_tags(f"{url}/unet-run", endpoint) == ["samples_000000000096", "samples_000000000128"]
     run_cmd([PY, "launch/export.py", "--run", str(run_dir), "--out", str(tmp_path / "export")], env=env)
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
-    fetched = checkpoint.fetch(f"{url}/unet-run/step_000000016", str(tmp_path / "check"), endpoint, parts=("ema_unet",))
+    fetched = checkpoint.fetch(f"{url}/unet-run/samples_000000000128", str(tmp_path / "check"), endpoint, parts=("ema_unet",))
     ema = load_file(os.path.join(fetched, "ema_unet", "diffusion_pytorch_model.safetensors"))
     for k, v in exported.state_dict().items():
         assert (v - ema[k]).abs().max() == 0, k

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data_pipeline.images import DEFAULT_MAX_PIXELS, image_and_caption
+from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, image_and_caption
 from data_pipeline.storage import expand_shards
 from models.autoencoder import build_autoencoder, downsample_factor, encode_moments, is_vq_preset
 from models.discriminator import NORMS, build_discriminator, patch_grid
@@ -87,8 +87,8 @@ class AutoencoderJob:
                     "vq_beta", "stop_after_samples", "codebook_size", "codebook_restart_batches"):
             if getattr(self, key) < 0:
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
-        if self.objective not in OBJECTIVES:
-            raise bad(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        config_lib.check_choice("objective", self.objective, OBJECTIVES)
+        self._validate_fields()
         if (self.objective == "vq_gan") != is_vq_preset(self.preset):
             want = "a vq_* preset (VQModel)" if self.objective == "vq_gan" else "an AutoencoderKL preset (not vq_*)"
             raise bad(f"objective={self.objective} needs {want}; preset is {self.preset!r}")
@@ -105,6 +105,23 @@ class AutoencoderJob:
                 raise bad(f"disc_layers={self.disc_layers} leaves no patches at data.resolution="
                           f"{self.data.resolution} (needs resolution >= {3 * 2 ** max(self.disc_layers, 1)})")
 
+    def _validate_fields(self) -> None:
+        """The fields not checked above, when the config is resolved (login node, --dry-run)."""
+        from models.autoencoder import PRESETS
+        from models.perceptual import RANDOM
+
+        if not self.run_dir:
+            raise config_lib.ConfigError("run_dir is empty: name the run's folder")
+        self.data.validate("data.")
+        config_lib.check_choice("preset", self.preset, PRESETS)
+        config_lib.check_choice("lpips_net", self.lpips_net, BACKBONE_FILES)
+        config_lib.check_choice("disc_norm", self.disc_norm, NORMS)
+        config_lib.check_wandb(self)
+        config_lib.check_positive(self, ("latent_channels", "lr", "disc_lr", "disc_channels"))
+        config_lib.check_non_negative(self, ("warmup_samples", "seed"))
+        if self.lpips_weights not in ("", RANDOM):
+            config_lib.check_local_path("lpips_weights", self.lpips_weights, "LPIPS backbone", kind="file")
+
     def steps(self, samples: int, world_size: int = 1) -> int:
         return max(1, samples // (self.batch_per_rank * world_size))
 
@@ -116,9 +133,11 @@ def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        formats: tuple[str, ...] = DEFAULT_FORMATS) -> dict:
     # A batch of an aspect-ratio bucket carries its shape; otherwise the square crop.
-    x, _, _ = image_and_caption(sample, sample.get("__size__", resolution), min_size=min_size, max_pixels=max_pixels)
+    x, _, _ = image_and_caption(sample, sample.get("__size__", resolution), min_size=min_size, max_pixels=max_pixels,
+                                formats=formats)
     return {"x": x}
 
 
@@ -186,10 +205,12 @@ def build_objective(cfg: AutoencoderJob, device) -> FirstStageLoss:
                           vq_beta=cfg.vq_beta)
 
 
-def _clip_step(params, opt, grad_clip: float) -> None:
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+def _clip_step(params, opt, grad_clip: float) -> torch.Tensor:
+    """Clip (where grad_clip > 0) and step; returns the gradient norm before clipping, for the
+    log (an infinite limit leaves the gradients as they are)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     opt.step()
+    return norm
 
 
 def train_autoencoder(cfg: AutoencoderJob) -> str:
@@ -226,6 +247,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
              if cfg.objective == "vq_gan" else None)
     step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
     if resume:
+        checkpoint.refuse_links(resume)
         model.load_state_dict(load_file(os.path.join(resume, "model.safetensors")))
         state = torch.load(os.path.join(resume, "optimizer.pt"), map_location="cpu", weights_only=True)
         opt.load_state_dict(state["optimizer"])
@@ -255,14 +277,17 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
     counts = None  # several ranks take the same number of batches per epoch: counted by rank 0
     if w.size > 1 and not cfg.data.resampled:
-        counts = dist.all_gather_objects(image_shard_counts(urls, cfg.data.endpoint_url, cfg.run_dir)
+        counts = dist.all_gather_objects(image_shard_counts(urls, cfg.data.endpoint_url, cfg.run_dir,
+                                                            cfg.data.max_member_bytes)
                                          if w.is_main else None)[0]
     loader = build_loader(cfg.data, urls, functools.partial(decode_image_sample, **cfg.data.decode_options()),
                           cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir, counts=counts,
                           state=loader_state)
     batches = iter(loader)
+    curve_keys = ("mse",) if cfg.objective == "kl_plain" else ("l1", "lpips")  # the losses loss.png shows
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
-                    config=config_lib.to_dict(cfg))
+                    config=config_lib.to_dict(cfg), plot_keys=curve_keys,
+                    plot_title=f"autoencoder ({cfg.objective}) reconstruction loss")
     if step == 0 and objective.lpips is not None and objective.lpips.random_backbone:
         runlog.log(0, samples=0, note=RANDOM_NOTICE)
 
@@ -271,12 +296,13 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         # wait, so no rank runs ahead of a checkpoint that is not complete.
         loaders = dist.all_gather_objects(loader.state_dict())
         _check_replicas(model, step)
-        path = os.path.join(checkpoint.checkpoint_dir(cfg.run_dir), checkpoint.tag_for(step))
+        path = os.path.join(checkpoint.default_root(cfg.run_dir), checkpoint.tag_for(step * batch))
         if not w.is_main:
             dist.barrier()
             return path
         # Weights as safetensors; optimizer tensors are read back with weights_only=True.
-        os.makedirs(path, exist_ok=True)
+        checkpoint.begin(path)  # never over a complete checkpoint; clears an interrupted one
+        os.makedirs(path)
         save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
         if disc is not None:
             save_file(disc.state_dict(), os.path.join(path, "discriminator.safetensors"))
@@ -314,7 +340,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(model.parameters())
-        _clip_step(model.parameters(), opt, cfg.grad_clip)
+        grad_norm = _clip_step(model.parameters(), opt, cfg.grad_clip)
         if ema is not None:
             ema.update(model)
         if objective.gan_active(seen):
@@ -349,7 +375,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
             mean_loss, values = means[0], dict(zip(keys, means[1:]))
             values.update(usage.stats() if usage is not None else {})
             runlog.log(step, samples=step * batch, loss=mean_loss, **values, lr=lr,
-                       disc_active=objective.gan_active(seen), images_per_s=rate)
+                       disc_active=objective.gan_active(seen), images_per_s=rate,
+                       grad_norm=float(grad_norm))  # the last step's, averaged gradients, before clipping
             rec_key = "mse" if cfg.objective == "kl_plain" else "l1"
             bar.set_postfix({rec_key: f"{values[rec_key]:.4f}", "img_s": f"{rate:.0f}"})
             t0, done_since = time.time(), 0
@@ -376,9 +403,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     scaling = measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
     model.register_to_config(scaling_factor=scaling)
     model.save_pretrained(export, safe_serialization=True)
-    keys = ("mse",) if cfg.objective == "kl_plain" else ("l1", "lpips")
     plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
-              keys=keys, title=f"autoencoder ({cfg.objective}) reconstruction loss")
+              keys=curve_keys, title=f"autoencoder ({cfg.objective}) reconstruction loss")
     print(f"autoencoder exported to {export} (scaling_factor {scaling:.4f})")
     dist.barrier()
     return export

@@ -5,10 +5,14 @@ Each input shard maps to the output shard of the same name, and ranks take disjo
 shards (shard i goes to rank i % world; a SLURM array task takes a slice with
 `shard_slice`), so the job is idempotent. An output shard appears only once complete (a
 temporary name, then a rename; on S3 one upload), and its sidecar `SHARD.tar.json` (count,
-sha256, quarantined keys, latent statistics) is written after it: a rerun skips shards
-whose sidecar exists and redoes the rest, so kill -9 at any moment and rerunning gives a
-byte-identical cache. Decoding runs in DataLoader workers; encoding in the main process.
-The format is data_pipeline/latents.py's; `manifest.json` is written last, by rank 0.
+sha256, keys digest, settings, quarantined keys, latent statistics) is written after it: a
+rerun skips shards whose sidecar exists and redoes the rest, so kill -9 at any moment and
+rerunning gives a byte-identical cache. A rerun with other settings (resolution, VAE, text
+encoder, flip, text mode) is refused, naming the setting and the shard: skipping would mix
+shards of two caches under one manifest. An out_url that is (or is inside) the input
+shards' folder is refused before anything is written (the outputs take the inputs' names).
+Decoding runs in DataLoader workers; encoding in the main process. The format is
+data_pipeline/latents.py's; `manifest.json` is written last, by rank 0.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 
 import torch
@@ -23,13 +28,14 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample
+from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample, keys_digest
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.text_encoder import load_text_encoder
 
 from . import config as config_lib
 from . import dist
+from .cache_checks import output_over_input, settings_mismatch
 from .cache_encode import LatentEncoder, ShardImages, shard_images_loader
 from .data import ImageData
 
@@ -57,6 +63,34 @@ class CacheJob:
             raise config_lib.ConfigError("data.urls is empty: name the image shards to encode")
         if self.text not in ("embeddings", "tokens"):
             raise config_lib.ConfigError(f"text must be embeddings or tokens, got {self.text!r}")
+        self._validate_fields()
+        clash = output_over_input(self.out_url, self.out_endpoint_url, self.data.urls, self.data.endpoint_url)
+        if clash:
+            raise config_lib.ConfigError(f"out_url={self.out_url} is the input shards' folder {clash} (data.urls) or "
+                                         "inside it: the cache would overwrite or mix with its input (output shards "
+                                         "take the input shards' names); choose an out_url outside it")
+
+    def _validate_fields(self) -> None:
+        """Every other field, when the config is resolved (login node, --dry-run), not on the nodes."""
+        from .job_checks import check_text_encoder_spec, check_vae_spec
+
+        self.data.validate("data.")
+        # The cache encodes every image once, in order, as a square crop of data.resolution: the
+        # training loader's settings would be accepted and silently do nothing.
+        defaults = ImageData()
+        for key in ("shuffle_buffer", "virtual_ranks", "resampled", "buckets", "bucket_step", "bucket_max_aspect"):
+            if getattr(self.data, key) != getattr(defaults, key):
+                raise config_lib.ConfigError(f"data.{key}={getattr(self.data, key)} is not used by the cache job "
+                                             "(it encodes each image once, as a square crop of data.resolution); "
+                                             "leave it out")
+        config_lib.check_endpoint("out_endpoint_url", self.out_endpoint_url)
+        check_vae_spec(self.vae)
+        check_text_encoder_spec(self.text_encoder)
+        config_lib.check_choice("text_layer", self.text_layer, ("last", "penultimate"))
+        config_lib.check_choice("precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        config_lib.check_positive(self, ("batch_size",))
+        if self.shard_slice and not re.fullmatch(r"\d*:\d*", self.shard_slice, re.ASCII):
+            raise config_lib.ConfigError(f"shard_slice must look like START:STOP, got {self.shard_slice!r}")
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -69,10 +103,10 @@ class _ShardOut:
     """One output shard being written: batches are encoded and written as they arrive, so
     the encoder starts on a shard's first batch instead of waiting for its last."""
 
-    def __init__(self, cfg: CacheJob, out: str, source: str):
-        self.cfg, self.out, self.source = cfg, out, source
+    def __init__(self, cfg: CacheJob, out: str, source: str, settings: dict):
+        self.cfg, self.out, self.source, self.cfg_settings = cfg, out, source, settings
         self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
-        self.count, self.failed, self.stats = 0, [], None
+        self.count, self.failed, self.stats, self.keys = 0, [], None, []
 
     def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
         self.failed += item["failed"]
@@ -100,6 +134,7 @@ class _ShardOut:
             self.stats.add(mean[i:i + 1], std[i:i + 1])
             tensors = {k: v[i] for k, v in {**moments, **text}.items()}
             self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
+            self.keys.append(key)
             self.count += 1
 
     def close(self) -> dict:
@@ -108,7 +143,8 @@ class _ShardOut:
         for f in self.failed:
             print(f"quarantined {self.source}:{f['key']}: {f['error']}")
         return {"shard": os.path.basename(self.out), "count": self.count, "source": self.source,
-                "quarantined": self.failed, "stats": (self.stats or ChannelStats(0)).to_json()}
+                "keys_sha256": keys_digest(self.keys), "settings": self.cfg_settings, "quarantined": self.failed,
+                "stats": (self.stats or ChannelStats(0)).to_json()}
 
 
 def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
@@ -129,6 +165,7 @@ def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
 
 def cache_latents(cfg: CacheJob) -> str:
     """Run the job on this rank; returns the manifest URL (written by rank 0)."""
+    cfg.validate()  # also when called directly, not from a command line: nothing is written before it
     w = dist.world()
     if w.size > 1:
         dist.init()
@@ -148,27 +185,38 @@ def cache_latents(cfg: CacheJob) -> str:
         raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the "
                                      f"autoencoder's downsampling factor {factor}")
 
+    # What a shard's contents depend on: recorded with every shard, and a finished shard is
+    # only reused when its record matches (a rerun with other settings would mix two caches).
+    settings = {"format_version": FORMAT_VERSION, "resolution": cfg.data.resolution, "vae": identity,
+                "text_encoder": text_encoder.identity(), "flip": cfg.flip, "text": cfg.text}
+
     # --- this rank's shards that are not done yet -------------------------------------------
     inputs, names, mine = _my_shards(cfg, w)
     storage.makedirs(cfg.out_url, cfg.out_endpoint_url)
-    entries, todo = [], []
+    entries, todo, mismatch = [], [], None
     for i in mine:
         sidecar = storage.join(cfg.out_url, names[i]) + ".json"
         if storage.exists(sidecar, cfg.out_endpoint_url):  # done by an earlier run
             entries.append(json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url)))
+            mismatch = mismatch or settings_mismatch(entries[-1], settings, sidecar)
         else:
             todo.append((i, inputs[i]))
+    # Every rank learns of any rank's mismatch, so that all stop together (none waits for the others).
+    mismatches = [m for m in dist.all_gather_objects(mismatch) if m]
+    if mismatches:
+        raise config_lib.ConfigError(mismatches[0])
 
     # --- decode in workers, encode here; one writer per shard in flight --------------------------
     t0, written, failed = time.time(), 0, 0
     bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
     loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size,
-                                                  cfg.data.endpoint_url), cfg.data.num_workers))
+                                                  cfg.data.endpoint_url, cfg.data.max_member_bytes),
+                                      cfg.data.num_workers))
     outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
     for item in loader:
         i = item["shard"]
         if i not in outs:
-            outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i])
+            outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i], settings)
         outs[i].add(item, encoder, text_encoder)
         bar.update(len(item["keys"]))
         if not item["last"]:
@@ -196,6 +244,8 @@ def cache_latents(cfg: CacheJob) -> str:
             sidecar = storage.join(cfg.out_url, name) + ".json"
             if name not in found and storage.exists(sidecar, cfg.out_endpoint_url):
                 found[name] = json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url))
+                if (message := settings_mismatch(found[name], settings, sidecar)) is not None:
+                    raise config_lib.ConfigError(message)  # another slice of this job ran with other settings
     all_entries = [found[n] for n in sorted(found)]
     if w.is_main and len(found) == len(names):
         empty = text_encoder.encode([""])[0].float().cpu().half()
@@ -206,7 +256,7 @@ def cache_latents(cfg: CacheJob) -> str:
             "format_version": FORMAT_VERSION,
             "num_samples": sum(e["count"] for e in all_entries),
             "num_quarantined": sum(len(e["quarantined"]) for e in all_entries),
-            "shards": [{k: e[k] for k in ("shard", "count", "sha256", "source")} for e in all_entries],
+            "shards": [{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")} for e in all_entries],
             "resolution": cfg.data.resolution,
             "crop": "resize to cover, centre crop",
             "flip": cfg.flip,

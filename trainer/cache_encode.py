@@ -26,9 +26,9 @@ class ShardImages(IterableDataset):
     """
 
     def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int,
-                 endpoint_url: str | None):
+                 endpoint_url: str | None, max_member_bytes: int):
         self.jobs, self.options, self.batch_size = jobs, decode_options, batch_size
-        self.endpoint_url = endpoint_url
+        self.endpoint_url, self.max_member_bytes = endpoint_url, max_member_bytes
 
     def __iter__(self):
         info = get_worker_info()
@@ -36,7 +36,7 @@ class ShardImages(IterableDataset):
         for shard, url in self.jobs[worker::workers]:
             failed, batch = [], []
             report = lambda _url, key, message: failed.append({"key": key, "error": message})  # noqa: E731
-            for sample in iter_samples(url, self.endpoint_url, on_error=report):
+            for sample in iter_samples(url, self.endpoint_url, on_error=report, max_member_bytes=self.max_member_bytes):
                 try:
                     x, caption, size = image_and_caption(sample, **self.options)
                 except DataError as e:

@@ -1,13 +1,24 @@
 """Checkpoints that count only when complete, on local disk or any fsspec URL (s3://...).
 
-Layout: ROOT/step_000000100/ holds DeepSpeed's files (every rank writes its shard: a save
-gated on rank 0 hangs under ZeRO, diffusers #2606), the model in diffusers format under
-`unet/`, and `COMPLETE` (JSON: step, world_size, zero_stage, ...), written last by rank 0
-after all ranks finished. A directory without `COMPLETE` is an interrupted save and is ignored.
+Layout: ROOT/samples_000000012800/ holds DeepSpeed's files (every rank writes its shard: a
+save gated on rank 0 hangs under ZeRO, diffusers #2606), the model in diffusers format under
+`unet/`, and `COMPLETE` (JSON: step, samples, world_size, zero_stage, ...), written last by
+rank 0 after all ranks finished. A directory without `COMPLETE` is an interrupted save and is
+ignored.
+
+Checkpoints are named and ordered by samples seen, the one count that only grows: a step
+number does not (an elastic resume onto more ranks makes the global batch larger and the
+step smaller). A complete checkpoint is never overwritten, and is deleted only by `prune`,
+when `keep_last` complete checkpoints further in samples exist. Folders named `step_*` (the
+older layout) are still found and ordered by the samples in their marker.
 
 ROOT is `default_root(run_dir)` or a URL. DeepSpeed reads and writes local files only, so a
-save to a URL is staged in a node-local folder ($CHECKPOINT_LOCAL_DIR, else the temp dir)
-and each rank uploads what it wrote; a load downloads only what the rank reads.
+save to a URL is staged in a node-local folder and each rank uploads what it wrote; a load
+downloads only what the rank reads. That folder is private to the user ($CHECKPOINT_LOCAL_DIR,
+else TMPDIR/ldm-checkpoints-UID): created with mode 0700, and refused when it is a link, is
+owned by another user or is writable by others, since whatever is planted there is loaded.
+Downloaded object keys must stay inside it, and a checkpoint holding a symbolic link is
+refused: DeepSpeed follows links when it unpickles, and the pickle check reads real files.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 from typing import Callable
 
@@ -63,12 +75,36 @@ def resolve_root(root: str) -> str:
     return root if os.path.basename(os.path.normpath(root)) == "checkpoints" else default_root(root)
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:09d}"
+def tag_for(samples: int) -> str:
+    """A checkpoint's folder name: the samples seen (all ranks together) when it was saved."""
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    return f"samples_{samples:012d}"
+
+
+_TAG = re.compile(r"^(samples|step)_(\d+)$")
+
+
+def _private_dir(path: str) -> str:
+    """`path` as a directory only this user can write: made with mode 0700 when missing, and
+    refused when it is a symbolic link, belongs to someone else, or group/others may write it
+    (a file planted there would be loaded or followed on write)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    why = ("it is a symbolic link" if stat.S_ISLNK(st.st_mode) else "it is not a directory" if not stat.S_ISDIR(st.st_mode)
+           else f"it belongs to uid {st.st_uid}, not to this user ({os.geteuid()})" if st.st_uid != os.geteuid()
+           else f"group or others may write it (mode {stat.S_IMODE(st.st_mode):o})" if st.st_mode & 0o022 else None)
+    if why:
+        raise CheckpointError(f"refusing node-local checkpoint folder {path}: {why}; set CHECKPOINT_LOCAL_DIR "
+                              "to a folder of your own")
+    return path
 
 
 def _local_base(local_dir: str | None = None) -> str:
-    return local_dir or os.environ.get("CHECKPOINT_LOCAL_DIR") or os.path.join(tempfile.gettempdir(), "ldm-checkpoints")
+    """The node-local folder for staging and downloads, private to this user (see the module doc)."""
+    base = (local_dir or os.environ.get("CHECKPOINT_LOCAL_DIR")
+            or os.path.join(tempfile.gettempdir(), f"ldm-checkpoints-{os.geteuid()}"))
+    return _private_dir(os.path.abspath(base))
 
 
 @contextlib.contextmanager
@@ -82,21 +118,35 @@ def _naming(url: str):
         raise CheckpointError(f"{url}: {e}") from None
 
 
-def _listing(root: str, endpoint_url: str | None) -> tuple[list[str], list[str]]:
-    """(every step_* name, the complete ones), both sorted."""
+def _listing(root: str, endpoint_url: str | None) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(every checkpoint folder, the complete ones) as (samples, name), both sorted by samples.
+    An interrupted save of the older `step_*` layout has no samples to order it by: -1."""
     fs, base = storage.filesystem(root, endpoint_url)
+    base = base.rstrip("/")
     with _naming(root):
         fs.invalidate_cache()
         try:
-            names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False))
+            names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
         except FileNotFoundError:
             return [], []
-        steps = [t for t in names if t.startswith("step_")]
-        return steps, [t for t in steps if fs.exists(f"{base.rstrip('/')}/{t}/{MARKER}")]
+        every, complete = [], []
+        for name in names:
+            m = _TAG.match(name)
+            if not m:
+                continue
+            done = fs.exists(f"{base}/{name}/{MARKER}")
+            samples = int(m.group(2))
+            if m.group(1) == "step":
+                samples = int(json.loads(fs.cat_file(f"{base}/{name}/{MARKER}")).get("samples", -1)) if done else -1
+            every.append((samples, name))
+            if done:
+                complete.append((samples, name))
+        return sorted(every), sorted(complete)
 
 
 def complete_tags(root: str, endpoint_url: str | None = None) -> list[str]:
-    return _listing(resolve_root(root), endpoint_url)[1]
+    """The complete checkpoints' folder names, oldest (fewest samples) first."""
+    return [name for _, name in _listing(resolve_root(root), endpoint_url)[1]]
 
 
 def latest(root: str, endpoint_url: str | None = None) -> str | None:
@@ -128,16 +178,26 @@ def _remove(path: str, endpoint_url: str | None) -> None:
 
 
 def prune(root: str, keep_last: int, endpoint_url: str | None = None) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and interrupted saves
-    older than the newest complete one. Called only after a checkpoint is complete, so
-    the newest complete checkpoint is never deleted before its successor exists."""
+    """Delete the complete checkpoints that have `keep_last` (at least 1) complete ones further
+    in samples, and interrupted saves behind the newest complete one. Called only after a
+    checkpoint is complete, so the newest is never deleted before its successor exists."""
     root = resolve_root(root)
-    steps, tags = _listing(root, endpoint_url)
-    if not tags:
+    every, complete = _listing(root, endpoint_url)
+    if not complete:
         return
-    old = tags[:-keep_last] if keep_last > 0 else []
-    for t in old + [t for t in steps if t < tags[-1] and t not in tags]:
-        _remove(storage.join(root, t), endpoint_url)
+    newest = complete[-1][0]
+    old = [name for _, name in complete[:-max(1, keep_last)]]
+    for name in old + [n for s, n in every if s < newest and (s, n) not in complete]:
+        _remove(storage.join(root, name), endpoint_url)
+
+
+def begin(path: str, endpoint_url: str | None = None) -> None:
+    """Make way for a new save at `path`: an interrupted save there is removed; a complete
+    checkpoint is refused, never overwritten (it can only exist when two runs share a root)."""
+    if storage.exists(storage.join(path, MARKER), endpoint_url):
+        raise CheckpointError(f"refusing to overwrite the complete checkpoint {path}: another run writes to the same "
+                              "checkpoint folder, or this one restarted behind it; give each run its own")
+    _remove(path, endpoint_url)
 
 
 def _upload(local: str, url: str, endpoint_url: str | None) -> None:
@@ -149,6 +209,23 @@ def _upload(local: str, url: str, endpoint_url: str | None) -> None:
             fs.put_file(os.path.join(local, rel), f"{base}/{rel.replace(os.sep, '/')}")
 
 
+def _safe_relative(rel: str, url: str) -> list[str]:
+    """The parts of an object key below `url`, refused when they could leave the destination
+    folder (`..`, `.`, empty parts, an absolute key): a crafted bucket must not write outside it."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise CheckpointError(f"refusing checkpoint object {url}/{rel}: its key has an empty, '.' or '..' part")
+    return parts
+
+
+def _write_new(target: str, source) -> None:
+    """Stream `source` into `target` (via `target.partial`), never following a link there."""
+    fd = os.open(target + ".partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+    os.replace(target + ".partial", target)
+
+
 def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str], bool] | None = None) -> str:
     """Copy the objects under `url` (those `keep(relative name)` selects) into `dest`, and
     delete selected local files the URL no longer has (an older save of the same step)."""
@@ -157,23 +234,28 @@ def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str
         fs.invalidate_cache()
         remote = {p[len(base.rstrip("/")) + 1:]: p for p in fs.find(base)}
         wanted = {rel: p for rel, p in remote.items() if keep is None or keep(rel)}
+        targets = {rel: os.path.join(dest, *_safe_relative(rel, url)) for rel in wanted}
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        real_dest = os.path.realpath(dest)
         for folder, _, files in os.walk(dest):
             for name in files:
                 rel = os.path.relpath(os.path.join(folder, name), dest).replace(os.sep, "/")
                 if (keep is None or keep(rel)) and rel not in wanted:
                     os.remove(os.path.join(folder, name))
         for rel, p in wanted.items():
-            target = os.path.join(dest, *rel.split("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fs.get_file(p, target + ".partial")
-            os.replace(target + ".partial", target)
+            target = targets[rel]
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            if os.path.commonpath([real_dest, os.path.realpath(os.path.dirname(target))]) != real_dest:
+                raise CheckpointError(f"refusing checkpoint object {url}/{rel}: it would be written outside {dest}")
+            with fs.open(p, "rb") as source:
+                _write_new(target, source)
     return dest
 
 
 def _cache(url: str, local_dir: str | None) -> str:
     """This rank's local copy of a URL's folder: ranks on one node never share (or race on) one."""
     where = url.split("://", 1)[1].strip("/")
-    return os.path.join(_local_base(local_dir), "cache", f"rank{dist.world().rank}", *where.split("/"))
+    return os.path.join(_local_base(local_dir), "cache", f"rank{dist.world().rank}", *_safe_relative(where, url))
 
 
 def fetch(path: str, local_dir: str | None = None, endpoint_url: str | None = None,
@@ -183,14 +265,16 @@ def fetch(path: str, local_dir: str | None = None, endpoint_url: str | None = No
     to these top-level names, e.g. ("unet", "ema_unet") for sampling."""
     info(path, endpoint_url)
     if not _is_url(path):
+        refuse_links(_local(path))
         return _local(path)
     keep = None if parts is None else (lambda rel: rel.split("/")[0] in parts or rel == MARKER)
     return _download(path, _cache(path, local_dir), endpoint_url, keep)
 
 
-def save(engine, root: str, step: int, state: dict, keep_last: int = 2, extra=None,
+def save(engine, root: str, samples: int, state: dict, keep_last: int = 2, extra=None,
          endpoint_url: str | None = None, local_dir: str | None = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint's path (or URL).
+    """Collective: every rank calls it. Returns the checkpoint's path (or URL), named by
+    `samples`, the samples seen (all ranks together) so far.
 
     `extra(path)`, when given, is called on every rank after DeepSpeed's files are written
     and before the marker, to add files of its own (the EMA weights); for a URL root `path`
@@ -199,11 +283,17 @@ def save(engine, root: str, step: int, state: dict, keep_last: int = 2, extra=No
     $CHECKPOINT_LOCAL_DIR, else the temp dir's `ldm-checkpoints`)."""
     from .engine import full_weights  # deepspeed is imported only by jobs that use it
 
-    root, tag, w = resolve_root(root), tag_for(step), dist.world()
+    root, tag, w = resolve_root(root), tag_for(samples), dist.world()
     path, remote = storage.join(root, tag), _is_url(root)
-    if w.is_main:  # an interrupted earlier save of this step must not mix with the new files
-        _remove(path, endpoint_url)
-    dist.barrier()
+    error = None
+    if w.is_main:  # an interrupted earlier save here must not mix with the new files
+        try:
+            begin(path, endpoint_url)
+        except CheckpointError as e:
+            error = str(e)
+    error = dist.all_gather_objects(error)[0]  # every rank stops, none waits at a barrier
+    if error:
+        raise CheckpointError(error)
     stage = (os.path.join(_local_base(local_dir), "staging", hashlib.sha1(root.encode()).hexdigest()[:12],
                           f"rank{w.rank}") if remote else root)
     local = os.path.join(stage, tag)
@@ -222,11 +312,25 @@ def save(engine, root: str, step: int, state: dict, keep_last: int = 2, extra=No
     dist.barrier()
     if w.is_main:
         scalars = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
-        mark_complete(path, {"step": step, "world_size": w.size, "zero_stage": int(engine.zero_optimization_stage()),
-                             **scalars}, endpoint_url)
+        mark_complete(path, {**scalars, "samples": samples, "world_size": w.size,
+                             "zero_stage": int(engine.zero_optimization_stage())}, endpoint_url)
         prune(root, keep_last, endpoint_url)
     dist.barrier()
     return path
+
+
+def refuse_links(path: str) -> None:
+    """Refuse a checkpoint folder that is, or holds anywhere, a symbolic link. DeepSpeed follows
+    links when it loads (and unpickles without restriction), so a linked folder or file would be
+    loaded without the check of `verify_files` having read what it points to."""
+    if os.path.islink(path):
+        raise CheckpointError(f"refusing checkpoint {path}: it is a symbolic link; checkpoints must be real folders")
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(folder, name)):
+                raise CheckpointError(f"refusing checkpoint {path}: {os.path.join(folder, name)} is a symbolic link; "
+                                      "checkpoints must hold real files only")
 
 
 def verify_files(path: str, rank: int | None) -> None:
@@ -244,6 +348,7 @@ def verify_files(path: str, rank: int | None) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
+    refuse_links(path)
     names = [n for n in sorted(os.listdir(path)) if n.endswith(".pt") and
              (rank is None or not (m := _RANK_FILE.match(n)) or int(m.group(1)) == rank)]
     for folder, dirs, files in os.walk(os.path.join(path, "zero")):
@@ -265,7 +370,8 @@ def verify_files(path: str, rank: int | None) -> None:
 
 def _convert(src: str, out: str) -> None:
     """DeepSpeed's ds_to_universal on the checkpoint's own top-level .pt files (it walks its
-    input folder recursively, so `unet/` or an older `universal/` must not be in it)."""
+    input folder recursively, so `unet/` or an older `universal/` must not be in it). They are
+    hard-linked, not symlinked, into its input: a checkpoint never holds a symbolic link."""
     from deepspeed.checkpoint import ds_to_universal
 
     with tempfile.TemporaryDirectory(prefix=".universal-", dir=src) as tmp:
@@ -273,7 +379,10 @@ def _convert(src: str, out: str) -> None:
         os.makedirs(inp)
         for name in os.listdir(src):
             if name.endswith(".pt"):
-                os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(inp, name))
+                try:
+                    os.link(os.path.join(src, name), os.path.join(inp, name))
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(os.path.join(src, name), os.path.join(inp, name))
         args = argparse.Namespace(input_folder=inp, output_folder=work, num_extract_workers=1, num_merge_workers=1,
                                   keep_temp_folder=False, strict=True, inject_missing_state=True)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -297,6 +406,7 @@ def to_universal(path: str, endpoint_url: str | None = None, local_dir: str | No
         try:
             src = (_download(path, _cache(path, local_dir), endpoint_url, lambda rel: rel.endswith(".pt")
                              and "/" not in rel) if _is_url(path) else _local(path))
+            refuse_links(src)
             verify_files(src, None)  # the conversion unpickles every rank's files unrestricted
             _convert(src, os.path.join(src, UNIVERSAL))
             if _is_url(path):
@@ -337,6 +447,8 @@ def load(engine, path: str, universal: bool = False, endpoint_url: str | None = 
     ZeRO-1 <-> 2). ZeRO-0 keeps whole optimizer state in one file: any world size, as saved."""
     w, meta, stage = dist.world(), info(path, endpoint_url), int(engine.zero_optimization_stage())
     _check_fits(path, meta, stage, w.size, universal)
+    if not _is_url(path):
+        refuse_links(_local(path))
     universal = universal and stage != 0  # ZeRO-0 needs no conversion (see to_universal)
     if universal:
         path = to_universal(path, endpoint_url, local_dir)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -24,6 +27,69 @@ class ConfigError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that stopped on purpose (diverged, too many bad steps), reported as one line."""
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean 'X'?)' for the option closest to a mistyped `word`, or ''."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_choice(key: str, value: str, choices) -> None:
+    """`value` of config key `key` must be one of `choices` (a tuple, or a registry's keys)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+                          f"{did_you_mean(value, choices)}")
+
+
+def check_positive(cfg, keys, prefix: str = "") -> None:
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{prefix}{key} must be positive, got {getattr(cfg, key)}")
+
+
+def check_non_negative(cfg, keys, prefix: str = "") -> None:
+    for key in keys:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{prefix}{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+WANDB_MODES = ("offline", "online", "disabled")  # RunLog's modes (trainer/metrics.py)
+
+
+def check_endpoint(key: str, value: str | None) -> None:
+    """An S3-compatible endpoint is an http(s) URL; anything else fails only when first used."""
+    if value is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ConfigError(f"{key} must be an http:// or https:// URL, got {value!r}")
+
+
+def check_wandb(cfg, project_key: str | None = None) -> None:
+    check_choice("wandb", cfg.wandb, WANDB_MODES)
+    if project_key is not None:
+        project = getattr(cfg, project_key)
+        if not project or any(c in project for c in "/\\#?%:"):  # characters wandb refuses in a project name
+            raise ConfigError(f"{project_key} must be a non-empty name without / \\ # ? % :, got {project!r}")
+
+
+# A hub id (org/name, optionally ::subfolder) cannot be checked without the network; a value
+# of another form (a leading / or ., more than one /) names a local path, which must exist.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(::[A-Za-z0-9._/-]+)?")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.fullmatch(value)) and not value.startswith(".") and not os.path.exists(value)
+
+
+def check_local_path(key: str, value: str, what: str = "path", kind: str = "any", path: str | None = None) -> None:
+    """A local file or folder named in the config must exist when the config is resolved
+    (on the login node for submit.py and --dry-run), not only after the job waited in the queue.
+    kind: any | file | dir. `path`: the part of `value` that names it, where that is not all of it."""
+    path = path if path is not None else value
+    local = os.path.expanduser(path.removeprefix("file://"))
+    if not {"file": os.path.isfile, "dir": os.path.isdir}.get(kind, os.path.exists)(local):
+        want = {"file": "file", "dir": "folder"}.get(kind, "path")
+        raise ConfigError(f"{key}={value}: {what} {want} {path} does not exist")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -71,24 +137,44 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                     value = float(value)  # "1e5"
             if tp is int and float(value) != int(value):
                 raise ValueError
-            return tp(float(value) if isinstance(value, str) else value)
+            out = tp(float(value) if isinstance(value, str) else value)
         except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"config key '{key}' expects {tp.__name__}, got {original!r}") from None
+        if tp is float and not math.isfinite(out):  # nan and inf would pass every range check (nan < 0 is False)
+            raise ConfigError(f"config key '{key}' expects a finite float, got {original!r}")
+        return out
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
-        return str(value)
+        value = str(value)
+        bad = _CONTROL.search(value)
+        if bad:
+            # A newline in run_dir would end an #SBATCH line and start a shell command in the
+            # batch script; no path, URL, name or prompt of a config needs one.
+            raise ConfigError(f"config key '{key}' contains a control character ({bad.group()!r}): not allowed")
+        return value
     return value
+
+
+# C0/C1 controls, DEL, and the Unicode line/paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _unknown_key(key: str, name: str, section: str, where: str, valid) -> ConfigError:
+    """`key` as the user wrote it; `name` its segment that is not among `valid`, the keys of
+    the section `section` ("" or "data.") that the message calls `where`."""
+    if _CONTROL.search(key):  # the message stays one line
+        key, name = repr(key)[1:-1], repr(name)[1:-1]
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f" (did you mean '{section}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(sorted(valid))}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted(str(k) for k in set(data) - set(types_))  # YAML keys may be numbers
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys in "
-            f"{prefix.rstrip('.') or cls.__name__}: {', '.join(sorted(types_))}"
-        )
+        raise _unknown_key(f"{prefix}{unknown[0]}", unknown[0], prefix, prefix.rstrip(".") or cls.__name__, types_)
     kwargs = {name: _convert(data[name], types_[name], prefix + name) for name in data}
     try:
         return cls(**kwargs)
@@ -108,7 +194,7 @@ def _set_path(data: dict, cls, dotted: str, raw: str) -> None:
         types_ = _field_types(node_cls)
         if part not in types_:
             where = ".".join(parts[:i]) or node_cls.__name__
-            raise ConfigError(f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(sorted(types_))}")
+            raise _unknown_key(dotted, part, "".join(p + "." for p in parts[:i]), where, types_)
         tp = types_[part]
         if i == len(parts) - 1:
             # Lists are written in YAML flow style; strings are kept verbatim (a shard pattern

@@ -7,11 +7,12 @@ import os
 
 from data_pipeline import storage
 from data_pipeline.buckets import ImageBucketer, make_buckets
-from data_pipeline.images import DEFAULT_MAX_PIXELS
+from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
 from data_pipeline.loader import Loader, ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
-from data_pipeline.shards import iter_samples
+from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 
+from .config import ConfigError, check_endpoint, check_non_negative, check_positive
 from .dist import World
 
 
@@ -27,6 +28,16 @@ class ShardData:
     max_error_rate: float = 0.01  # stop when more than this share of samples fails to decode
     storage_attempts: int = 5  # tries per object-store request (throttling, resets) before the error
     storage_backoff_s: float = 0.2  # wait after the first failed try, doubled after each further one
+    max_member_mb: float = DEFAULT_MAX_MEMBER_MB  # a tar member larger than this (by its header) is skipped
+    #   unread and its sample quarantined, so one huge or hostile member cannot exhaust memory
+
+    def __post_init__(self) -> None:
+        if not self.max_member_mb > 0:
+            raise ConfigError(f"data.max_member_mb must be > 0, got {self.max_member_mb!r}")
+
+    @property
+    def max_member_bytes(self) -> int:
+        return int(self.max_member_mb * 2**20)
 
     def configure_storage(self) -> None:
         storage.configure(attempts=self.storage_attempts, backoff_s=self.storage_backoff_s)
@@ -34,30 +45,60 @@ class ShardData:
     def bucketer(self):
         return None
 
+    def validate(self, prefix: str = "data.") -> None:
+        """Ranges, checked when the config is resolved (login node, --dry-run), not on the nodes."""
+        check_endpoint(f"{prefix}endpoint_url", self.endpoint_url)
+        check_non_negative(self, ("num_workers", "shuffle_buffer", "virtual_ranks", "storage_backoff_s"), prefix)
+        check_positive(self, ("storage_attempts",), prefix)
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"{prefix}max_error_rate must be in [0, 1], got {self.max_error_rate}")
+
 
 @dataclasses.dataclass
 class ImageData(ShardData):
     resolution: int = 32  # images are resized (shorter side) and centre-cropped to this
     min_size: int = 0  # images whose shorter side is below this are quarantined (0: upscale anything)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header claims more pixels are quarantined (bombs)
+    image_formats: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_FORMATS))  # PIL formats
+    #   decoded (whatever the member's extension says); anything else is quarantined. Opt into more with
+    #   care: EPS makes PIL run Ghostscript on the file's PostScript, JPEG2000 decodes ~20x slower than JPEG
 
     buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels instead of square crops
     bucket_step: int = 64  # bucket sides are multiples of this (the autoencoder's factor x the UNet's)
     bucket_max_aspect: float = 2.0  # the widest and the tallest bucket
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.image_formats = list(check_formats(self.image_formats))
+        except ValueError as e:
+            raise ConfigError(f"data.image_formats: {e}") from None
+
+    def validate(self, prefix: str = "data.") -> None:
+        super().validate(prefix)
+        check_positive(self, ("resolution", "max_pixels", "bucket_step"), prefix)
+        check_non_negative(self, ("min_size",), prefix)
+        if self.bucket_max_aspect < 1.0:
+            raise ConfigError(f"{prefix}bucket_max_aspect must be >= 1, got {self.bucket_max_aspect}")
+
     def decode_options(self) -> dict:
-        return {"resolution": self.resolution, "min_size": self.min_size, "max_pixels": self.max_pixels}
+        return {"resolution": self.resolution, "min_size": self.min_size, "max_pixels": self.max_pixels,
+                "formats": tuple(self.image_formats)}
 
     def bucketer(self):
         if not self.buckets:
             return None
-        return ImageBucketer(make_buckets(self.resolution, self.bucket_step, self.bucket_max_aspect))
+        return ImageBucketer(make_buckets(self.resolution, self.bucket_step, self.bucket_max_aspect),
+                             tuple(self.image_formats))
 
 
-def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str) -> list[int]:
+def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str,
+                       max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)) -> list[int]:
     """Samples per image shard: several ranks need them to take the same number of batches
     (a latent cache's manifest has them; image shards do not). Counted once by reading the
-    tars without decoding, and kept by URL in run_dir/shard_counts.json for later runs."""
+    tars without decoding, and kept by URL in run_dir/shard_counts.json for later runs.
+    The count is of what the loader will read: samples it quarantines while reading the tar
+    (bad names, oversize members, a damaged rest) are left out here, and reported there."""
     path = os.path.join(run_dir, "shard_counts.json")
     known = {}
     if os.path.exists(path):
@@ -65,7 +106,8 @@ def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str) 
             known = json.load(f)
     missing = [u for u in urls if u not in known]
     for url in missing:
-        known[url] = sum(1 for _ in iter_samples(url, endpoint_url))
+        known[url] = sum(1 for _ in iter_samples(url, endpoint_url, on_error=_not_yet,
+                                                 max_member_bytes=max_member_bytes))
     if missing:
         os.makedirs(run_dir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -74,9 +116,13 @@ def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str) 
     return [known[u] for u in urls]
 
 
+def _not_yet(url, key, message) -> None:
+    """Counting passes over bad samples; the loader quarantines them when it reads them."""
+
+
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
                  run_dir: str, counts: list[int] | None = None, checksums: list[str] | None = None,
-                 state: dict | None = None) -> Loader:
+                 state: dict | None = None, read_shard=None) -> Loader:
     """The rank's loader; `state` (a Loader.state_dict() from a checkpoint) continues a run.
 
     A resumed run keeps the stream count it started with, so that a different world size
@@ -88,7 +134,8 @@ def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, 
                            num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
                            shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, bucketer=data.bucketer(),
                            quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),
-                           endpoint_url=data.endpoint_url, checksums=checksums)
+                           endpoint_url=data.endpoint_url, checksums=checksums, read_shard=read_shard,
+                           max_member_bytes=data.max_member_bytes)
     loader = make_loader(dataset)
     if state:
         loader.load_state_dict(state)
@@ -100,6 +147,10 @@ class CacheExpect:
     vae: str = ""  # identity the cache's VAE must have (manifest vae.identity); "" accepts any
     text_encoder: str = ""  # identity the cache's text encoder must have; "" accepts any
     resolution: int = 0  # image resolution the cache must have been made at; 0 accepts any
+
+    def validate(self, prefix: str = "cache.") -> None:
+        if self.resolution < 0:
+            raise ConfigError(f"{prefix}resolution must be >= 0 (0 accepts any), got {self.resolution}")
 
 
 def check_manifest(manifest: dict, cache_url: str, expect: CacheExpect, trained_on: dict | None) -> dict:

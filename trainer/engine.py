@@ -4,11 +4,18 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import deepspeed
 import torch
 
-# DeepSpeed logs its whole config and every save at INFO on every rank; keep warnings.
-deepspeed.utils.logger.setLevel(logging.WARNING)
+
+def _deepspeed():
+    """DeepSpeed, imported on first use: importing it prints its accelerator choice to stdout,
+    and the config classes that import this module are also read by launch/submit.py, whose
+    stdout is the batch script (`submit.py --dry-run > job.sbatch`)."""
+    import deepspeed
+
+    # DeepSpeed logs its whole config and every save at INFO on every rank; keep warnings.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
 
 
 def resolve_precision(precision: str) -> str:
@@ -53,9 +60,31 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict):
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, *_ = _deepspeed().initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config)
+    _keep_grad_norm(engine)
     return engine
+
+
+def _keep_grad_norm(engine) -> None:
+    """ZeRO-0 in fp32 with torch's optimizer: DeepSpeed clips the gradients but drops their
+    norm, so get_global_grad_norm() stays None; clip the same way here and keep it. (With
+    gradient_clipping 0 DeepSpeed computes no norm at all there, and none is logged.)"""
+    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return
+
+    def clip_and_keep() -> None:
+        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping())
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
+def global_grad_norm(engine) -> float | None:
+    """The gradient norm of the last optimizer step (before clipping), or None where
+    DeepSpeed computes none."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def skipped_steps(engine) -> int:
@@ -102,7 +131,7 @@ def full_weights(engine):
     (DeepSpeed #2056); they are gathered here. Every rank must enter the block.
     """
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        with _deepspeed().zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             yield engine.module
     else:
         yield engine.module

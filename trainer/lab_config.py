@@ -171,6 +171,26 @@ class LabJob:
         for space in SPACES:
             unet_job(self, space, "placeholder")
         cache_job(self, "identity", "placeholder")
+        self._validate_own_fields()
+
+    def _validate_own_fields(self) -> None:
+        """The lab's fields that no sub-config checks, when the config is resolved (also --dry-run)."""
+        from .job_checks import check_vae_spec
+
+        if not self.run_dir:
+            raise config_lib.ConfigError("run_dir is empty: name the lab's folder")
+        config_lib.check_non_negative(self, ("seed", "threads"))
+        config_lib.check_non_negative(self.data, ("seed",), "data.")
+        config_lib.check_non_negative(self.sampling, ("guidance",), "sampling.")
+        config_lib.check_positive(self.eval, ("images", "batch_size", "grid_images"), "eval.")
+        if not 0.0 < self.eval.hf_cutoff < 1.0:
+            raise config_lib.ConfigError(f"eval.hf_cutoff must be in (0, 1), got {self.eval.hf_cutoff}")
+        if self.eval.inception_weights:
+            config_lib.check_local_path("eval.inception_weights", self.eval.inception_weights, "Inception weights",
+                                        kind="file")
+        for name in ("kl_plain", "kl_gan", "vq_gan"):
+            if getattr(self.models, name):
+                check_vae_spec(getattr(self.models, name), f"models.{name}")
 
 
 def stage_dir(cfg: LabJob, *parts: str) -> str:

@@ -1,7 +1,10 @@
 """Generate images from a trained run: text -> UNet in latent space -> frozen VAE decoder."""
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -55,16 +58,23 @@ def load_frozen(manifest: dict, cache_url: str):
 
 @torch.no_grad()
 def sample_rows(unet, vae, text_encoder, manifest: dict, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
-                guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0) -> list[list[Image.Image]]:
+                guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+                negative_prompt: str = "") -> list[list[Image.Image]]:
     """One row of images per prompt; row i's noise is seeded by seed + i, so a fixed prompt
-    list gives comparable grids across checkpoints."""
+    list gives comparable grids across checkpoints.
+
+    Classifier-free guidance extrapolates from the output for `negative_prompt` towards the
+    prompt's: eps = n + guidance * (c - n). With "" (the default) n is the unconditional
+    model (the empty caption it was trained on under caption_dropout); a negative prompt
+    replaces it, so guidance > 1 also pushes away from what it describes.
+    """
     device = next(unet.parameters()).device
     shift, scale = (t.to(device) for t in latent_affine(manifest, cfg.latent_norm))  # model latents: (z - shift) * scale
     schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
+    uncond = text_encoder.encode([negative_prompt]).to(device)
     rows = []
     for i, prompt in enumerate(prompts):
         context = text_encoder.encode([prompt] * per_prompt).to(device)
-        uncond = text_encoder.encode([""]).to(device)
         gen = torch.Generator(device).manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
                            sampler=sampler, generator=gen)
@@ -78,10 +88,40 @@ def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", **kwargs
     return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, **kwargs)
 
 
-def save_grid(rows: list[list[Image.Image]], prompts: list[str], out: str, tile: int = 128) -> str:
-    """One row per prompt, the prompt written above it; small images are enlarged with
-    nearest-neighbour so that what the model drew is shown pixel for pixel."""
-    tiles = [[im.resize((tile, tile), Image.Resampling.NEAREST) for im in row] for row in rows]
+def check_guidance(guidance: float, negative_prompt: str, guidance_name: str = "guidance",
+                   negative_name: str = "negative prompt") -> None:
+    """Refuse guidance settings that cannot mean what was asked: the scale must be a finite
+    number >= 0 (0 samples the unconditional/negative side alone, 1 the prompt alone, > 1
+    extrapolates away from the negative side); a negative prompt only acts at a scale > 1
+    (at 1 it is ignored, below 1 the samples move towards it)."""
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise config_lib.ConfigError(f"{guidance_name} must be a finite number >= 0, got {guidance!r}")
+    if negative_prompt and guidance <= 1:
+        raise config_lib.ConfigError(f"{negative_name} {negative_prompt!r} needs {guidance_name} > 1 (got {guidance}): "
+                                     "at 1 it is ignored, below 1 samples move towards it")
+
+
+def _tile(im: Image.Image, tile: int) -> Image.Image:
+    """A grid tile: downscaled with a Lanczos filter (nearest-neighbour would alias fine
+    detail into noise), enlarged with nearest-neighbour so that a small model's pixels show
+    as drawn."""
+    if im.size == (tile, tile):
+        return im
+    shrinking = im.width > tile or im.height > tile
+    return im.resize((tile, tile), Image.Resampling.LANCZOS if shrinking else Image.Resampling.NEAREST,
+                     reducing_gap=3.0 if shrinking else None)
+
+
+_ORIGINAL = re.compile(r"p\d{3,}_\d{3,}\.png")  # the full-size files save_grid writes (row = prompt, column)
+
+
+def save_grid(rows: list[list[Image.Image]], prompts: list[str], out: str, tile: int = 128,
+              originals: bool = True) -> str:
+    """One row per prompt, the prompt written above it, each image shrunk or enlarged to a
+    `tile`-pixel square. With `originals`, every image is also saved at its real size beside
+    the grid, in OUT without .png: pRRR_CCC.png (row = prompt index, column = image), and the
+    prompts in order in prompts.json there."""
+    tiles = [[_tile(im, tile) for im in row] for row in rows]
     label_h, cols = 16, max(len(r) for r in tiles)
     canvas = Image.new("RGB", (cols * tile, len(tiles) * (tile + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -91,6 +131,17 @@ def save_grid(rows: list[list[Image.Image]], prompts: list[str], out: str, tile:
         canvas.paste(grid(row, cols), (0, y + label_h))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     canvas.save(out)
+    if originals:
+        folder = os.path.splitext(out)[0]
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # an earlier call's images that this one does not overwrite
+            if _ORIGINAL.fullmatch(name):
+                os.remove(os.path.join(folder, name))
+        for r, row in enumerate(rows):
+            for c, im in enumerate(row):
+                im.save(os.path.join(folder, f"p{r:03d}_{c:03d}.png"))
+        with open(os.path.join(folder, "prompts.json"), "w") as f:
+            json.dump(list(prompts[:len(rows)]), f, indent=1)
     return out
 
 
@@ -99,7 +150,8 @@ class Validator:
 
     Every rank calls it (gathering ZeRO-3 weights is collective); rank 0 samples with a
     plain copy of the UNet holding the EMA (or current) weights and writes
-    run_dir/samples/step_XXXXXXXXX.png, also logged to wandb.
+    run_dir/samples/step_XXXXXXXXX.png (also logged to wandb), and each image at full size in
+    run_dir/samples/step_XXXXXXXXX/.
     """
 
     def __init__(self, cfg: UNetJob, manifest: dict, device: torch.device, is_main: bool):
@@ -119,7 +171,8 @@ class Validator:
         unet = unet.to(self.device).eval()
         vae, text_encoder = (m.to(self.device) for m in self.frozen)
         rows = sample_rows(unet, vae, text_encoder, self.manifest, self.cfg, self.cfg.validation_prompts,
-                           steps=self.cfg.validation_steps, seed=self.cfg.seed)
+                           steps=self.cfg.validation_steps, seed=self.cfg.seed, guidance=self.cfg.validation_guidance,
+                           negative_prompt=self.cfg.validation_negative_prompt)
         out = save_grid(rows, self.cfg.validation_prompts,
                         os.path.join(self.cfg.run_dir, "samples", f"step_{step:09d}.png"))
         runlog.log_image(step, "validation", out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -37,6 +38,48 @@ from . import dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: launch/ is here
 JOBS = {"unet": "train_unet.py", "cache": "cache_latents.py", "autoencoder": "train_autoencoder.py"}
 LAUNCHERS = ("srun", "deepspeed")
+
+# What may go into an #SBATCH line. sbatch reads those lines itself (no shell): it splits them
+# at whitespace, takes quotes and '#' specially, and expands %-patterns in --output; a newline
+# ends the line, and the first line that is not a comment ends its reading of #SBATCH options
+# (the later --signal and --requeue would be lost). So values are checked, not quoted.
+_NAMES = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*", re.ASCII)  # partitions (a list) and accounts
+# SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit.
+_TIME = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE", re.ASCII | re.IGNORECASE)
+_SBATCH_PATH = re.compile(r"[A-Za-z0-9_./+,:@-]+", re.ASCII)
+_SBATCH_OPTION = re.compile(r"--([a-z][a-z0-9-]*)(=[!-~]+)?", re.ASCII)  # printable ASCII, no spaces
+_SBATCH_NOT_IN_VALUE = "\"'\\#$`"
+# Options the script sets itself: another value would break the job (logs, arrays, preemption).
+_RESERVED = {"nodes": "set it with --nodes", "ntasks-per-node": "set it with --tasks-per-node",
+             "ntasks": "set --nodes and --tasks-per-node", "gpus-per-node": "set it with --gpus-per-node",
+             "cpus-per-task": "set it with --cpus-per-task", "partition": "set it with --partition",
+             "time": "set it with --time", "account": "set it with --account",
+             "signal": "set it with --signal-seconds", "array": "set it with --array-tasks",
+             "output": "set the folder with --log-dir", "error": "set the folder with --log-dir",
+             "chdir": "it runs where submit.py ran", "requeue": "preempted jobs resume by requeueing",
+             "no-requeue": "preempted jobs resume by requeueing", "open-mode": "requeued jobs append to their log",
+             "wrap": "the script is the job"}
+
+
+def _check_sbatch_path(source: str, path: str) -> None:
+    if not _SBATCH_PATH.fullmatch(path):
+        ch = next(c for c in path if not _SBATCH_PATH.fullmatch(c))
+        raise config_lib.ConfigError(
+            f"{source}: {path!r} goes into an #SBATCH line, where only letters, digits and _ . / + , : @ - are "
+            f"safe (found {ch!r}); choose a log folder without it with --log-dir")
+
+
+def _check_sbatch_option(option: str) -> None:
+    m = _SBATCH_OPTION.fullmatch(option)
+    if not m or any(c in _SBATCH_NOT_IN_VALUE for c in option):
+        raise config_lib.ConfigError(
+            f"--sbatch={option!r}: expected one sbatch option --name or --name=value without spaces, quotes, "
+            "'#', '$', backslashes or control characters")
+    name = m.group(1)
+    taken = [r for r in _RESERVED if r.startswith(name)]  # sbatch also takes unambiguous abbreviations
+    if taken:
+        sets = "requeue" if taken[0] == "no-requeue" else taken[0]
+        raise config_lib.ConfigError(f"--sbatch={option}: the script sets --{sets} itself ({_RESERVED[taken[0]]})")
 
 
 # --- preemption inside the job --------------------------------------------------------------------
@@ -158,6 +201,14 @@ class Resources:
             raise config_lib.ConfigError("--array-tasks is for the cache job")
         if not 0 <= self.signal_s <= 65535:
             raise config_lib.ConfigError(f"--signal-seconds must be in 0..65535, got {self.signal_s}")
+        for key, pattern, what in (("partition", _NAMES, "partition names (letters, digits, _ . -), comma-separated"),
+                                   ("account", _NAMES, "an account name (letters, digits, _ . -)"),
+                                   ("time", _TIME, "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED")):
+            value = getattr(self, key)
+            if value and not pattern.fullmatch(value):
+                raise config_lib.ConfigError(f"--{key}={value!r}: expected {what}")
+        for option in self.sbatch:
+            _check_sbatch_option(option)
 
 
 def job_class(job: str):
@@ -173,18 +224,25 @@ def job_class(job: str):
 
 
 def log_dir(job: str, cfg, res: Resources) -> str:
-    """Where the script and SLURM's output files go: beside what the job writes."""
+    """Where the script and SLURM's output files go: beside what the job writes. It is named
+    in the script's #SBATCH --output line, so only plain path characters are accepted."""
+    out, source = _log_dir(job, cfg, res)
+    _check_sbatch_path(source, out)
+    return out
+
+
+def _log_dir(job: str, cfg, res: Resources) -> tuple[str, str]:
     if res.log_dir:
-        return os.path.abspath(res.log_dir)
+        return os.path.abspath(res.log_dir), "--log-dir"
     if job == "cache":
         # Not inside the cache: its folder holds exactly what a run without SLURM writes.
         if not storage.is_local(cfg.out_url):
             raise config_lib.ConfigError(f"out_url={cfg.out_url} is not a local folder: name one for the script and "
                                          "logs with --log-dir")
-        return os.path.abspath(cfg.out_url.removeprefix("file://").rstrip("/") + ".slurm")
+        return os.path.abspath(cfg.out_url.removeprefix("file://").rstrip("/") + ".slurm"), "out_url (+ .slurm)"
     if not storage.is_local(cfg.run_dir):
         raise config_lib.ConfigError(f"run_dir={cfg.run_dir} is not a local folder: name one with --log-dir")
-    return os.path.abspath(cfg.run_dir)
+    return os.path.abspath(cfg.run_dir), "run_dir"
 
 
 def _count_shards(cfg) -> int:
@@ -200,6 +258,7 @@ def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resou
     out = log_dir(job, cfg, res)
     per_node = res.ranks_per_node()
     name = os.path.basename(os.path.normpath(cfg.out_url if job == "cache" else cfg.run_dir))
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name, flags=re.ASCII)  # a label only: anything else becomes _
     opts = [f"--job-name=ldm-{job}-{name}", f"--nodes={res.nodes}", f"--ntasks-per-node={per_node}"]
     if res.gpus_per_node:
         opts.append(f"--gpus-per-node={res.gpus_per_node}")
@@ -233,7 +292,7 @@ def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resou
         opts.append(f"--signal=USR1@{res.signal_s}")
     # Requeued (by the trainer on the warning signal, or by SLURM after a node failure or
     # preemption) the job keeps its id and appends to its log instead of truncating it.
-    opts += ["--requeue", "--open-mode=append", f"--output={output}", f"--chdir={os.getcwd()}", *res.sbatch]
+    opts += ["--requeue", "--open-mode=append", f"--output={output}", *res.sbatch]
 
     args = [shlex.quote(a) for a in (["--config", os.path.abspath(config)] if config else []) + overrides] + cmd_extra
     script = os.path.join(ROOT, "launch", JOBS[job])
@@ -245,6 +304,9 @@ def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resou
              "submits it again.",
              *[f"#SBATCH {o}" for o in opts], "",
              "set -u",
+             # Relative paths of the config are relative to where submit.py ran. A `cd` in the
+             # shell, quoted, instead of #SBATCH --chdir: that line could not hold every path.
+             f"cd -- {shlex.quote(os.getcwd())} || exit 1",
              "export PYTHONUNBUFFERED=1",
              'echo "$(date -Is) job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}"',
              *preamble]

@@ -1,8 +1,10 @@
 """Second stage: train the text-conditional UNet on cached latents with DeepSpeed.
 
-Progress is counted in optimizer steps of a fixed global batch, so samples seen, the data
-position, the learning rate and every random draw are functions of the step: resuming
-means loading the newest complete checkpoint and continuing from its step.
+Progress is counted in samples seen; within one world size it advances a fixed global batch
+per optimizer step, so the data position, the learning rate and every random draw are
+functions of the step: resuming means loading the newest complete checkpoint (the one
+furthest in samples) and continuing from it. At another world size (elastic resume) the step
+is the one at the same sample count, and the sample count keeps growing from where it was.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.latents import EMPTY_CAPTION, decode_sample, latent_affine, read_manifest
+from data_pipeline.latents import EMPTY_CAPTION, decode_sample, latent_affine, read_cached_shard, read_manifest
 from models.diffusion import draw_latents, noise_schedule, training_loss
 from models.text_encoder import load_text_encoder
 from models.unet import build_unet
@@ -27,8 +29,8 @@ from . import config as config_lib
 from . import dist, slurm
 from .data import CacheExpect, ShardData, build_loader, check_manifest
 from .ema import EMA, EMA_DIR
-from .engine import (build_engine, deepspeed_config, drop_nonfinite_grads, resolve_precision, set_lr,
-                     skipped_steps)
+from .engine import (build_engine, deepspeed_config, drop_nonfinite_grads, global_grad_norm, resolve_precision,
+                     set_lr, skipped_steps)
 from .flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
 from .metrics import RunLog, plot_loss
 
@@ -79,6 +81,10 @@ class UNetJob:
     validate_every_samples: int = 0  # sample validation_prompts with the EMA weights this often (0: never)
     validation_prompts: list[str] = dataclasses.field(default_factory=list)  # one grid row per prompt
     validation_steps: int = 25  # sampler steps for validation grids
+    validation_guidance: float = 5.0  # classifier-free guidance scale of validation grids: >= 0; 1 is the
+    #   conditional model alone, 0 the unconditional (or negative-prompt) side alone, > 1 extrapolates from it
+    validation_negative_prompt: str = ""  # caption that guidance steers validation samples away from
+    #   (replaces the empty caption's embedding); "": plain classifier-free guidance; needs validation_guidance > 1
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more samples (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
@@ -108,10 +114,33 @@ class UNetJob:
             raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
         if self.validate_every_samples > 0 and not self.validation_prompts:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
+        from .sampling import check_guidance  # sampling imports this module
+
+        check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",
+                       "validation_negative_prompt")
         for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
                     "peak_tflops", "validate_every_samples"):
             if getattr(self, key) < 0:
                 raise config_lib.ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        # The rest of the fields, so that a bad value fails on the login node, not after the queue.
+        if not self.run_dir:
+            raise config_lib.ConfigError("run_dir is empty: name the run's folder")
+        self.data.validate("data.")
+        self.cache.validate("cache.")
+        config_lib.check_endpoint("checkpoint_endpoint_url", self.checkpoint_endpoint_url)
+        config_lib.check_choice("latent_norm", self.latent_norm, ("scaling_factor", "per_channel"))
+        config_lib.check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        config_lib.check_wandb(self, "wandb_project")
+        from .job_checks import check_unet_model
+
+        check_unet_model(self.model)
+        config_lib.check_positive(self, ("lr", "keep_last"))
+        config_lib.check_non_negative(self, ("weight_decay", "warmup_samples", "grad_clip", "seed",
+                                             "stop_after_samples"))
+        if self.lr_final_ratio > 1:
+            raise config_lib.ConfigError(f"lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise config_lib.ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +215,8 @@ def train_unet(cfg: UNetJob) -> str:
         # These keys do not change what is trained, so a resumed run may set them differently.
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
             "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
-            "validation_prompts", "validation_steps", "max_nonfinite_steps", "compile", "elastic_resume",
+            "validation_prompts", "validation_steps", "validation_guidance", "validation_negative_prompt",
+            "max_nonfinite_steps", "compile", "elastic_resume",
             "dist_timeout_s"))
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
@@ -223,7 +253,7 @@ def train_unet(cfg: UNetJob) -> str:
     ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio) if cfg.ema_halflife_samples else None
     schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
-    step, nonfinite_steps, loader_state, log_from = 0, 0, None, 0
+    step, samples, nonfinite_steps, loader_state, log_from = 0, 0, 0, None, 0
     resume = checkpoint.latest(root, endpoint)
     if resume:
         written_by = checkpoint.info(resume, endpoint)["world_size"]
@@ -237,7 +267,8 @@ def train_unet(cfg: UNetJob) -> str:
         loader_state, nonfinite_steps, log_from = state["loader"], state.get("nonfinite_steps", 0), state["step"]
         # Progress is samples: at another world size the global batch differs, so the step
         # (and with it the learning rate and the end) is the one at the same sample count.
-        step = state["samples"] // plan.global_batch
+        samples = state["samples"]  # only grows, so checkpoint names (samples_*) only grow
+        step = samples // plan.global_batch
         if ema is not None:
             ema.load(checkpoint.fetch(resume, endpoint_url=endpoint, parts=(EMA_DIR,)))
         if w.is_main:
@@ -248,11 +279,13 @@ def train_unet(cfg: UNetJob) -> str:
     urls = [storage.join(cfg.data.urls, s["shard"]) for s in manifest["shards"]]
     loader = build_loader(cfg.data, urls, decode_latent_sample, cfg.batch_per_rank, w, seed=cfg.seed,
                           run_dir=cfg.run_dir, counts=[s["count"] for s in manifest["shards"]],
-                          checksums=[s["sha256"] for s in manifest["shards"]], state=loader_state)
+                          checksums=[s["keys_sha256"] for s in manifest["shards"]], read_shard=read_cached_shard,
+                          state=loader_state)
     batches, dataset = iter(loader), loader.dataset
     samples_per_epoch = dataset.samples_per_epoch()
-    runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, wandb_mode=cfg.wandb,
-                    wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg))
+    runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, resume_samples=samples, wandb_mode=cfg.wandb,
+                    wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg),
+                    plot_title=f"UNet {cfg.model}, {cfg.prediction_type} loss")
     validator = None
     if plan.validate_every_steps:
         from .sampling import Validator  # sampling imports this module
@@ -264,8 +297,8 @@ def train_unet(cfg: UNetJob) -> str:
               f"{flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward)")
 
     def save_checkpoint() -> None:
-        checkpoint.save(engine, root, step, {
-            "step": step, "samples": step * plan.global_batch, "world_size": w.size, "zero_stage": cfg.zero_stage,
+        checkpoint.save(engine, root, samples, {
+            "step": step, "samples": samples, "world_size": w.size, "zero_stage": cfg.zero_stage,
             "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict()},
             keep_last=cfg.keep_last, extra=(lambda path: ema.save(path, w.is_main)) if ema is not None else None,
             endpoint_url=endpoint)
@@ -311,7 +344,7 @@ def train_unet(cfg: UNetJob) -> str:
                 dropped = drop_nonfinite_grads(engine)
             engine.step()
             step_loss += loss.item() / cfg.grad_accum
-        step += 1
+        step, samples = step + 1, samples + plan.global_batch
         bar.update(1)
 
         # --- a NaN/inf loss: the step was skipped; too many in a row end the run ----------------------
@@ -328,7 +361,7 @@ def train_unet(cfg: UNetJob) -> str:
             if w.is_main:
                 print(f"step {step}: loss is {step_loss}, step skipped ({nonfinite_steps} so far)")
         if applied and ema is not None:
-            ema.update(step * plan.global_batch, plan.global_batch)
+            ema.update(samples, plan.global_batch)
 
         if step < last_step and preemption.requested():  # SIGUSR1/SIGTERM on any rank: every rank stops here,
             last_step = step  # logs and checkpoints as at the end of an invocation, then leaves the loop
@@ -337,7 +370,6 @@ def train_unet(cfg: UNetJob) -> str:
         give_up = streak >= cfg.max_nonfinite_steps
         if step % plan.log_every_steps == 0 or step == last_step or give_up:
             elapsed = time.time() - t0
-            samples = step * plan.global_batch
             images_per_s = plan.log_every_steps * plan.global_batch / elapsed if losses else 0.0
             tflops = images_per_s / w.size * flops_per_sample / 1e12  # per device
             runlog.log(step, samples=samples, epoch=samples / samples_per_epoch,
@@ -345,7 +377,8 @@ def train_unet(cfg: UNetJob) -> str:
                        images_per_s=images_per_s, data_wait_share=wait_s / elapsed,
                        read_mb_per_s_per_rank=read_bytes / elapsed / 1e6, tflops_per_device=tflops,
                        mfu=tflops / peak if peak else None, peak_memory_gb=peak_memory_gb(),
-                       nonfinite_steps=nonfinite_steps, skipped_steps=skipped_steps(engine))
+                       nonfinite_steps=nonfinite_steps, skipped_steps=skipped_steps(engine),
+                       grad_norm=global_grad_norm(engine))  # the last step's, before clipping
             if losses:
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()

@@ -1,0 +1,170 @@
+"""Untrusted checkpoints: object keys that would escape the download folder, symbolic links
+inside a checkpoint, and a node-local folder that another user could plant files in.
+Naming by samples: a complete checkpoint is never overwritten, and pruning keeps the newest."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PY, ROOT, free_port, run_cmd
+from trainer import checkpoint
+
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+DRIVER = "tests/ckpt_driver.py"
+
+
+class _Engine:
+    """What `load` asks of an engine before DeepSpeed reads a file."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+
+def _fake_checkpoint(path, samples, **marker):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, checkpoint.MARKER), "w") as f:
+        json.dump({"samples": samples, "world_size": 1, "zero_stage": 0, **marker}, f)
+    return str(path)
+
+
+# --- names and pruning ------------------------------------------------------------------------
+
+def test_checkpoints_are_ordered_by_samples_and_pruning_never_drops_the_newest(tmp_path):
+    root = tmp_path / "checkpoints"
+    # Older layout: named by step, ordered by the samples in its marker (step 20 of 8 = 160 samples).
+    _fake_checkpoint(root / "step_000000020", 160, step=20)
+    _fake_checkpoint(root / checkpoint.tag_for(96), 96)
+    os.makedirs(root / checkpoint.tag_for(100))  # an interrupted save behind the newest: pruned
+    os.makedirs(root / checkpoint.tag_for(900))  # an interrupted save ahead: kept, never loaded
+    assert checkpoint.complete_tags(str(root)) == [checkpoint.tag_for(96), "step_000000020"]
+    assert checkpoint.latest(str(root)) == str(root / "step_000000020")
+    _fake_checkpoint(root / checkpoint.tag_for(256), 256)
+    checkpoint.prune(str(root), keep_last=2)
+    assert sorted(os.listdir(root)) == [checkpoint.tag_for(256), checkpoint.tag_for(900), "step_000000020"]
+    checkpoint.prune(str(root), keep_last=0)  # 0 still keeps the newest complete one
+    assert checkpoint.complete_tags(str(root)) == [checkpoint.tag_for(256)]
+
+
+def test_a_complete_checkpoint_is_never_overwritten(tmp_path):
+    path = _fake_checkpoint(tmp_path / checkpoint.tag_for(64), 64)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^refusing to overwrite the complete checkpoint {path}:"):
+        checkpoint.begin(path)
+    assert os.path.exists(os.path.join(path, checkpoint.MARKER))
+    interrupted = tmp_path / checkpoint.tag_for(72)
+    os.makedirs(interrupted)
+    (interrupted / "half.pt").write_bytes(b"x")
+    checkpoint.begin(str(interrupted))  # an interrupted save is cleared for the new one
+    assert not interrupted.exists()
+
+
+# --- S3 object keys ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["zero/../../../../escaped.pt", "zero//x.pt", "./x.pt"], ids=["dotdot", "empty", "dot"])
+def test_crafted_keys_refused(s3_bucket, tmp_path, key):
+    """A crafted bucket: `fetch` must not write anything outside its local folder."""
+    import boto3
+
+    url, endpoint = s3_bucket
+    bucket = url.removeprefix("s3://")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    tag = checkpoint.tag_for(8)
+    client.put_object(Bucket=bucket, Key=f"run/{tag}/{checkpoint.MARKER}", Body=b'{"samples": 8}')
+    client.put_object(Bucket=bucket, Key=f"run/{tag}/{key}", Body=b"planted")
+    local = tmp_path / "node" / "a" / "b" / "c"
+    with pytest.raises(checkpoint.CheckpointError, match=f"^refusing checkpoint object {url}/run/{tag}/"):
+        checkpoint.fetch(f"{url}/run/{tag}", local_dir=str(local), endpoint_url=endpoint)
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert not any(open(p, "rb").read() == b"planted" for p in written), written
+
+
+# --- symbolic links in a checkpoint --------------------------------------------------------------
+
+def test_a_symlinked_folder_in_a_universal_checkpoint_is_refused_before_unpickling(tmp_path):
+    """The pickle check walks real folders; DeepSpeed's universal loader follows links. A
+    `universal/zero` that links to planted pickles must be refused, not loaded."""
+    common = ("--root", tmp_path / "ckpt", "--zero", 2)
+    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DRIVER, *map(str, common),
+             "--steps", "2", "--save-every", "2"])
+    ckpt = checkpoint.latest(str(tmp_path / "ckpt"))
+    checkpoint.to_universal(ckpt)  # converted once, as an elastic resume would
+    canary, evil = tmp_path / "canary", tmp_path / "elsewhere"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    # Each parameter's folder under universal/zero becomes a link to planted pickles (the walk
+    # of the pickle check lists a linked folder but does not enter it).
+    zero = os.path.join(ckpt, "universal", "zero")
+    params = sorted(d for d in os.listdir(zero) if os.path.isdir(os.path.join(zero, d)))
+    for param in params:
+        for name in os.listdir(os.path.join(zero, param)):
+            os.makedirs(evil / param, exist_ok=True)
+            with open(evil / param / name, "wb") as f:
+                pickle.dump({"param": Payload()}, f, protocol=2)
+        os.rename(os.path.join(zero, param), os.path.join(tmp_path, f"real-{param}"))
+        os.symlink(evil / param, os.path.join(zero, param))
+    out = run_cmd([PY, DRIVER, *map(str, common), "--steps", "3", "--resume", "--universal"], check=False)
+    assert out.returncode != 0 and not canary.exists(), out.stdout[-2000:]
+    assert f"refusing checkpoint {ckpt}: {zero}/{params[0]} is a symbolic link" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_checkpoint_that_is_or_holds_a_link_is_refused(tmp_path):
+    real = _fake_checkpoint(tmp_path / "real", 8)
+    linked = tmp_path / "checkpoints" / checkpoint.tag_for(8)
+    os.makedirs(linked.parent)
+    os.symlink(real, linked)
+    with pytest.raises(checkpoint.CheckpointError, match="is a symbolic link; checkpoints must be real folders"):
+        checkpoint.load(_Engine(0), str(linked))
+    os.symlink("/etc/passwd", os.path.join(real, "mp_rank_00_model_states.pt"))
+    with pytest.raises(checkpoint.CheckpointError, match="mp_rank_00_model_states.pt is a symbolic link"):
+        checkpoint.load(_Engine(0), real)
+    with pytest.raises(checkpoint.CheckpointError, match="is a symbolic link"):
+        checkpoint.fetch(real)
+
+
+# --- the node-local folder --------------------------------------------------------------------------
+
+def _local_base_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    code = "from trainer import checkpoint; print(checkpoint._local_base())"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True)
+
+
+def test_the_default_node_local_folder_is_private_to_the_user(tmp_path):
+    env = {"TMPDIR": str(tmp_path)}
+    env.pop("CHECKPOINT_LOCAL_DIR", None)
+    out = _local_base_in_subprocess({**env, "CHECKPOINT_LOCAL_DIR": ""})
+    made = tmp_path / f"ldm-checkpoints-{os.geteuid()}"
+    assert out.returncode == 0 and out.stdout.strip() == str(made), out.stderr
+    assert (os.stat(made).st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("planted", ["symlink", "world_writable", "other_owner"])
+def test_a_node_local_folder_another_user_could_write_is_refused(tmp_path, planted):
+    base = tmp_path / f"ldm-checkpoints-{os.geteuid()}"
+    if planted == "symlink":  # e.g. another user made it a link to a folder of theirs
+        os.makedirs(tmp_path / "theirs")
+        os.symlink(tmp_path / "theirs", base)
+        why = "it is a symbolic link"
+    elif planted == "world_writable":
+        os.makedirs(base)
+        os.chmod(base, 0o777)
+        why = "group or others may write it (mode 777)"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a folder owned by another user needs root")
+        os.makedirs(base)
+        os.chown(base, 65534, 65534)
+        why = "it belongs to uid 65534"
+    out = _local_base_in_subprocess({"TMPDIR": str(tmp_path), "CHECKPOINT_LOCAL_DIR": ""})
+    assert out.returncode != 0 and f"refusing node-local checkpoint folder {base}: {why}" in out.stderr, out.stderr
+    # An explicit CHECKPOINT_LOCAL_DIR gets the same checks.
+    out = _local_base_in_subprocess({"CHECKPOINT_LOCAL_DIR": str(base)})
+    assert out.returncode != 0 and f"refusing node-local checkpoint folder {base}: {why}" in out.stderr

@@ -1,0 +1,70 @@
+"""Checks of the model specs in job configs (vae=, text_encoder=, model=), made when the config
+is resolved, so that `--dry-run` and launch/submit.py refuse a bad one on the login node
+instead of the job failing on the nodes after its wait in the queue.
+
+Names come from the registries in models/ (their PRESETS, OpenCLIP's model list), never from
+a copy here. A local path must exist; a hub id (`org/name`) cannot be checked without the
+network and is left to the loader.
+"""
+from __future__ import annotations
+
+import os
+
+from .config import ConfigError, check_local_path, did_you_mean, looks_like_hub_id
+
+_CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+def check_unet_model(model: str, key: str = "model") -> None:
+    """A preset of models/unet.py, or a diffusers config.json that exists here."""
+    from models.unet import PRESETS
+
+    if model.endswith(".json"):
+        check_local_path(key, model, "UNet config", kind="file")
+    elif model not in PRESETS:
+        raise ConfigError(f"{key} must be a UNet preset ({', '.join(PRESETS)}) or a diffusers config.json, "
+                          f"got {model!r}{did_you_mean(model, PRESETS)}")
+
+
+def check_vae_spec(spec: str, key: str = "vae") -> None:
+    """identity | preset:NAME | a local diffusers folder (must exist) | a hub id ORG/NAME[::SUBFOLDER]
+    (models.autoencoder.load_autoencoder's forms)."""
+    from models.autoencoder import IDENTITY, PRESETS
+
+    if spec == IDENTITY:
+        return
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ConfigError(f"{key}=preset:{name}: unknown autoencoder preset; presets: {', '.join(PRESETS)}"
+                              f"{did_you_mean(name, PRESETS)}")
+        return
+    if os.path.isdir(spec) or looks_like_hub_id(spec):
+        return
+    raise ConfigError(f"{key}={spec}: autoencoder path does not exist (expected identity, preset:NAME, a diffusers "
+                      "folder or a hub id ORG/NAME)")
+
+
+def check_text_encoder_spec(spec: str, key: str = "text_encoder") -> None:
+    """tiny | tiny:FILE (must exist) | OpenCLIP MODEL[:PRETRAINED], PRETRAINED a tag OpenCLIP
+    knows for MODEL or a checkpoint file that exists (models.text_encoder.load_text_encoder)."""
+    name, _, pretrained = spec.partition(":")
+    if name == "tiny":
+        if pretrained:
+            check_local_path(key, spec, "text encoder weights", kind="file", path=pretrained)
+        return
+    import open_clip
+
+    models = open_clip.list_models()
+    if name not in models:
+        raise ConfigError(f"{key}={spec}: unknown text encoder {name!r}; use tiny or an OpenCLIP model name "
+                          f"(e.g. ViT-H-14){did_you_mean(name, models)}")
+    if not pretrained:
+        return
+    if "/" in pretrained or os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        check_local_path(key, spec, "OpenCLIP checkpoint", kind="file", path=pretrained)
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"{key}={spec}: OpenCLIP has no pretrained tag {pretrained!r} for {name} "
+                          f"({', '.join(tags) or 'none'}){did_you_mean(pretrained, tags)}")
