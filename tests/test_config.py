@@ -232,9 +232,9 @@ def test_dump_load_round_trip(tmp_path):
 @pytest.mark.parametrize("cls,config,overrides,expected", [
     (UNetJob, "configs/unet/demo.yaml", ["betas=[0.8, 0.95]", "data.endpoint_url=http://127.0.0.1:9"],
      {"betas": (0.8, 0.95), "data.endpoint_url": "http://127.0.0.1:9", "data.urls": "runs/demo/latents",
-      "lr": 0.001, "weight_decay": 0.01}),
+      "lr": 0.002, "weight_decay": 0.01}),
     (AutoencoderJob, "configs/autoencoder/demo.yaml", ["kl_weight=1e-5", "data.resolution=64"],
-     {"kl_weight": 1e-5, "data.resolution": 64, "data.urls": "runs/demo/shards", "total_samples": 32000}),
+     {"kl_weight": 1e-5, "data.resolution": 64, "data.urls": "runs/demo/shards", "total_samples": 25600}),
     (CacheJob, "configs/cache/demo.yaml", ["out_endpoint_url=http://127.0.0.1:9", "batch_size=16", "vae={vae}"],
      {"out_endpoint_url": "http://127.0.0.1:9", "batch_size": 16, "vae": "{vae}", "data.resolution": 32}),
 ], ids=["unet", "autoencoder", "cache"])
@@ -321,7 +321,7 @@ def test_dry_run_prints_resolved_yaml():
     expected = load_config(AutoencoderJob, os.path.join(ROOT, "configs/autoencoder/demo.yaml"),
                            ["batch_per_rank=7"])
     assert printed == dataclasses.asdict(expected)
-    assert printed["data"]["urls"] == "runs/demo/shards" and printed["total_samples"] == 32000
+    assert printed["data"]["urls"] == "runs/demo/shards" and printed["total_samples"] == 25600
 
 
 def test_unknown_key_on_command_line_is_one_line_error():
