@@ -7,7 +7,8 @@ import sys
 
 from data_pipeline.storage import DataError
 from trainer.config import ConfigError, one_line
-from trainer.sampling import check_guidance, generate, save_grid
+from trainer.job_checks import check_guidance
+from trainer.sampling import generate, save_grid
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ network and is left to the loader.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from .config import ConfigError, check_local_path, did_you_mean, looks_like_hub_id
@@ -68,3 +69,16 @@ def check_text_encoder_spec(spec: str, key: str = "text_encoder") -> None:
     if pretrained not in tags:
         raise ConfigError(f"{key}={spec}: OpenCLIP has no pretrained tag {pretrained!r} for {name} "
                           f"({', '.join(tags) or 'none'}){did_you_mean(pretrained, tags)}")
+
+
+def check_guidance(guidance: float, negative_prompt: str, guidance_name: str = "guidance",
+                   negative_name: str = "negative prompt") -> None:
+    """Refuse guidance settings that cannot mean what was asked: the scale must be a finite
+    number >= 0 (0 samples the unconditional/negative side alone, 1 the prompt alone, > 1
+    extrapolates away from the negative side); a negative prompt only acts at a scale > 1
+    (at 1 it is ignored, below 1 the samples move towards it)."""
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"{guidance_name} must be a finite number >= 0, got {guidance!r}")
+    if negative_prompt and guidance <= 1:
+        raise ConfigError(f"{negative_name} {negative_prompt!r} needs {guidance_name} > 1 (got {guidance}): "
+                          "at 1 it is ignored, below 1 samples move towards it")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
@@ -86,19 +85,6 @@ def sample_rows(unet, vae, text_encoder, manifest: dict, cfg: UNetJob, prompts: 
 def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", **kwargs) -> list[list[Image.Image]]:
     unet, vae, text_encoder, cfg, manifest = load_run(run_dir, weights)
     return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, **kwargs)
-
-
-def check_guidance(guidance: float, negative_prompt: str, guidance_name: str = "guidance",
-                   negative_name: str = "negative prompt") -> None:
-    """Refuse guidance settings that cannot mean what was asked: the scale must be a finite
-    number >= 0 (0 samples the unconditional/negative side alone, 1 the prompt alone, > 1
-    extrapolates away from the negative side); a negative prompt only acts at a scale > 1
-    (at 1 it is ignored, below 1 the samples move towards it)."""
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise config_lib.ConfigError(f"{guidance_name} must be a finite number >= 0, got {guidance!r}")
-    if negative_prompt and guidance <= 1:
-        raise config_lib.ConfigError(f"{negative_name} {negative_prompt!r} needs {guidance_name} > 1 (got {guidance}): "
-                                     "at 1 it is ignored, below 1 samples move towards it")
 
 
 def _tile(im: Image.Image, tile: int) -> Image.Image:

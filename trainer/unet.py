@@ -31,6 +31,7 @@ from .data import CacheExpect, ShardData, build_loader, check_manifest
 from .ema import EMA, EMA_DIR
 from .engine import (build_engine, deepspeed_config, drop_nonfinite_grads, global_grad_norm, resolve_precision,
                      set_lr, skipped_steps)
+from .job_checks import check_guidance, check_unet_model
 from .flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
 from .metrics import RunLog, plot_loss
 
@@ -114,8 +115,6 @@ class UNetJob:
             raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
         if self.validate_every_samples > 0 and not self.validation_prompts:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
-        from .sampling import check_guidance  # sampling imports this module
-
         check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",
                        "validation_negative_prompt")
         for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
@@ -131,8 +130,6 @@ class UNetJob:
         config_lib.check_choice("latent_norm", self.latent_norm, ("scaling_factor", "per_channel"))
         config_lib.check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         config_lib.check_wandb(self, "wandb_project")
-        from .job_checks import check_unet_model
-
         check_unet_model(self.model)
         config_lib.check_positive(self, ("lr", "keep_last"))
         config_lib.check_non_negative(self, ("weight_decay", "warmup_samples", "grad_clip", "seed",
