@@ -18,7 +18,8 @@ downloads only what the rank reads. That folder is private to the user ($CHECKPO
 else TMPDIR/ldm-checkpoints-UID): created with mode 0700, and refused when it is a link, is
 owned by another user or is writable by others, since whatever is planted there is loaded.
 Downloaded object keys must stay inside it, and a checkpoint holding a symbolic link is
-refused: DeepSpeed follows links when it unpickles, and the pickle check reads real files.
+refused: DeepSpeed follows links when it unpickles, and the pickle check reads real files
+(those checks live in trainer/checkpoint_trust.py).
 """
 from __future__ import annotations
 
@@ -31,22 +32,18 @@ import os
 import posixpath
 import re
 import shutil
-import stat
 import tempfile
 from typing import Callable
 
 from data_pipeline import storage
 
 from . import dist
+from .checkpoint_trust import (RANK_FILE, CheckpointError, private_dir, refuse_links, safe_relative,
+                               verify_files, write_new)
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # the converted (world-size-free) copy, inside the checkpoint folder
 CONVERTED = "CONVERTED"  # written last into UNIVERSAL/
-_RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not (or cannot) be loaded or written, named in one line."""
 
 
 def default_root(run_dir: str) -> str:
@@ -85,26 +82,11 @@ def tag_for(samples: int) -> str:
 _TAG = re.compile(r"^(samples|step)_(\d+)$")
 
 
-def _private_dir(path: str) -> str:
-    """`path` as a directory only this user can write: made with mode 0700 when missing, and
-    refused when it is a symbolic link, belongs to someone else, or group/others may write it
-    (a file planted there would be loaded or followed on write)."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    why = ("it is a symbolic link" if stat.S_ISLNK(st.st_mode) else "it is not a directory" if not stat.S_ISDIR(st.st_mode)
-           else f"it belongs to uid {st.st_uid}, not to this user ({os.geteuid()})" if st.st_uid != os.geteuid()
-           else f"group or others may write it (mode {stat.S_IMODE(st.st_mode):o})" if st.st_mode & 0o022 else None)
-    if why:
-        raise CheckpointError(f"refusing node-local checkpoint folder {path}: {why}; set CHECKPOINT_LOCAL_DIR "
-                              "to a folder of your own")
-    return path
-
-
 def _local_base(local_dir: str | None = None) -> str:
     """The node-local folder for staging and downloads, private to this user (see the module doc)."""
     base = (local_dir or os.environ.get("CHECKPOINT_LOCAL_DIR")
             or os.path.join(tempfile.gettempdir(), f"ldm-checkpoints-{os.geteuid()}"))
-    return _private_dir(os.path.abspath(base))
+    return private_dir(os.path.abspath(base))
 
 
 @contextlib.contextmanager
@@ -209,23 +191,6 @@ def _upload(local: str, url: str, endpoint_url: str | None) -> None:
             fs.put_file(os.path.join(local, rel), f"{base}/{rel.replace(os.sep, '/')}")
 
 
-def _safe_relative(rel: str, url: str) -> list[str]:
-    """The parts of an object key below `url`, refused when they could leave the destination
-    folder (`..`, `.`, empty parts, an absolute key): a crafted bucket must not write outside it."""
-    parts = rel.split("/")
-    if rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
-        raise CheckpointError(f"refusing checkpoint object {url}/{rel}: its key has an empty, '.' or '..' part")
-    return parts
-
-
-def _write_new(target: str, source) -> None:
-    """Stream `source` into `target` (via `target.partial`), never following a link there."""
-    fd = os.open(target + ".partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-    os.replace(target + ".partial", target)
-
-
 def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str], bool] | None = None) -> str:
     """Copy the objects under `url` (those `keep(relative name)` selects) into `dest`, and
     delete selected local files the URL no longer has (an older save of the same step)."""
@@ -234,7 +199,7 @@ def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str
         fs.invalidate_cache()
         remote = {p[len(base.rstrip("/")) + 1:]: p for p in fs.find(base)}
         wanted = {rel: p for rel, p in remote.items() if keep is None or keep(rel)}
-        targets = {rel: os.path.join(dest, *_safe_relative(rel, url)) for rel in wanted}
+        targets = {rel: os.path.join(dest, *safe_relative(rel, url)) for rel in wanted}
         os.makedirs(dest, mode=0o700, exist_ok=True)
         real_dest = os.path.realpath(dest)
         for folder, _, files in os.walk(dest):
@@ -248,14 +213,14 @@ def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str
             if os.path.commonpath([real_dest, os.path.realpath(os.path.dirname(target))]) != real_dest:
                 raise CheckpointError(f"refusing checkpoint object {url}/{rel}: it would be written outside {dest}")
             with fs.open(p, "rb") as source:
-                _write_new(target, source)
+                write_new(target, source)
     return dest
 
 
 def _cache(url: str, local_dir: str | None) -> str:
     """This rank's local copy of a URL's folder: ranks on one node never share (or race on) one."""
     where = url.split("://", 1)[1].strip("/")
-    return os.path.join(_local_base(local_dir), "cache", f"rank{dist.world().rank}", *_safe_relative(where, url))
+    return os.path.join(_local_base(local_dir), "cache", f"rank{dist.world().rank}", *safe_relative(where, url))
 
 
 def fetch(path: str, local_dir: str | None = None, endpoint_url: str | None = None,
@@ -317,55 +282,6 @@ def save(engine, root: str, samples: int, state: dict, keep_last: int = 2, extra
         prune(root, keep_last, endpoint_url)
     dist.barrier()
     return path
-
-
-def refuse_links(path: str) -> None:
-    """Refuse a checkpoint folder that is, or holds anywhere, a symbolic link. DeepSpeed follows
-    links when it loads (and unpickles without restriction), so a linked folder or file would be
-    loaded without the check of `verify_files` having read what it points to."""
-    if os.path.islink(path):
-        raise CheckpointError(f"refusing checkpoint {path}: it is a symbolic link; checkpoints must be real folders")
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(dirs + files):
-            if os.path.islink(os.path.join(folder, name)):
-                raise CheckpointError(f"refusing checkpoint {path}: {os.path.join(folder, name)} is a symbolic link; "
-                                      "checkpoints must hold real files only")
-
-
-def verify_files(path: str, rank: int | None) -> None:
-    """Refuse checkpoint files that hold anything but tensors and plain data, before any
-    code unpickles them for real.
-
-    DeepSpeed loads its files with the unrestricted unpickler (weights_only off), which runs
-    whatever a pickle says. Each file that will be loaded (this rank's, or every rank's when
-    `rank` is None; all of `zero/` in a universal checkpoint) is first read with the restricted
-    unpickler (`weights_only=True`), allowing only the DeepSpeed classes its own files contain;
-    a file with any other object fails here, without executing it.
-    """
-    import torch
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    refuse_links(path)
-    names = [n for n in sorted(os.listdir(path)) if n.endswith(".pt") and
-             (rank is None or not (m := _RANK_FILE.match(n)) or int(m.group(1)) == rank)]
-    for folder, dirs, files in os.walk(os.path.join(path, "zero")):
-        dirs.sort()
-        names += sorted(os.path.relpath(os.path.join(folder, f), path) for f in files if f.endswith(".pt"))
-    for name in names:
-        try:
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
-        except Exception as e:
-            text = str(e)
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-            what = (f"it holds {found.group(1)}" if found else
-                    f"it is not plain tensor data ({detail.group(1) if detail else type(e).__name__})")
-            raise CheckpointError(f"refusing checkpoint file {os.path.join(path, name)}: {what}, which this "
-                                  "trainer never writes; it was not loaded") from None
 
 
 def _convert(src: str, out: str) -> None:
@@ -456,7 +372,7 @@ def load(engine, path: str, universal: bool = False, endpoint_url: str | None = 
     rank = 0 if universal else None if elastic else w.rank  # universal: every rank reads rank 0's model file
     if _is_url(path):
         def wanted(rel: str) -> bool:
-            m = _RANK_FILE.match(rel)
+            m = RANK_FILE.match(rel)
             top = "/" not in rel and rel.endswith(".pt") and (rank is None or not m or int(m.group(1)) == rank)
             return top or (universal and rel.startswith("zero/"))
         path = _download(path, _cache(path, local_dir), endpoint_url, wanted)
