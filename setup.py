@@ -6,7 +6,7 @@ setup(
     name="ldm-train",
     version="0.1.0",
     description="Train latent diffusion models at scale: shards -> autoencoder -> cached latents -> DeepSpeed UNet",
-    packages=["trainer", "models", "data_pipeline"],
+    packages=["trainer", "trainer.core", "trainer.autoencoder", "trainer.cache", "trainer.unet", "lab", "models", "data_pipeline"],
     python_requires=">=3.10,<3.13",
     install_requires=[
         "torch>=2.4",

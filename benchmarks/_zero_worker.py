@@ -6,7 +6,7 @@
 Every rank uses one torch thread, so that one and two ranks compete fairly on a 2-core CPU.
 Rank 0 gathers every rank's figures and writes them to --json; distributed.py prints them.
 
-step:   the demo UNet (models.unet.build_unet("demo", 4, 8, 64)) through trainer.engine's
+step:   the demo UNet (models.unet.build_unet("demo", 4, 8, 64)) through trainer.core.engine's
         DeepSpeed engine, fp32, the trainer's step on random cache-like batches held in memory
         (z ~ N(mean, std^2), training_loss, engine.backward, engine.step, loss.item()); after
         --warmup steps, --repeats windows of --steps steps, each between two barriers.
@@ -36,8 +36,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from trainer import dist  # noqa: E402
-from trainer.engine import build_engine, deepspeed_config  # noqa: E402
+from trainer.core import dist  # noqa: E402
+from trainer.core.engine import build_engine, deepspeed_config  # noqa: E402
 
 # Model states (the ZeRO paper's 16 bytes/param: parameters, gradients, optimizer state = fp32
 # master copy + Adam m, v), then the residual: fixed-size communication buckets and the rest.

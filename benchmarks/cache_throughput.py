@@ -7,7 +7,7 @@
 
 What is measured
 ----------------
-(a)  the real job, `trainer.cache.cache_latents(CacheJob(...))`, end to end, into a fresh
+(a)  the real job, `trainer.cache.job.cache_latents(CacheJob(...))`, end to end, into a fresh
      output directory each time: tar reading and image decoding in `--workers` DataLoader
      worker processes (`data.num_workers`), VAE encoding and caption encoding in this
      process, then safetensors serialisation, tar writing, the sha256 of each shard, the
@@ -88,16 +88,15 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
 
-import trainer.cache as cache_mod  # noqa: E402
+import trainer.cache.job as cache_mod  # noqa: E402
 from data_pipeline import synthetic  # noqa: E402
 from data_pipeline.images import image_and_caption  # noqa: E402
 from data_pipeline.shards import iter_samples, write_shards  # noqa: E402
-from data_pipeline.storage import expand_shards  # noqa: E402
 from models.autoencoder import PRESETS, downsample_factor, load_autoencoder  # noqa: E402
 from models.text_encoder import load_text_encoder  # noqa: E402
-from trainer import dist  # noqa: E402
-from trainer.cache import CacheJob, cache_latents  # noqa: E402
-from trainer.data import ImageData  # noqa: E402
+from trainer.core import dist  # noqa: E402
+from trainer.cache.job import CacheJob, cache_latents  # noqa: E402
+from trainer.core.data import ImageData  # noqa: E402
 
 TARGET = 0.9
 
@@ -158,7 +157,7 @@ class CpuWindow:
 
 # --- (a) the job, with timing hooks ------------------------------------------------------
 class Probe:
-    """Timing wrappers around the names trainer/cache.py looks up in its module: nothing
+    """Timing wrappers around the names trainer/cache/job.py looks up in its module: nothing
     else changes. A name the module no longer has is left alone and reported as n/a."""
 
     def __init__(self):
@@ -321,7 +320,7 @@ def _stats(values: list[float]) -> dict:
 
 
 def _dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The job's rule (trainer/cache.py): auto is fp16 on a GPU, fp32 on the CPU."""
+    """The job's rule (trainer/cache/job.py): auto is fp16 on a GPU, fp32 on the CPU."""
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

@@ -7,7 +7,7 @@ What is measured
 ----------------
 The same UNet, AdamW optimizer and batch, two ways (issue 5):
 (a)  cached: z ~ N(mean, std^2) drawn from fp16 posterior moments (models.diffusion.draw_latents,
-     as trainer/unet.py draws them) times the VAE's scaling_factor, fp16 text embeddings, then
+     as trainer/unet/train.py draws them) times the VAE's scaling_factor, fp16 text embeddings, then
      the step: training_loss (forward), backward, gradient clipping at 1.0, AdamW, loss.item().
 (b)  on the fly, the way diffusers' train_text_to_image.py does it: under no_grad the frozen
      VAE encodes the pixel batch (`vae.encode(x).latent_dist.sample() * scaling_factor`) and the
@@ -20,7 +20,7 @@ variants share one UNet and optimizer and alternate (order reversed every other 
 timed over `--steps` steps `--repeats` times after `--warmup` steps; each row prints the median.
 
 The FLOP-predicted ratio is (VAE encoder forward + text encoder forward + UNet forward/backward)
-/ (UNet forward/backward), per image, counted with trainer/flops.py (matmuls, convolutions and
+/ (UNet forward/backward), per image, counted with trainer/core/flops.py (matmuls, convolutions and
 attention only). A measured ratio above it says the encoders run at a lower FLOP rate than the
 UNet step (small convolutions at full resolution, no-grad overheads); below it, the reverse.
 """
@@ -48,9 +48,9 @@ from models.autoencoder import downsample_factor, load_autoencoder  # noqa: E402
 from models.diffusion import draw_latents, noise_schedule, training_loss  # noqa: E402
 from models.text_encoder import load_text_encoder  # noqa: E402
 from models.unet import build_unet  # noqa: E402
-from trainer import dist  # noqa: E402
-from trainer.flops import (Throughput, device_peak_tflops, forward_flops_per_sample, peak_memory_gb,  # noqa: E402
-                           unet_train_flops_per_sample)
+from trainer.core import dist  # noqa: E402
+from trainer.core.flops import (Throughput, device_peak_tflops, forward_flops_per_sample, peak_memory_gb,  # noqa: E402
+                                unet_train_flops_per_sample)
 
 PRESETS = {"tiny": ("tiny", "tiny"), "demo": ("demo", "demo")}  # --preset -> (autoencoder, UNet)
 

@@ -6,7 +6,7 @@
 What is measured
 ----------------
 (a) Step time: the demo UNet (models.unet.build_unet("demo", 4, 8, 64), 3.2M parameters) trained
-    as trainer/unet.py trains it (trainer.engine's DeepSpeed engine, ZeRO-2, fp32, AdamW, clipping,
+    as trainer/unet/train.py trains it (trainer.core.engine's DeepSpeed engine, ZeRO-2, fp32, AdamW, clipping,
     training_loss on cache-like batches of --batch per rank) by `deepspeed --num_gpus 2` and by
     `deepspeed --num_gpus 1`, same per-rank batch: weak scaling, so an ideal 2-rank step takes as
     long as a 1-rank step. Each rank runs torch with one thread, so on a 2-core machine each rank

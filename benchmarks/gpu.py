@@ -3,11 +3,11 @@
     python benchmarks/gpu.py                          # sd15 and sd21 at 256 and 512 px, every option
     python benchmarks/gpu.py --presets sd21 --resolutions 512 --batch 32 --json gpu.json
 
-Each configuration builds the UNet, prepares it as trainer/unet.py does (SDPA attention,
+Each configuration builds the UNet, prepares it as trainer/unet/train.py does (SDPA attention,
 channels-last, gradient checkpointing, torch.compile) and steps it through the same
 DeepSpeed engine (bf16, ZeRO-2, one process) on random latents and text embeddings.
 Images/s is the median over the timed steps; TFLOP/s uses the model FLOPs per image from
-torch.utils.flop_counter; MFU divides by the device's dense bf16 peak (trainer/flops.py).
+torch.utils.flop_counter; MFU divides by the device's dense bf16 peak (trainer/core/flops.py).
 Published points printed beside: MLPerf Training v4.0 Stable Diffusion (about 110 images/s
 per H100 at 512 px, about 23% MFU) and mosaicml/diffusion (290 images/s on 8 A100 at 512 px).
 """
@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool, args, peak) -> dict:
     from models.diffusion import noise_schedule, training_loss
     from models.unet import build_unet
-    from trainer.engine import build_engine, deepspeed_config
-    from trainer.flops import unet_train_flops_per_sample
-    from trainer.unet import UNetJob, prepare_unet
+    from trainer.core.engine import build_engine, deepspeed_config
+    from trainer.core.flops import unet_train_flops_per_sample
+    from trainer.unet.job import UNetJob
+    from trainer.unet.train import prepare_unet
 
     side, ctx = resolution // 8, CONTEXT[preset]
     with torch.device("meta"):
@@ -107,8 +108,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/gpu.py needs a CUDA GPU (none visible); the CPU benchmarks are the other scripts")
-    from trainer import dist
-    from trainer.flops import device_peak_tflops
+    from trainer.core import dist
+    from trainer.core.flops import device_peak_tflops
 
     dist.init()
     peak = device_peak_tflops("bf16", args.peak_tflops)

@@ -11,7 +11,7 @@ What is measured
 The training input path exactly as the trainers build it: `ShardBatches` (tar parsing,
 shuffle buffer, batching, `default_collate`) behind `make_loader`'s DataLoader, with
 
-(a) image shards decoded by `trainer.autoencoder.decode_image_sample` at `--resolution`
+(a) image shards decoded by `trainer.autoencoder.train.decode_image_sample` at `--resolution`
     (image decode, EXIF/alpha handling, resize of the shorter side + centre crop, to a
     float tensor): what the autoencoder and the latent-cache job read;
 (b) latent shards decoded by `trainer.unet.decode_latent_sample` (safetensors -> fp16
@@ -43,7 +43,7 @@ By default the data is generated in a temporary directory and deleted afterwards
   far smaller than photos, so their MB/s is low and their decode is on the cheap side:
   `--images` measures real shards (a directory, glob, brace pattern or s3:// URL of
   WebDataset .tar shards with an image and a .txt caption per sample).
-* latent shards: synthetic samples in the cache format of trainer/cache.py
+* latent shards: synthetic samples in the cache format of trainer/cache/job.py
   (`KEY.safetensors` with fp16 `mean`/`std` of `--latent-shape` and fp16 `text_emb` of
   `--text-emb`, plus `KEY.txt`, `KEY.json` and `KEY.sha256`), written directly with safetensors, not
   VAE-encoded. The default 4x64x64 + 77x1024 is what a 512-px Stable Diffusion 2.x cache
@@ -63,7 +63,7 @@ Loader headroom (--headroom PRESET)
 -----------------------------------
 After the loader rows, the same run times the training step that consumes these latents:
 the PRESET UNet (models.unet.build_unet on --latent-shape latents and --text-emb context)
-stepped as trainer/unet.py steps it, through trainer.engine's DeepSpeed engine (ZeRO-2, fp32,
+stepped as trainer/unet/train.py steps it, through trainer.core.engine's DeepSpeed engine (ZeRO-2, fp32,
 one rank, AdamW, clipping 1.0): z ~ N(mean, std^2) from fp16 moments, caption dropout 0.1,
 training_loss, engine.backward, engine.step, loss.item(), on a batch of --batch random fp16
 samples held in memory. The step runs with torch's default threads (all cores, what a training
@@ -106,8 +106,8 @@ from data_pipeline.loader import ShardBatches, make_loader  # noqa: E402
 from data_pipeline.quarantine import Quarantine  # noqa: E402
 from data_pipeline.shards import write_shards  # noqa: E402
 from data_pipeline.storage import expand_shards  # noqa: E402
-from trainer.autoencoder import decode_image_sample  # noqa: E402
-from trainer.unet import decode_latent_sample  # noqa: E402
+from trainer.autoencoder.train import decode_image_sample  # noqa: E402
+from trainer.unet.train import decode_latent_sample  # noqa: E402
 
 
 # --- data --------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def synthetic_images(num: int, draw_size: int, unique: int, seed: int = 0):
 
 
 def synthetic_latents(num: int, latent_shape: tuple[int, ...], text_emb_shape: tuple[int, ...], seed: int = 0):
-    """`num` latent-cache samples in trainer/cache.py's format, with random fp16 contents."""
+    """`num` latent-cache samples in trainer/cache/job.py's format, with random fp16 contents."""
     rng = np.random.default_rng(seed)
     n_lat, n_emb = int(np.prod(latent_shape)), int(np.prod(text_emb_shape))
     # One random pool, sliced at random offsets: distinct samples without drawing ~10^8 normals.
@@ -227,15 +227,15 @@ HEADROOM_TARGET = 10.0
 
 def time_train_step(preset: str, latent_shape: tuple[int, ...], text_emb: tuple[int, ...], batch: int, *,
                     seconds: float, repeats: int, warmup_steps: int = 2) -> dict:
-    """samples/s of trainer/unet.py's step for UNet `preset` on random fp16 cache samples in memory.
+    """samples/s of trainer/unet/train.py's step for UNet `preset` on random fp16 cache samples in memory.
 
     The step is the trainer's (latent draw, caption dropout, training_loss, DeepSpeed backward and
     step), so the rate is what a training process asks of its loader, without the loader's own cost.
     """
     from models.diffusion import draw_latents, noise_schedule, training_loss
     from models.unet import build_unet
-    from trainer import dist
-    from trainer.engine import build_engine, deepspeed_config
+    from trainer.core import dist
+    from trainer.core.engine import build_engine, deepspeed_config
 
     w = dist.init()
     channels, size, _ = latent_shape

@@ -13,7 +13,7 @@ the same architecture saves more than 48x wherever it has attention at high reso
 
 What is measured
 ----------------
-(a) FLOPs per image of one training step (forward + backward; trainer/flops.py: matmuls,
+(a) FLOPs per image of one training step (forward + backward; trainer/core/flops.py: matmuls,
     convolutions and attention) of the same UNet preset built for 3-channel pixels at H x H and
     for 4-channel latents at H/8 x H/8, counted on shape-only (meta-device) models, at
     --resolution and at each of --flop-resolutions, for each of --flop-presets.
@@ -51,7 +51,7 @@ from torch.utils import flop_counter  # noqa: E402
 
 from models.diffusion import noise_schedule, training_loss  # noqa: E402
 from models.unet import PRESETS, build_unet  # noqa: E402
-from trainer.flops import unet_train_flops_per_sample  # noqa: E402
+from trainer.core.flops import unet_train_flops_per_sample  # noqa: E402
 
 FACTOR, LATENT_CHANNELS, PIXEL_CHANNELS = 8, 4, 3
 # preset -> (context tokens, width): the tiny text tower for the CPU presets, CLIP/OpenCLIP for SD.
@@ -67,7 +67,7 @@ def numbers_ratio(resolution: int) -> float:
 def _count(unet, shape: tuple[int, int, int], ctx: tuple[int, int]) -> tuple[float, float]:
     """(training FLOPs per image, share of them in attention's batched matmuls) for one model.
 
-    The total is trainer/flops.py's; an outer counter splits it by operator: on the meta device
+    The total is trainer/core/flops.py's; an outer counter splits it by operator: on the meta device
     attention runs as its math decomposition (two bmm per head group), so bmm is attention."""
     with flop_counter.FlopCounterMode(display=False) as outer:
         total = unet_train_flops_per_sample(unet, shape, ctx, batch_size=1)

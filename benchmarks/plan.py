@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipeline.latents import encode_sample  # noqa: E402
 from models.autoencoder import build_autoencoder  # noqa: E402
 from models.unet import build_unet  # noqa: E402
-from trainer.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_key, unet_train_flops_per_sample  # noqa: E402
+from trainer.core.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_key, unet_train_flops_per_sample  # noqa: E402
 
 # UNet preset -> (OpenCLIP/CLIP text tower config name, context width); SD 1.5 uses OpenAI's
 # CLIP ViT-L/14 text tower, SD 2.x OpenCLIP ViT-H/14's.

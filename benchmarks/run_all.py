@@ -33,7 +33,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
-from summaries import ITEM_OF, SUMMARIZERS, Figure, Target  # noqa: E402
+from summaries import ITEM_OF, SUMMARIZERS, Target  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,9 @@ same UNet on each latent space and on pixels, sample, score, and write RUN_DIR/r
 
 Rerunning the same command skips finished stages and resumes an interrupted one.
 """
-from trainer.config import run
-from trainer.lab import run_lab
-from trainer.lab_config import LabJob
+from trainer.core.config import run
+from lab.run import run_lab
+from lab.config import LabJob
 
 if __name__ == "__main__":
     run(LabJob, run_lab, __doc__)

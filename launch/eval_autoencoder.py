@@ -13,8 +13,8 @@ import argparse
 import sys
 
 from data_pipeline.storage import DataError
-from trainer.ae_eval import run_evaluation
-from trainer.config import ConfigError, one_line
+from lab.ae_eval import run_evaluation
+from trainer.core.config import ConfigError, one_line
 
 
 def main() -> None:

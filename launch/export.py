@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from data_pipeline.storage import DataError
-from trainer.config import ConfigError, one_line
-from trainer.export import export_run
+from trainer.core.config import ConfigError, one_line
+from trainer.unet.export import export_run
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from data_pipeline.storage import DataError
-from trainer.config import ConfigError, one_line
-from trainer.job_checks import check_guidance
-from trainer.sampling import generate, save_grid
+from trainer.core.config import ConfigError, one_line
+from trainer.core.job_checks import check_guidance
+from trainer.unet.sampling import generate, save_grid
 
 
 def main() -> None:

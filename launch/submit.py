@@ -16,7 +16,7 @@ import os
 import sys
 
 from data_pipeline.storage import DataError
-from trainer.config import ConfigError, one_line
+from trainer.core.config import ConfigError, one_line
 from trainer.slurm import JOBS, Resources, submit
 
 

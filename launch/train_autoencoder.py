@@ -2,8 +2,9 @@
 
     python launch/train_autoencoder.py --config configs/autoencoder/demo.yaml data.urls=runs/demo/shards
 """
-from trainer.autoencoder import AutoencoderJob, train_autoencoder
-from trainer.config import run
+from trainer.autoencoder.job import AutoencoderJob
+from trainer.autoencoder.train import train_autoencoder
+from trainer.core.config import run
 
 if __name__ == "__main__":
     run(AutoencoderJob, train_autoencoder, __doc__)

@@ -16,7 +16,7 @@ import os
 import sys
 
 from data_pipeline import synthetic
-from trainer.caption_classifier import SyntheticSet, caption_accuracy, synthetic_images, train_classifier
+from lab.caption_classifier import SyntheticSet, caption_accuracy, synthetic_images, train_classifier
 
 
 def main() -> None:

@@ -3,8 +3,9 @@
     deepspeed --num_gpus 8 launch/train_unet.py --config configs/unet/demo.yaml
     python launch/train_unet.py --config configs/unet/demo.yaml total_samples=200000
 """
-from trainer.config import run
-from trainer.unet import UNetJob, train_unet
+from trainer.core.config import run
+from trainer.unet.job import UNetJob
+from trainer.unet.train import train_unet
 
 if __name__ == "__main__":
     run(UNetJob, train_unet, __doc__)

@@ -21,7 +21,7 @@ PRESETS = {
     "demo": dict(block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-    # The autoencoder lab (trainer/lab.py) and `make demo`: one config for latents and pixels alike,
+    # The autoencoder lab (lab/run.py) and `make demo`: one config for latents and pixels alike,
     # attention only below the first level, so that pixel space (LDM-1) stays trainable on a CPU. 1.7M parameters;
     # training, 2 cores: about 1.2 ms per 8x8x4 latent, 16 ms per 32x32x3 image.
     "lab": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, attention_head_dim=8,

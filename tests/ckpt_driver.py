@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from trainer import checkpoint, dist  # noqa: E402
-from trainer.engine import build_engine, deepspeed_config  # noqa: E402
+from trainer.core import checkpoint, dist  # noqa: E402
+from trainer.core.engine import build_engine, deepspeed_config  # noqa: E402
 
 GLOBAL_BATCH, DIM = 8, 16
 

@@ -98,7 +98,7 @@ class Cluster:
         b = self.base
         conf = f"""\
 ClusterName=ldmtest
-# Job ids set the rendezvous port (trainer/dist.py): another test cluster on this machine starts elsewhere.
+# Job ids set the rendezvous port (trainer/core/dist.py): another test cluster on this machine starts elsewhere.
 FirstJobId={random.randrange(1000, 9000)}
 SlurmctldHost={NODE}(127.0.0.1)
 SlurmctldPort={_free_port()}

@@ -16,7 +16,7 @@ from models.autoencoder import build_autoencoder
 from models.fid_inception import build_inception, load_inception
 from models.image_metrics import (SSIM_K1, SSIM_K2, GaussianStats, frechet_distance, hf_energy_ratio, psnr,
                                   ssim)
-from trainer.ae_eval import evaluate, markdown_table, save_recon_grid
+from lab.ae_eval import evaluate, markdown_table, save_recon_grid
 
 
 def _noise_image(seed: int = 0, size_px: int = 64) -> torch.Tensor:

@@ -13,11 +13,12 @@ from conftest import PY, ROOT
 from models.autoencoder import build_autoencoder, downsample_factor, encode_moments, load_autoencoder
 from models.discriminator import build_discriminator, patch_grid
 from models.perceptual import load_lpips
-from trainer import checkpoint
-from trainer import config as config_lib
-from trainer.ae_losses import (CodebookUsage, FirstStageLoss, adaptive_weight, codebook_losses, hinge_d_loss,
-                               hinge_g_loss, restart_dead_codes, vq_forward)
-from trainer.autoencoder import AutoencoderJob, train_autoencoder
+from trainer.core import checkpoint
+from trainer.core import config as config_lib
+from trainer.autoencoder.losses import (CodebookUsage, FirstStageLoss, adaptive_weight, codebook_losses, hinge_d_loss,
+                                        hinge_g_loss, restart_dead_codes, vq_forward)
+from trainer.autoencoder.job import AutoencoderJob
+from trainer.autoencoder.train import train_autoencoder
 
 
 @pytest.fixture(scope="module")
@@ -315,8 +316,8 @@ def test_export_is_the_autoencoder_alone_with_ema_weights(runs):
 
 
 def test_exports_load_as_the_caches_frozen_vae(runs, tiny_shards):
-    from trainer.cache import CacheJob, cache_latents
-    from trainer.data import ImageData
+    from trainer.cache.job import CacheJob, cache_latents
+    from trainer.core.data import ImageData
 
     root, *_ = runs
     vq = _start(["launch/cache_latents.py", f"data.urls={tiny_shards}", "data.resolution=16",

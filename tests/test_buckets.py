@@ -1,16 +1,14 @@
 """Aspect-ratio buckets: one shape per batch, nothing cropped needlessly, resumable."""
-import functools
 import io
 import itertools
 
 import pytest
-import torch
 from PIL import Image
 
 from data_pipeline.buckets import ImageBucketer, make_buckets, nearest_bucket
 from data_pipeline.loader import ShardBatches, make_loader
 from data_pipeline.shards import write_shards
-from trainer.autoencoder import decode_image_sample
+from trainer.autoencoder.train import decode_image_sample
 
 SHAPES = [(64, 64), (128, 64), (64, 128), (96, 64), (64, 96), (200, 40)]
 

@@ -14,8 +14,8 @@ from data_pipeline.storage import expand_shards
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.text_encoder import load_text_encoder
 from data_pipeline.latents import read_manifest
-from trainer.cache import CacheJob, cache_latents
-from trainer.data import ImageData
+from trainer.cache.job import CacheJob, cache_latents
+from trainer.core.data import ImageData
 
 
 def test_cached_moments_and_embeddings_equal_direct_encoder_calls(tiny_shards, tiny_cache):
@@ -214,7 +214,7 @@ class _HalfOverflowVAE(torch.nn.Module):
 
 
 def test_half_precision_overflow_is_reencoded_in_fp32_or_quarantined():
-    from trainer.cache_encode import LatentEncoder
+    from trainer.cache.encode import LatentEncoder
 
     x = torch.zeros(3, 3, 8, 8)
     x[0, 0, 0, 0], x[1, 0, 0, 0] = 1.0, -1.0  # sample 0 overflows in bf16 only; sample 1 always
@@ -228,7 +228,7 @@ def test_half_precision_overflow_is_reencoded_in_fp32_or_quarantined():
 def test_token_cache_trains_like_an_embedding_cache(tiny_shards, tiny_cache, tmp_path):
     """text=tokens stores the ids only; the trainer runs the frozen text encoder in the step
     and sees the same conditioning (up to the fp16 rounding of cached embeddings)."""
-    from trainer.metrics import read_log
+    from trainer.core.metrics import read_log
 
     tokens = tmp_path / "tokens"
     cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16), out_url=str(tokens), vae="preset:tiny",

@@ -18,9 +18,9 @@ from data_pipeline.loader import ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
 from data_pipeline.shards import ShardWriter, iter_samples
 from data_pipeline.storage import DataError
-from trainer.cache import CacheJob, cache_latents
-from trainer.config import ConfigError, load_config
-from trainer.data import ImageData
+from trainer.cache.job import CacheJob, cache_latents
+from trainer.core.config import ConfigError, load_config
+from trainer.core.data import ImageData
 
 
 # -- 2. out_url on top of the input -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""models/caption_classifier.py and trainer/caption_classifier.py: a small CNN that reads the
+"""models/caption_classifier.py and lab/caption_classifier.py: a small CNN that reads the
 attributes of a synthetic image, trained in seconds, and caption accuracy against prompts."""
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 from data_pipeline import shards, synthetic
 from data_pipeline.storage import DataError
 from models.caption_classifier import CONFIG, WEIGHTS, load_classifier
-from trainer.caption_classifier import (BASE_HEADS, SyntheticSet, caption_accuracy, synthetic_images,
-                                        train_classifier)
+from lab.caption_classifier import BASE_HEADS, SyntheticSet, caption_accuracy, synthetic_images, train_classifier
 
 RES, STEPS, WIDTH = 16, 300, 16
 ALL = tuple(synthetic.TEXTURES)

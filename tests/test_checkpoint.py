@@ -11,7 +11,7 @@ import pickle
 import pytest
 
 from conftest import PY, free_port, run_cmd
-from trainer import checkpoint
+from trainer.core import checkpoint
 
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"

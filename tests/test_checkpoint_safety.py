@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import PY, ROOT, free_port, run_cmd
-from trainer import checkpoint
+from trainer.core import checkpoint
 
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"

@@ -1,4 +1,4 @@
-"""trainer/config.py: YAML + `key=value` overrides into typed dataclasses, and the run-dir guard."""
+"""trainer/core/config.py: YAML + `key=value` overrides into typed dataclasses, and the run-dir guard."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from conftest import PY, ROOT, run_cmd
-from trainer.autoencoder import AutoencoderJob
-from trainer.cache import CacheJob
-from trainer.config import ConfigError, dump, load_config, save_resolved
-from trainer.unet import UNetJob
+from trainer.autoencoder.job import AutoencoderJob
+from trainer.cache.job import CacheJob
+from trainer.core.config import ConfigError, dump, load_config, save_resolved
+from trainer.unet.job import UNetJob
 
 
 @dataclasses.dataclass
@@ -259,7 +259,7 @@ def test_real_job_unknown_key_lists_its_fields():
         load_config(UNetJob, None, ["data.urls=x", "data.resolution=32"])
     import dataclasses
 
-    from trainer.data import ShardData
+    from trainer.core.data import ShardData
 
     valid = ", ".join(sorted(f.name for f in dataclasses.fields(ShardData)))
     assert "urls" in valid and "resolution" not in valid

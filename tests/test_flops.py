@@ -1,11 +1,11 @@
-"""FLOP counting, peak lookup and MFU arithmetic (trainer/flops.py), on CPU in seconds."""
+"""FLOP counting, peak lookup and MFU arithmetic (trainer/core/flops.py), on CPU in seconds."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from models.unet import build_unet
-from trainer import flops
+from trainer.core import flops
 
 
 def test_linear_forward_backward_is_three_forwards():

@@ -19,9 +19,9 @@ from data_pipeline.loader import ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
 from data_pipeline.shards import ShardWriter, iter_samples
 from data_pipeline.storage import DataError
-from trainer import config as config_lib
-from trainer.autoencoder import AutoencoderJob
-from trainer.data import ImageData
+from trainer.core import config as config_lib
+from trainer.autoencoder.job import AutoencoderJob
+from trainer.core.data import ImageData
 
 # A complete Encapsulated PostScript file: PIL identifies it as EPS and, on load, hands the
 # PostScript to Ghostscript.
@@ -214,7 +214,7 @@ def test_dot_slash_member_names_are_normalised_and_directories_quarantined(tmp_p
 
 
 def test_cache_job_reads_a_dot_slash_tar_and_quarantines_what_stays_invalid(tmp_path):
-    from trainer.cache import CacheJob, cache_latents
+    from trainer.cache.job import CacheJob, cache_latents
 
     src, shards = tmp_path / "src", tmp_path / "shards"
     (src / "sub").mkdir(parents=True)

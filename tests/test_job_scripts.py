@@ -17,8 +17,8 @@ import pytest
 
 from conftest import PY, ROOT, run_cmd
 from trainer import slurm
-from trainer.config import ConfigError, load_config
-from trainer.unet import UNetJob
+from trainer.core.config import ConfigError, load_config
+from trainer.unet.job import UNetJob
 
 HOSTILE = ["$(touch {mark})", "`touch {mark}`", "x; touch {mark}", "a b 'c' \"d\" \\e", "&& touch {mark} #"]
 
@@ -168,7 +168,7 @@ def test_a_newline_in_run_dir_runs_no_command(tmp_path, stubs):
 
 
 def test_the_cache_array_script_runs_its_slice(tmp_path, stubs, monkeypatch):
-    from trainer.cache import CacheJob
+    from trainer.cache.job import CacheJob
 
     bin_, rec = stubs
     mark = tmp_path / "pwned"
@@ -260,8 +260,8 @@ def test_a_bad_value_is_one_line_from_a_real_process(script, tmp_path):
 
 
 def test_good_values_still_resolve(tmp_path):
-    from trainer.autoencoder import AutoencoderJob
-    from trainer.cache import CacheJob
+    from trainer.autoencoder.job import AutoencoderJob
+    from trainer.cache.job import CacheJob
 
     (tmp_path / "unet.json").write_text("{}")
     (tmp_path / "vae").mkdir()
@@ -297,8 +297,8 @@ def test_good_values_still_resolve(tmp_path):
     ("autoencoder", "data.bucket_max_aspect=0.5", "data.bucket_max_aspect must be >= 1"),
 ])
 def test_every_field_is_checked_when_resolved(cls, override, message):
-    from trainer.autoencoder import AutoencoderJob
-    from trainer.cache import CacheJob
+    from trainer.autoencoder.job import AutoencoderJob
+    from trainer.cache.job import CacheJob
 
     job = {"unet": UNetJob, "cache": CacheJob, "autoencoder": AutoencoderJob}[cls]
     with pytest.raises(ConfigError) as e:
@@ -322,7 +322,7 @@ def test_script_quoting_round_trips_through_the_shell():
     ("unet.model=sdxl", "unet.overrides: model must be a UNet preset"),
 ])
 def test_the_lab_config_is_checked_too(override, message):
-    from trainer.lab_config import LabJob
+    from lab.config import LabJob
 
     with pytest.raises(ConfigError) as e:
         load_config(LabJob, os.path.join(ROOT, "configs/lab/tiny.yaml"), [override])

@@ -7,18 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import ROOT
 from models.autoencoder import load_autoencoder
 from models.text_encoder import load_text_encoder
 from models.unet import build_unet
-from trainer.config import ConfigError
-from trainer.data import ShardData
-from trainer.metrics import WANDB_ID_FILE, RunLog, read_log
-from trainer.sampling import sample_rows, save_grid
-from trainer.unet import UNetJob
+from trainer.core.config import ConfigError
+from trainer.core.data import ShardData
+from trainer.core.metrics import WANDB_ID_FILE, RunLog, read_log
+from trainer.unet.sampling import sample_rows, save_grid
+from trainer.unet.job import UNetJob
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The training objective's options, the learning-rate schedules, the UNet speed options,
 and what happens to an optimizer step whose loss is NaN."""
 import math
-import os
 
 import pytest
 import torch
@@ -9,7 +8,8 @@ import torch
 from conftest import free_port
 from models.diffusion import noise_schedule, snr, training_loss
 from models.unet import build_unet
-from trainer.unet import UNetJob, lr_at, make_plan, prepare_unet
+from trainer.unet.job import UNetJob, make_plan
+from trainer.unet.train import lr_at, prepare_unet
 
 
 class _Recorder(torch.nn.Module):
@@ -109,8 +109,8 @@ def process_group():
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_a_nan_loss_skips_the_step_and_leaves_the_state_unchanged(process_group, zero_stage):
-    from trainer import dist
-    from trainer.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
+    from trainer.core import dist
+    from trainer.core.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
 
     dist.init()
     torch.manual_seed(0)

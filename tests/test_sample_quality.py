@@ -1,4 +1,4 @@
-"""Sample quality without a caption classifier (trainer/sample_quality.py, models/clip_score.py):
+"""Sample quality without a caption classifier (lab/sample_quality.py, models/clip_score.py):
 the CLIP score formula, the OpenCLIP loading path, and sample FID's plumbing.
 
 No weights can be downloaded here, so the CLIP model is a tiny OpenCLIP architecture with random
@@ -16,9 +16,9 @@ from PIL import Image
 from torch import nn
 
 from models.clip_score import load_clip, parse_clip_spec, save_tiny_clip
-from trainer.config import ConfigError
-from trainer.sample_quality import (SampleQuality, check_clip_spec, clip_score, feature_stats, sample_clip_score,
-                                    sample_fid)
+from trainer.core.config import ConfigError
+from lab.sample_quality import (SampleQuality, check_clip_spec, clip_score, feature_stats, sample_clip_score,
+                                sample_fid)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_sample_quality_without_weights_is_na_with_reasons(tmp_path):
 def test_sample_quality_with_features_and_clip(tiny_clip_spec, monkeypatch):
     """The plumbing with networks present: the real images' statistics once, FID and CLIP
     score per call."""
-    import trainer.sample_quality as sq
+    import lab.sample_quality as sq
 
     monkeypatch.setattr(sq, "optional_inception", lambda weights, say, **kw: _MeanColour())  # Inception stand-in
     reads = []

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import slurm_cluster
 from conftest import PY, run_cmd
-from trainer import checkpoint, dist
-from trainer.metrics import read_log
+from trainer.core import checkpoint, dist
+from trainer.core.metrics import read_log
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
@@ -49,8 +49,8 @@ def test_rendezvous_comes_from_slurms_environment(monkeypatch):
 
 def test_the_sbatch_script(tiny_cache, tmp_path):
     from trainer import slurm
-    from trainer.config import ConfigError, load_config
-    from trainer.unet import UNetJob
+    from trainer.core.config import ConfigError, load_config
+    from trainer.unet.job import UNetJob
 
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.urls={tiny_cache}", "validation_prompts=[a red circle]"]
     cfg = load_config(UNetJob, None, overrides)

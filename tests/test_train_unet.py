@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import PY, ROOT, free_port, run_cmd
-from trainer import checkpoint
-from trainer.metrics import read_log
+from trainer.core import checkpoint
+from trainer.core.metrics import read_log
 
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 
@@ -50,7 +50,7 @@ def stage_runs(tiny_cache, tmp_path_factory):
 
 def test_cpu_runs_leave_nothing_in_dev_shm(stage_runs):
     """DeepSpeed's CPU backend would map a 69 MB /dev/shm buffer per rank under its launcher and
-    never unlink it (trainer/dist.py keeps it from doing so): four 2-rank runs would leave 550 MB
+    never unlink it (trainer/core/dist.py keeps it from doing so): four 2-rank runs would leave 550 MB
     of RAM behind, and a CI machine that runs the suite fills up."""
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm on this system")

@@ -4,12 +4,12 @@ Submission. Each job becomes one batch script, written beside its outputs and su
 with `sbatch`; requeued, the same script starts again and the job resumes:
 
 - unet: `srun` starts one task per GPU (or per `--tasks-per-node` CPU rank); each task is a
-  rank whose place and rendezvous `trainer.dist` reads from SLURM's environment. Or, with
+  rank whose place and rendezvous `trainer.core.dist` reads from SLURM's environment. Or, with
   `launcher="deepspeed"`, srun starts DeepSpeed's own launcher once per node (`--no_ssh`,
   `--node_rank $SLURM_NODEID`) with a hostfile built from the allocation.
 - cache: a job array; task i of K encodes the input shards [i*N/K, (i+1)*N/K) of the N
   sorted ones (`shard_slice`), split further between the task's ranks; the task that
-  completes the last shard writes the manifest (see trainer/cache.py).
+  completes the last shard writes the manifest (see trainer/cache/job.py).
 - autoencoder: one task per GPU like unet (data parallel, gradients averaged); preempted like unet.
 
 Preemption. `--signal=USR1@SECONDS` makes SLURM send SIGUSR1 to every process of the job's
@@ -28,12 +28,10 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 
 from data_pipeline import storage
 
-from . import config as config_lib
-from . import dist
+from trainer.core import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: launch/ is here
 JOBS = {"unet": "train_unet.py", "cache": "cache_latents.py", "autoencoder": "train_autoencoder.py"}
@@ -80,87 +78,6 @@ def _check_sbatch_option(option: str) -> None:
     if taken:
         sets = "requeue" if taken[0] == "no-requeue" else taken[0]
         raise config_lib.ConfigError(f"--sbatch={option}: the script sets --{sets} itself ({_RESERVED[taken[0]]})")
-
-
-# --- preemption inside the job --------------------------------------------------------------------
-
-class Preemption:
-    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (the limit itself, scancel,
-    preemption) sets a flag instead of ending the process; `requested()` agrees on it across
-    ranks, the run stops with a checkpoint, and `finish()` requeues the job after a warning.
-
-    Only a warning requeues: SIGTERM means SLURM is ending the job itself, and requeueing then
-    would undo a user's scancel (`scontrol requeue` accepts a job being cancelled); a job
-    preempted with PreemptMode=REQUEUE is requeued by SLURM anyway.
-
-    Create it before the DataLoader forks its workers: they inherit the handler. SLURM signals
-    every process of a step, workers included, and SIGUSR1's default action would kill them
-    (their SIGTERM is data_pipeline.loader's business).
-    """
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-    WARNED, ENDING = 1, 2  # agreed across ranks with MAX: one SIGTERM anywhere means no requeue
-
-    def __init__(self):
-        self.received: str | None = None  # the first signal's name
-        self.code = 0  # 0, WARNED or ENDING on this rank
-        self.agreed = 0  # the same across ranks once requested() said yes: this invocation stops early
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = self.received or signal.Signals(signum).name
-        self.code = max(self.code, self.ENDING if signum == signal.SIGTERM else self.WARNED)
-
-    def requested(self) -> bool:
-        """Collective: True on every rank when any rank received a signal. Every rank must
-        call it at the same point of the loop: a rank that stopped alone would leave the
-        others waiting in the next collective, and the checkpoint is a collective save."""
-        self.agreed = int(dist.all_reduce_max(float(self.code)))
-        return self.agreed > 0
-
-    def finish(self, checkpoint_path: str | None) -> bool:
-        """After the run stopped early for a signal: after a warning rank 0 requeues the SLURM
-        job (SLURM then ends this one; the requeued job resumes from `checkpoint_path`).
-        Returns whether it stopped early."""
-        if not self.agreed:
-            return False
-        if dist.world().is_main:
-            # Printed before the requeue: SLURM ends the job right after it.
-            print(f"stopped early on {self.received or 'a signal to another rank'}; checkpoint {checkpoint_path}",
-                  flush=True)
-            print(requeue() if self.agreed == self.WARNED else
-                  "not requeued after SIGTERM (SLURM is ending the job); rerun or resubmit to resume", flush=True)
-        return True
-
-    def close(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
-def requeue() -> str:
-    """Ask SLURM to requeue this job; returns what happened, as a clause for the log.
-
-    SLURM then terminates the running job (SIGTERM, which `Preemption` absorbs, then SIGKILL
-    after KillWait), keeps its id and starts its batch script again once it is eligible
-    (after the credential lifetime, 120 s by default). Jobs submitted with --no-requeue and
-    interactive allocations cannot be requeued; they end here and resume when rerun."""
-    job = dist.slurm_job_id()
-    if job is None:
-        return "not a SLURM job: rerun the same command to resume"
-    try:
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol requeue {job} failed ({e}); resubmit the job to resume"
-    # scontrol runs inside this job's step: SLURM ending the step for the requeue may kill it
-    # (SIGTERM) before it exits, which also means the requeue was accepted.
-    if proc.returncode not in (0, -signal.SIGTERM):
-        why = (proc.stderr or proc.stdout).strip().splitlines()
-        return f"scontrol requeue {job} failed ({why[-1] if why else proc.returncode}); resubmit the job to resume"
-    return f"requeued SLURM job {job}: it resumes from there when it starts again"
 
 
 # --- submission -------------------------------------------------------------------------------------
@@ -214,12 +131,12 @@ class Resources:
 def job_class(job: str):
     """The config dataclass of a job (imported on demand: each pulls in its models)."""
     if job == "unet":
-        from .unet import UNetJob
+        from trainer.unet.job import UNetJob
         return UNetJob
     if job == "cache":
-        from .cache import CacheJob
+        from trainer.cache.job import CacheJob
         return CacheJob
-    from .autoencoder import AutoencoderJob
+    from trainer.autoencoder.job import AutoencoderJob
     return AutoencoderJob
 
 
@@ -317,7 +234,7 @@ def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resou
             f"export LDM_HOSTFILE={shlex.quote(out)}/hostfile-$SLURM_JOB_ID",
             f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed \'s/$/ slots={per_node}/\' > "$LDM_HOSTFILE"',
             'export LDM_HEAD=$(head -n 1 "$LDM_HOSTFILE" | cut -d" " -f1)',
-            "export LDM_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))  # as trainer/dist.py derives it under srun",
+            "export LDM_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))  # as trainer/core/dist.py derives it under srun",
             "# The launcher ignores SIGUSR1 (its default action would kill it); the ranks catch it themselves.",
         ]
         inner = (f'trap "" USR1; exec {shlex.quote(deepspeed)} --hostfile "$LDM_HOSTFILE" --no_ssh '
@@ -330,7 +247,7 @@ def sbatch_script(job: str, config: str | None, overrides: list[str], res: Resou
             step.append(f"--gpus-per-node={res.gpus_per_node}")
         lines.append(f"{' '.join(step)} bash -c {shlex.quote(inner)}")
     else:
-        lines += ["# One task per rank; trainer/dist.py reads its rank and the rendezvous from SLURM's environment.",
+        lines += ["# One task per rank; trainer/core/dist.py reads its rank and the rendezvous from SLURM's environment.",
                   "# --kill-on-bad-exit: a rank that fails ends the step at once; the others do not wait for it.",
                   f"{' '.join(srun)} {shlex.quote(python)} {shlex.quote(script)} {' '.join(args)}"]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 
-from .config import ConfigError, check_local_path, did_you_mean, looks_like_hub_id
+from trainer.core.config import ConfigError, check_local_path, did_you_mean, looks_like_hub_id
 
 _CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 

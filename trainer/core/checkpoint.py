@@ -19,7 +19,7 @@ else TMPDIR/ldm-checkpoints-UID): created with mode 0700, and refused when it is
 owned by another user or is writable by others, since whatever is planted there is loaded.
 Downloaded object keys must stay inside it, and a checkpoint holding a symbolic link is
 refused: DeepSpeed follows links when it unpickles, and the pickle check reads real files
-(those checks live in trainer/checkpoint_trust.py).
+(those checks live in trainer/core/checkpoint_trust.py).
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ from typing import Callable
 
 from data_pipeline import storage
 
-from . import dist
-from .checkpoint_trust import (RANK_FILE, CheckpointError, private_dir, refuse_links, safe_relative,
-                               verify_files, write_new)
+from trainer.core import dist
+from trainer.core.checkpoint_trust import (RANK_FILE, CheckpointError, private_dir, refuse_links, safe_relative,
+                                           verify_files, write_new)
 
 MARKER = "COMPLETE"
 UNIVERSAL = "universal"  # the converted (world-size-free) copy, inside the checkpoint folder
@@ -246,7 +246,7 @@ def save(engine, root: str, samples: int, state: dict, keep_last: int = 2, extra
     is the rank's local staging folder, whose files are uploaded with DeepSpeed's.
     `local_dir`: the node-local folder for staging and downloads (default
     $CHECKPOINT_LOCAL_DIR, else the temp dir's `ldm-checkpoints`)."""
-    from .engine import full_weights  # deepspeed is imported only by jobs that use it
+    from trainer.core.engine import full_weights  # deepspeed is imported only by jobs that use it
 
     root, tag, w = resolve_root(root), tag_for(samples), dist.world()
     path, remote = storage.join(root, tag), _is_url(root)

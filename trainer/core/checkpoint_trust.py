@@ -1,7 +1,7 @@
 """What a checkpoint must pass before it is written to or loaded: the node-local folder is
 private to the user, object keys stay inside the folder they are downloaded to, files are
 created without following links, and a checkpoint holds real files whose pickles contain
-only tensors and plain data. See trainer/checkpoint.py for the format itself."""
+only tensors and plain data. See trainer/core/checkpoint.py for the format itself."""
 from __future__ import annotations
 
 import os
@@ -9,11 +9,9 @@ import re
 import shutil
 import stat
 
+from trainer.core.errors import CheckpointError
+
 RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")  # a ZeRO rank's optimizer-state file
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not (or cannot) be loaded or written, named in one line."""
 
 
 def private_dir(path: str) -> str:

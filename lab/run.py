@@ -33,20 +33,21 @@ from models.autoencoder import IDENTITY
 from models.caption_classifier import load_classifier
 from models.unet import build_unet
 
-from . import config as config_lib
-from . import dist
-from .ae_eval import ImageBatches, run_evaluation
-from .autoencoder import train_autoencoder
-from .cache import cache_latents
-from .caption_classifier import SyntheticSet, caption_accuracy, train_classifier
-from .flops import unet_train_flops_per_sample
-from .lab_config import (FIRST_STAGES, PIXELS, SPACES, LabJob, autoencoder_job, cache_job, heldout_urls, stage_dir,
-                         train_urls, unet_job)
-from .lab_report import write_lab_report
-from .metrics import read_log
-from .sample_quality import SampleQuality, check_clip_spec
-from .sampling import load_run, sample_rows, save_grid
-from .unet import train_unet
+from trainer.core import config as config_lib
+from trainer.core.errors import TrainingError
+from trainer.core import dist
+from lab.ae_eval import ImageBatches, run_evaluation
+from trainer.autoencoder.train import train_autoencoder
+from trainer.cache.job import cache_latents
+from lab.caption_classifier import SyntheticSet, caption_accuracy, train_classifier
+from trainer.core.flops import unet_train_flops_per_sample
+from lab.config import (FIRST_STAGES, PIXELS, SPACES, LabJob, autoencoder_job, cache_job, heldout_urls, stage_dir,
+                        train_urls, unet_job)
+from lab.report import write_lab_report
+from trainer.core.metrics import read_log
+from lab.sample_quality import SampleQuality, check_clip_spec
+from trainer.unet.sampling import load_run, sample_rows, save_grid
+from trainer.unet.train import train_unet
 
 EXPORT_WEIGHTS = "diffusion_pytorch_model.safetensors"  # written last by save_pretrained
 SCORED_HEADS = ("shape", "color", "position")  # what the prompts must get right, jointly
@@ -96,7 +97,7 @@ def first_stage(cfg: LabJob, name: str) -> dict:
     export = os.path.join(job.run_dir, "export")
     if not os.path.exists(os.path.join(export, EXPORT_WEIGHTS)):
         if train_autoencoder(job) != export:  # stop_after_samples in the overrides ended it early
-            raise config_lib.TrainingError(f"autoencoder {name} stopped before the end (stop_after_samples); "
+            raise TrainingError(f"autoencoder {name} stopped before the end (stop_after_samples); "
                                            "rerun the same command to continue")
     with open(os.path.join(export, "config.json")) as f:
         scaling = json.load(f)["scaling_factor"]

@@ -33,11 +33,11 @@ from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.text_encoder import load_text_encoder
 
-from . import config as config_lib
-from . import dist
-from .cache_checks import output_over_input, settings_mismatch
-from .cache_encode import LatentEncoder, ShardImages, shard_images_loader
-from .data import ImageData
+from trainer.core import config as config_lib
+from trainer.core import dist
+from trainer.cache.checks import output_over_input, settings_mismatch
+from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader
+from trainer.core.data import ImageData
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class CacheJob:
 
     def _validate_fields(self) -> None:
         """Every other field, when the config is resolved (login node, --dry-run), not on the nodes."""
-        from .job_checks import check_text_encoder_spec, check_vae_spec
+        from trainer.core.job_checks import check_text_encoder_spec, check_vae_spec
 
         self.data.validate("data.")
         # The cache encodes every image once, in order, as a square crop of data.resolution: the

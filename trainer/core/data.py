@@ -12,8 +12,8 @@ from data_pipeline.loader import Loader, ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
 from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 
-from .config import ConfigError, check_endpoint, check_non_negative, check_positive
-from .dist import World
+from trainer.core.config import ConfigError, check_endpoint, check_non_negative, check_positive
+from trainer.core.dist import World
 
 
 @dataclasses.dataclass

@@ -21,8 +21,8 @@ from torch import nn
 from data_pipeline.images import to_tensor
 from models.image_metrics import GaussianStats, frechet_distance
 
-from .ae_eval import optional_inception
-from .config import ConfigError
+from lab.ae_eval import optional_inception
+from trainer.core.config import ConfigError
 
 CLIP_WEIGHT = 100.0  # torchmetrics' scale (Hessel et al.'s CLIP-S uses 2.5)
 

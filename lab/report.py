@@ -1,6 +1,6 @@
 """The autoencoder lab's report: tables, loss-curve plots and findings computed from the stage results.
 
-Everything here reads the dicts that trainer/lab.py's stages returned (the files in
+Everything here reads the dicts that lab/run.py's stages returned (the files in
 run_dir/stages/), so the report can be rewritten at any time without rerunning anything.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import re
 
 from data_pipeline import synthetic
 
-from .ae_eval import markdown_table
-from .lab_config import FIRST_STAGES, PIXELS, SPACES, LabJob
-from .metrics import read_log
+from lab.ae_eval import markdown_table
+from lab.config import FIRST_STAGES, PIXELS, SPACES, LabJob
+from trainer.core.metrics import read_log
 
 SIMILAR_PSNR_DB = 1.0  # two first stages within this PSNR count as "at similar PSNR"
 HEADS = (("shape", "shape"), ("color", "colour"), ("position", "position"),
@@ -248,7 +248,7 @@ def write_lab_report(cfg: LabJob, results: dict, prompts: list[str]) -> str:
                   f"images the classifier itself scores {_pct(ceiling['shape+color+position'])} (shape+colour+position) "
                   f"and {_pct(ceiling['all'])} (every attribute): the ceiling."]
     lines += [f"- {note}" for note in quality_notes(results)]
-    lines += ["- GFLOP/image: model FLOPs of one training step (forward + backward) per image (trainer/flops.py); "
+    lines += ["- GFLOP/image: model FLOPs of one training step (forward + backward) per image (trainer/core/flops.py); "
               "images/s: the median logged training interval on this machine. Final loss: the last logged "
               "interval's mean denoising MSE; spaces differ in scale, so compare curves, not values, across spaces.",
               "", "### Samples", ""]

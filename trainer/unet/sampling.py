@@ -14,10 +14,11 @@ from data_pipeline.latents import latent_affine, read_manifest
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule, sample_latents
 
-from . import checkpoint
-from .ema import EMA_DIR
-from . import config as config_lib
-from .unet import UNetJob, load_cache_text_encoder
+from trainer.core import checkpoint
+from trainer.core.ema import EMA_DIR
+from trainer.core import config as config_lib
+from trainer.unet.job import UNetJob
+from trainer.unet.train import load_cache_text_encoder
 
 
 def load_run(run_dir: str, weights: str = "ema"):
@@ -145,7 +146,7 @@ class Validator:
         self.frozen = load_frozen(manifest, cfg.data.urls) if is_main else None
 
     def __call__(self, step: int, ema_state: dict | None, engine, runlog) -> str | None:
-        from .engine import full_weights
+        from trainer.core.engine import full_weights
 
         if ema_state is None:
             with full_weights(engine) as module:

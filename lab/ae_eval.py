@@ -34,7 +34,7 @@ from data_pipeline.storage import DataError, expand_shards
 from models.autoencoder import encode_moments, load_autoencoder
 from models.image_metrics import GaussianStats, frechet_distance, hf_energy, psnr, ssim
 
-from .config import ConfigError
+from trainer.core.config import ConfigError
 
 Metrics = dict[str, float | int | str | None]
 NA_REASONS = {"lpips": "no LPIPS weights", "rfid": "no Inception weights"}

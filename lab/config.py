@@ -14,11 +14,11 @@ import os
 
 from data_pipeline import synthetic
 
-from . import config as config_lib
-from .autoencoder import AutoencoderJob
-from .cache import CacheJob
-from .sample_quality import check_clip_spec
-from .unet import UNetJob
+from trainer.core import config as config_lib
+from trainer.autoencoder.job import AutoencoderJob
+from trainer.cache.job import CacheJob
+from lab.sample_quality import check_clip_spec
+from trainer.unet.job import UNetJob
 
 FIRST_STAGES = ("kl_plain", "kl_gan", "vq_gan")  # trained first stages, by objective
 PIXELS = "pixels"  # the identity first stage (LDM-1)
@@ -175,7 +175,7 @@ class LabJob:
 
     def _validate_own_fields(self) -> None:
         """The lab's fields that no sub-config checks, when the config is resolved (also --dry-run)."""
-        from .job_checks import check_vae_spec
+        from trainer.core.job_checks import check_vae_spec
 
         if not self.run_dir:
             raise config_lib.ConfigError("run_dir is empty: name the lab's folder")

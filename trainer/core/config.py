@@ -20,13 +20,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key or file at fault."""
-
-
-class TrainingError(RuntimeError):
-    """A run that stopped on purpose (diverged, too many bad steps), reported as one line."""
+from trainer.core.errors import CheckpointError, ConfigError, TrainingError
 
 
 def did_you_mean(word: str, options) -> str:
@@ -55,7 +49,7 @@ def check_non_negative(cfg, keys, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{key} must be >= 0, got {getattr(cfg, key)}")
 
 
-WANDB_MODES = ("offline", "online", "disabled")  # RunLog's modes (trainer/metrics.py)
+WANDB_MODES = ("offline", "online", "disabled")  # RunLog's modes (trainer/core/metrics.py)
 
 
 def check_endpoint(key: str, value: str | None) -> None:
@@ -299,7 +293,7 @@ def parse_cli(cls, argv: list[str] | None = None, description: str = ""):
     """The shared command line of every job: `--config FILE [--dry-run] [key=value ...]`.
 
     `--local_rank` is accepted and ignored because the `deepspeed` launcher appends it;
-    ranks are read from the environment in `trainer.dist`. Returns the config, or exits
+    ranks are read from the environment in `trainer.core.dist`. Returns the config, or exits
     after printing it for `--dry-run`, or exits with a one-line message on a config error.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -331,8 +325,6 @@ def run(cls, job, description: str = ""):
     """Entry point of a launch script: parse, then run `job(cfg)`; known input problems
     (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
     from data_pipeline.storage import DataError
-
-    from .checkpoint import CheckpointError
 
     cfg = parse_cli(cls, description=description)
     try:

@@ -16,8 +16,8 @@ import shutil
 from data_pipeline.latents import latent_affine
 from models.diffusion import noise_schedule
 
-from .checkpoint import default_root, latest
-from .sampling import load_run
+from trainer.core.checkpoint import default_root, latest
+from trainer.unet.sampling import load_run
 
 
 def export_run(run_dir: str, out: str, weights: str = "ema") -> str:

@@ -1,0 +1,139 @@
+"""The UNet job's configuration, and the plan derived from it and the world size."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+
+from trainer.core import config as config_lib
+from trainer.core.data import CacheExpect, ShardData
+from trainer.core.job_checks import check_guidance, check_unet_model
+
+
+@dataclasses.dataclass
+class UNetJob:
+    run_dir: str = "runs/unet"  # checkpoints, log.jsonl, loss.png, config.yaml
+    data: ShardData = dataclasses.field(default_factory=ShardData)  # data.urls: the latent cache root
+    cache: CacheExpect = dataclasses.field(default_factory=CacheExpect)  # what the cache must have been made with
+    latent_norm: str = "scaling_factor"  # scaling_factor (the VAE's) | per_channel (the cache's measured mean/std)
+    random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)
+    model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json
+    prediction_type: str = "epsilon"  # epsilon | v_prediction (Salimans & Ho 2022)
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
+    offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
+    zero_terminal_snr: bool = False  # rescale betas to SNR(T)=0 (Lin et al. 2024); needs v_prediction
+    caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
+    batch_per_rank: int = 64  # micro batch on each rank
+    grad_accum: int = 1  # micro batches per optimizer step
+    total_samples: int = 80_000  # training length in samples (all ranks together)
+    lr: float = 3e-4  # AdamW peak learning rate
+    lr_schedule: str = "cosine"  # after warm-up: cosine | linear (decay to lr * lr_final_ratio) | constant
+    lr_final_ratio: float = 0.1  # learning rate at the end of a cosine/linear schedule, relative to lr
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_samples: int = 4_000  # linear warm-up from 0 to lr
+    grad_clip: float = 1.0  # max global gradient norm
+    ema_halflife_samples: int = 1_000_000  # EMA half-life in samples (EDM, Karras et al. 2022); 0: no EMA
+    ema_rampup_ratio: float = 0.05  # early on the half-life is at most this share of samples seen; 0 off
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in host memory (stage 1-3)
+    precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on tensor-core GPUs)
+    attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels) | eager
+    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
+    max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss (each is skipped)
+    peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: built-in table for known GPUs
+    seed: int = 0  # weights init, data order, noise
+    log_every_samples: int = 1_280  # JSONL/wandb logging interval
+    checkpoint_every_samples: int = 20_000  # resumable checkpoint interval
+    keep_last: int = 2  # complete checkpoints kept
+    dist_timeout_s: int = 600  # a collective waiting this long for a rank fails the job (dead or hung rank)
+    checkpoint_url: str = ""  # where checkpoints go: a path or fsspec URL (s3://bucket/run); "": run_dir/checkpoints
+    checkpoint_endpoint_url: str | None = None  # S3-compatible endpoint for checkpoint_url; default AWS_ENDPOINT_URL
+    elastic_resume: bool = False  # allow resuming at another world size (DeepSpeed universal checkpoint);
+    #   the global batch follows the world size and the schedule continues at the same sample count
+    validate_every_samples: int = 0  # sample validation_prompts with the EMA weights this often (0: never)
+    validation_prompts: list[str] = dataclasses.field(default_factory=list)  # one grid row per prompt
+    validation_steps: int = 25  # sampler steps for validation grids
+    validation_guidance: float = 5.0  # classifier-free guidance scale of validation grids: >= 0; 1 is the
+    #   conditional model alone, 0 the unconditional (or negative-prompt) side alone, > 1 extrapolates from it
+    validation_negative_prompt: str = ""  # caption that guidance steers validation samples away from
+    #   (replaces the empty caption's embedding); "": plain classifier-free guidance; needs validation_guidance > 1
+    stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more samples (0: never);
+    #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
+    wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
+    wandb_project: str = "ldm"  # wandb project name
+
+    def validate(self) -> None:
+        if not self.data.urls:
+            raise config_lib.ConfigError("data.urls is empty: name the latent cache to train on")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise config_lib.ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise config_lib.ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise config_lib.ConfigError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        for key in ("batch_per_rank", "grad_accum", "total_samples", "log_every_samples", "checkpoint_every_samples",
+                    "max_nonfinite_steps", "validation_steps", "dist_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise config_lib.ConfigError("zero_terminal_snr=true needs prediction_type=v_prediction "
+                                         "(epsilon is undefined at SNR 0)")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise config_lib.ConfigError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        if self.attention not in ("sdpa", "eager"):
+            raise config_lib.ConfigError(f"attention must be sdpa or eager, got {self.attention!r}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
+        if self.validate_every_samples > 0 and not self.validation_prompts:
+            raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
+        check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",
+                       "validation_negative_prompt")
+        for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
+                    "peak_tflops", "validate_every_samples"):
+            if getattr(self, key) < 0:
+                raise config_lib.ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        # The rest of the fields, so that a bad value fails on the login node, not after the queue.
+        if not self.run_dir:
+            raise config_lib.ConfigError("run_dir is empty: name the run's folder")
+        self.data.validate("data.")
+        self.cache.validate("cache.")
+        config_lib.check_endpoint("checkpoint_endpoint_url", self.checkpoint_endpoint_url)
+        config_lib.check_choice("latent_norm", self.latent_norm, ("scaling_factor", "per_channel"))
+        config_lib.check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        config_lib.check_wandb(self, "wandb_project")
+        check_unet_model(self.model)
+        config_lib.check_positive(self, ("lr", "keep_last"))
+        config_lib.check_non_negative(self, ("weight_decay", "warmup_samples", "grad_clip", "seed",
+                                             "stop_after_samples"))
+        if self.lr_final_ratio > 1:
+            raise config_lib.ConfigError(f"lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise config_lib.ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything derived from the config and the world size, computed in one place."""
+    world_size: int
+    global_batch: int  # samples per optimizer step, all ranks together
+    total_steps: int
+    warmup_steps: int
+    log_every_steps: int
+    checkpoint_every_steps: int
+    validate_every_steps: int  # 0: never
+
+
+def make_plan(cfg: UNetJob, world_size: int) -> Plan:
+    global_batch = cfg.batch_per_rank * cfg.grad_accum * world_size
+    plan = Plan(world_size, global_batch, total_steps=math.ceil(cfg.total_samples / global_batch),
+                warmup_steps=math.ceil(cfg.warmup_samples / global_batch),
+                log_every_steps=max(1, cfg.log_every_samples // global_batch),
+                checkpoint_every_steps=max(1, cfg.checkpoint_every_samples // global_batch),
+                validate_every_steps=max(1, cfg.validate_every_samples // global_batch) if cfg.validate_every_samples else 0)
+    assert plan.global_batch == cfg.batch_per_rank * cfg.grad_accum * plan.world_size
+    return plan
