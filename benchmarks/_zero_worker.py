@@ -3,46 +3,33 @@
     deepspeed --num_gpus 2 benchmarks/_zero_worker.py step --zero 2 --json OUT
     deepspeed --num_gpus 2 benchmarks/_zero_worker.py memory --zero 3 --json OUT
 
-Every rank uses one torch thread, so that one and two ranks compete fairly on a 2-core CPU.
-Rank 0 gathers every rank's figures and writes them to --json; distributed.py prints them.
-
-step:   the demo UNet (models.unet.build_unet("demo", 4, 8, 64)) through trainer.core.engine's
-        DeepSpeed engine, fp32, the trainer's step on random cache-like batches held in memory
-        (z ~ N(mean, std^2), training_loss, engine.backward, engine.step, loss.item()); after
-        --warmup steps, --repeats windows of --steps steps, each between two barriers.
-memory: an MLP (--width x --layers Linear layers, ~42M parameters by default) through the same
-        engine at ZeRO --zero. After --steps full steps, one more forward and backward run, and
-        before its optimizer step (gradients and Adam state held at once) the bytes this rank
-        holds are counted by walking the engine's tensors: module parameters (or their ZeRO-3
-        `ds_tensor` partitions), gradients, the ZeRO optimizer's flat buffers and fp32 master
-        partitions, and the inner torch optimizer's state; each storage counted once. Beside it the
-        process's resident set (RSS) growth from just before the model was built: at that same
-        point; its peak while the model and engine were built; and its peak over the training
-        steps, the last optimizer step included (Linux VmHWM, reset through /proc/self/clear_refs).
+Every rank uses one torch thread, so one and two ranks compete fairly on a 2-core CPU; rank 0
+writes every rank's figures to --json. step: the demo UNet on 4x8x8 latents in the UNet job's
+engine, fp32, stepped by its train_step on cache batches in memory; --repeats windows of --steps
+steps between barriers after --warmup. memory: an MLP through the same engine config at ZeRO
+--zero; after --steps steps, one more backward, and before its optimizer step the bytes this rank
+holds are counted by walking the engine's tensors (each storage once), beside the RSS growth from
+just before the model was built: then, its peak while building, and its peak over the steps
+(Linux VmHWM, reset through /proc/self/clear_refs).
 """
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
-import os
 import statistics
-import sys
-import time
+import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+from common import CpuWindow, Stepper  # benchmarks/common.py
 
-import torch  # noqa: E402
-
-from trainer.core import dist  # noqa: E402
-from trainer.core.engine import build_engine, deepspeed_config  # noqa: E402
+from trainer.core import dist
+from trainer.core.engine import build_engine
+from trainer.unet.job import UNetJob
+from trainer.unet.step import unet_ds_config
 
 # Model states (the ZeRO paper's 16 bytes/param: parameters, gradients, optimizer state = fp32
 # master copy + Adam m, v), then the residual: fixed-size communication buckets and the rest.
 CATEGORIES = ("parameters", "gradients", "fp32_master", "adam_state", "buffers", "other")
-MODEL_STATES = CATEGORIES[:4]
 
 
 # --- resident memory -----------------------------------------------------------------------------
@@ -180,12 +167,16 @@ def _mlp(width: int, layers: int) -> torch.nn.Module:
 
 
 def _config(args, w: dist.World, batch: int) -> dict:
-    """The trainer's DeepSpeed config; --reduce-bucket overrides DeepSpeed's reduce_bucket_size."""
-    cfg = deepspeed_config(batch_per_rank=batch, grad_accum=1, world_size=w.size, zero_stage=args.zero,
-                           precision="fp32", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=1.0)
+    """The UNet job's DeepSpeed config at this batch and ZeRO stage, fp32; --reduce-bucket overrides
+    DeepSpeed's reduce_bucket_size."""
+    cfg = unet_ds_config(_job(args, batch), w.size, "fp32")
     if args.reduce_bucket:
         cfg["zero_optimization"]["reduce_bucket_size"] = args.reduce_bucket
     return cfg
+
+
+def _job(args, batch: int) -> UNetJob:
+    return UNetJob(model="demo", batch_per_rank=batch, zero_stage=args.zero, precision="fp32", lr=1e-4)
 
 
 def run_memory(args, w: dist.World) -> dict:
@@ -232,39 +223,18 @@ def run_memory(args, w: dist.World) -> dict:
 
 
 def run_step(args, w: dist.World) -> dict:
-    from models.diffusion import draw_latents, noise_schedule, training_loss
-    from models.unet import build_unet
-
-    unet = build_unet("demo", 4, 8, 64)
-    params = sum(p.numel() for p in unet.parameters())
-    engine = build_engine(unet, _config(args, w, args.batch))
-    schedule = noise_schedule("epsilon")
-    g = torch.Generator().manual_seed(1000 + w.rank)
-    pool = [(torch.randn(args.batch, 4, 8, 8, generator=g).half(),
-             (torch.rand(args.batch, 4, 8, 8, generator=g) * 0.1 + 0.01).half(),
-             torch.randn(args.batch, 32, 64, generator=g).half()) for _ in range(4)]
-
-    def one(i: int) -> None:
-        gen = torch.Generator().manual_seed(i * 1000 + w.rank)
-        mean, std, emb = pool[i % len(pool)]
-        loss = training_loss(engine, draw_latents(mean, std, gen) * 0.18215, emb.float(), schedule, gen)
-        engine.backward(loss)
-        engine.step()
-        loss.item()
-
-    for i in range(args.warmup):
-        one(i)
-    ms, cpu_ms, i = [], [], args.warmup
+    s = Stepper(_job(args, args.batch), (4, 8, 8), (32, 64), count=4, seed=1000 + w.rank, world_size=w.size,
+                rank=w.rank, ds_config=_config(args, w, args.batch))
+    s.step(args.warmup)
+    ms, cpu_ms = [], []
     for _ in range(args.repeats):
         dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
-            one(i)
-            i += 1
-        dist.barrier()
-        ms.append((time.perf_counter() - t0) / args.steps * 1e3)
-        cpu_ms.append((time.process_time() - c0) / args.steps * 1e3)
-    return {"rank": w.rank, "params": params, "ms_per_step": ms, "cpu_ms_per_step": cpu_ms,
+        with CpuWindow() as cpu:
+            s.step(args.steps)
+            dist.barrier()
+        ms.append(cpu.wall / args.steps * 1e3)
+        cpu_ms.append(cpu.own / args.steps * 1e3)
+    return {"rank": w.rank, "params": s.params, "ms_per_step": ms, "cpu_ms_per_step": cpu_ms,
             "median_ms": statistics.median(ms)}
 
 

@@ -1,117 +1,50 @@
 """Latent-cache job throughput as a ratio to a bare `vae.encode` loop, measured side by side.
 
     .venv/bin/python benchmarks/cache_throughput.py
-    .venv/bin/python benchmarks/cache_throughput.py --vae demo --resolution 64 --num 512
     .venv/bin/python benchmarks/cache_throughput.py --vae /models/sd-vae-ft-mse --resolution 256 --num 256
     .venv/bin/python benchmarks/cache_throughput.py --num 1024 --repeats 3 --json runs/bench/precompute.json
 
-What is measured
-----------------
-(a)  the real job, `trainer.cache.job.cache_latents(CacheJob(...))`, end to end, into a fresh
-     output directory each time: tar reading and image decoding in `--workers` DataLoader
-     worker processes (`data.num_workers`), VAE encoding and caption encoding in this
-     process, then safetensors serialisation, tar writing, the sha256 of each shard, the
-     sidecars and manifest.json. Model loading is not part of the encode phase: the job's
-     own call to `shard_images_loader` (made right after both models are loaded and the
-     shards listed) is wrapped to note the time, and
+(a)  The real job, trainer.cache.job.cache_latents, end to end into a fresh directory each time
+     (decoding in --workers DataLoader workers; VAE and caption encoding, serialisation, tar
+     writing, sha256, sidecars and manifest here). Its encode phase runs from the job's call to
+     shard_images_loader (after both models are loaded; wrapped to note the time) to its return.
+     Also printed: "steady" (first to last progress update), "total" (model loading included) and
+     "total - fixed cost", the fixed cost being the job rerun on its finished output (it loads,
+     starts and stops its workers, rewrites the manifest, encodes nothing).
+(b)  A bare loop of vae.encode(x).latent_dist over the same images decoded beforehand into memory,
+     same VAE, device and dtype as the job. (b') The same plus the job's text encoder on the
+     captions: the ceiling the job could reach if reading, decoding and writing cost nothing.
+They alternate (order reversed every other repeat) --repeats times after a warm-up each; "cores"
+is the CPU the measurement used per wall second (workers included), "other" what the rest of the
+machine used. The data is the embedded data set's shapes drawn at --draw-size px.
 
-         job img/s = N / (time cache_latents returns - time its loader is created).
-
-     So the encode phase includes everything the job does per image plus its fixed costs
-     after loading: starting the worker processes, the first batch's latency, and the
-     manifest. Two more readings of the same runs are printed: "steady" counts only from
-     the first to the last progress-bar update (the job's tqdm, wrapped to note times: no
-     start-up, no first batch, no manifest), and "total" is the whole call including model
-     loading. As a cross-check that needs no wrapping, the job is rerun once on its
-     finished output (every shard has its sidecar, so it loads the models, starts and ends
-     its workers and rewrites the manifest, but encodes nothing): "total - that" is the job
-     with every fixed cost subtracted.
-(b)  a bare loop over the same N images, decoded beforehand into tensors in memory:
-     `vae.encode(x).latent_dist` in batches of `--batch`, same VAE, device and dtype as
-     the job (`precision`: auto = fp32 on CPU, fp16 on GPU). Nothing else.
-(b') the same loop plus `text_encoder.encode(captions)` per batch, with the job's text
-     encoder: the job encodes captions too, in the same process, so (b') is the ceiling
-     the job itself could reach if reading, decoding and writing cost nothing.
-
-The three run alternately (order reversed every other repeat) `--repeats` times after
-one warm-up each (the job's warm-up runs on a separate small shard); each row prints the
-median, min-max and spread ((max - min) / median). "cores" is the CPU time the
-measurement used per wall second (this process plus its DataLoader workers); "other" is
-the CPU the rest of the machine used meanwhile (Linux /proc/stat, the highest repeat):
-other jobs competing for the same cores.
-
-torch uses its default number of threads here (all cores), which is what a user of the
-job gets; `--threads` sets another number for this process (DataLoader workers always
-run torch with one thread). The data is generated in a temporary directory and deleted
-afterwards: the embedded data set's coloured shapes (`data_pipeline.synthetic`, as
-launch/make_synthetic.py writes them) drawn at `--draw-size` px so that the resize to
-`--resolution` runs as it does for real images. These flat-colour PNGs decode faster
-than photos; the decode cost per image is printed so it can be compared.
-
-Why the ratio matters, and how to read it
------------------------------------------
-The job's work that is not encoding (tar reads, image decoding, serialising and writing
-the cache) should be hidden behind the encoder: decoding runs in worker processes while
-this process encodes, and writing is cheap next to a VAE forward pass. Then the job runs
-at the encoder's speed, and job/(b) is close to 1; the issue's target is >= 0.9 on CPU.
-A lower ratio says the encoder waits for something, and the breakdown printed below the
-ratios says what: the seconds the main process spent waiting for decoded batches, in the
-VAE, in the text encoder, hashing shards, and the rest (stacking, stats, safetensors and
-tar writing, sidecars, manifest). The waiting is split in two: until the first batch
-arrives (worker start and pipeline fill: nothing can overlap the first batch's decoding),
-and afterwards (receiving the later batches, which were decoded while the encoder ran:
-what is left is the cost of handing them over between processes). On a CPU, the workers' decoding also competes
-with the encoder's threads for the same cores: compare the workers' CPU seconds with the
-wall time. job/(b') separates the text encoder, which the job must run, from overhead.
-The ratios, not the absolute rates, are the figures to quote: absolute rates depend on
-the CPU and on what else runs. This is a benchmark, not a test: it asserts nothing.
+The job's non-encoding work should hide behind the encoder (decoding in workers, writing cheap), so
+job/(b) should be near 1 (target >= 0.9 on CPU). The breakdown below the ratios says what the encoder
+waited for: decoded batches (until the first batch, then the hand-over of the later ones), the VAE,
+the text encoder, hashing, the rest. On a CPU the workers' decoding also competes with the
+encoder's threads for the cores. This is a benchmark, not a test: it asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import io
-import json
 import os
-import platform
-import resource
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+from _cache_probe import job_config, run_job  # benchmarks/
+from common import CpuWindow, header, image_shards, noisy_note, started, stats, usable_cpus, write_json
 
-import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
-
-import trainer.cache.job as cache_mod  # noqa: E402
-from data_pipeline import synthetic  # noqa: E402
-from data_pipeline.images import image_and_caption  # noqa: E402
-from data_pipeline.shards import iter_samples, write_shards  # noqa: E402
-from models.autoencoder import PRESETS, downsample_factor, load_autoencoder  # noqa: E402
-from models.text_encoder import load_text_encoder  # noqa: E402
-from trainer.core import dist  # noqa: E402
-from trainer.cache.job import CacheJob, cache_latents  # noqa: E402
-from trainer.core.data import ImageData  # noqa: E402
+from data_pipeline.images import image_and_caption
+from data_pipeline.shards import iter_samples
+from models.autoencoder import PRESETS, downsample_factor, load_autoencoder
+from models.text_encoder import load_text_encoder
+from trainer.cache.job import _dtype as job_dtype  # the job's rule: auto is fp16 on a GPU, fp32 on the CPU
+from trainer.core import dist
+from trainer.core.data import ImageData
 
 TARGET = 0.9
-
-
-# --- data --------------------------------------------------------------------------------
-def write_images(out: str, num: int, per_shard: int, draw_size: int, seed: int = 0) -> tuple[list[str], int]:
-    """`num` distinct samples of the embedded data set in shards; returns (urls, bytes of the PNGs)."""
-    seen = {"bytes": 0}
-
-    def samples():
-        for i in range(num):
-            s = synthetic.sample(seed, i, draw_size)
-            seen["bytes"] += len(s["png"])
-            yield s
-    return write_shards(samples(), out, per_shard, prefix="shapes"), seen["bytes"]
 
 
 def decode_in_memory(urls: list[str], options: dict, batch: int) -> tuple[list[torch.Tensor], list[list[str]], float]:
@@ -127,168 +60,6 @@ def decode_in_memory(urls: list[str], options: dict, batch: int) -> tuple[list[t
     batches = [torch.stack(xs[i:i + batch]) for i in range(0, len(xs), batch)]
     captions = [caps[i:i + batch] for i in range(0, len(caps), batch)]
     return batches, captions, seconds
-
-
-# --- CPU accounting ----------------------------------------------------------------------
-
-
-def _cpu() -> tuple[float, float]:
-    """(this process's, its reaped children's) user + system CPU seconds. DataLoader workers
-    are joined when the job's loader is exhausted, so they count as children afterwards."""
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
-
-
-class CpuWindow:
-    def __enter__(self):
-        self.m0, (self.s0, self.c0) = machine_busy_seconds(), _cpu()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        s1, c1 = _cpu()
-        m1 = machine_busy_seconds()
-        self.own, self.children = s1 - self.s0, c1 - self.c0
-        used = self.own + self.children
-        self.cores = used / self.wall
-        self.other = None if self.m0 is None or m1 is None else max(0.0, (m1 - self.m0 - used) / self.wall)
-
-
-# --- (a) the job, with timing hooks ------------------------------------------------------
-class Probe:
-    """Timing wrappers around the names trainer/cache/job.py looks up in its module: nothing
-    else changes. A name the module no longer has is left alone and reported as n/a."""
-
-    def __init__(self):
-        self.t_loader = None
-        self.updates: list[tuple[float, int]] = []
-        self.wait = self.vae = self.text = self.sha = 0.0
-        self.wait_fill = None  # of self.wait, the part until the first batch arrived
-        self.found: set[str] = set()
-        self._saved: dict[str, object] = {}
-
-    def _patch(self, name: str, make):
-        if hasattr(cache_mod, name):
-            self._saved[name] = getattr(cache_mod, name)
-            setattr(cache_mod, name, make(self._saved[name]))
-            self.found.add(name)
-
-    def __enter__(self):
-        probe = self
-
-        def loader(orig):
-            def wrapped(*a, **k):
-                probe.t_loader = time.perf_counter()
-                return _TimedIterable(orig(*a, **k), probe)
-            return wrapped
-
-        def bar(orig):
-            class Bar(orig):
-                def __init__(self, *a, **k):
-                    k["disable"] = True  # no progress bar in the benchmark's output
-                    super().__init__(*a, **k)
-
-                def update(self, n=1):
-                    probe.updates.append((time.perf_counter(), n))
-                    return super().update(n)
-            return Bar
-
-        def encoder(orig):
-            class Encoder(orig):
-                def __call__(self, x):
-                    t = time.perf_counter()
-                    try:
-                        return super().__call__(x)
-                    finally:
-                        probe.vae += time.perf_counter() - t
-            return Encoder
-
-        def text_loader(orig):
-            def wrapped(*a, **k):
-                te = orig(*a, **k)
-                encode = te.encode
-
-                def timed(captions):
-                    t = time.perf_counter()
-                    try:
-                        return encode(captions)
-                    finally:
-                        probe.text += time.perf_counter() - t
-                te.encode = timed
-                return te
-            return wrapped
-
-        def sha(orig):
-            def wrapped(*a, **k):
-                t = time.perf_counter()
-                try:
-                    return orig(*a, **k)
-                finally:
-                    probe.sha += time.perf_counter() - t
-            return wrapped
-
-        self._patch("shard_images_loader", loader)
-        self._patch("tqdm", bar)
-        self._patch("LatentEncoder", encoder)
-        self._patch("load_text_encoder", text_loader)
-        self._patch("_sha256", sha)
-        return self
-
-    def __exit__(self, *exc):
-        for name, value in self._saved.items():
-            setattr(cache_mod, name, value)
-
-
-class _TimedIterable:
-    """The job's DataLoader, with the time spent waiting in next() added to probe.wait."""
-
-    def __init__(self, loader, probe: Probe):
-        self.loader, self.probe = loader, probe
-
-    def __iter__(self):
-        it = iter(self.loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                self.probe.wait += time.perf_counter() - t
-                return
-            self.probe.wait += time.perf_counter() - t
-            # The job encodes each batch as it arrives, so the wait for the first one is the
-            # pipeline filling up (worker start, first shard opened and decoded).
-            if self.probe.wait_fill is None:
-                self.probe.wait_fill = self.probe.wait
-            yield item
-
-
-def job_config(urls: str, out: str, args) -> CacheJob:
-    return CacheJob(data=ImageData(urls=urls, resolution=args.resolution, num_workers=args.workers),
-                    out_url=out, vae=args.vae_spec, text_encoder=args.text_encoder, batch_size=args.batch,
-                    precision=args.precision)
-
-
-def run_job(cfg: CacheJob, expect: int | None) -> dict:
-    log = io.StringIO()
-    with Probe() as probe, CpuWindow() as cpu, contextlib.redirect_stdout(log):
-        t0 = time.perf_counter()
-        manifest_url = cache_latents(cfg)
-        t_end = time.perf_counter()
-    with open(manifest_url) as f:
-        written = json.load(f)["num_samples"]
-    if expect is not None and written != expect:
-        raise SystemExit(f"the job cached {written} samples, expected {expect}; its output:\n{log.getvalue()}")
-    r = {"total_s": t_end - t0, "cpu": cpu, "written": written, "log": log.getvalue(),
-         "wait": probe.wait, "wait_fill": probe.wait_fill, "vae": probe.vae, "text": probe.text, "sha": probe.sha, "found": probe.found}
-    if probe.t_loader is not None:
-        r["startup_s"] = probe.t_loader - t0
-        r["phase_s"] = t_end - probe.t_loader
-    if len(probe.updates) >= 2:
-        (t_first, n_first), (t_last, _) = probe.updates[0], probe.updates[-1]
-        r["steady_rate"] = (sum(n for _, n in probe.updates) - n_first) / max(1e-9, t_last - t_first)
-        r["first_batch_s"] = t_first - probe.t_loader if probe.t_loader is not None else None
-    return r
 
 
 # --- (b), (b') the bare loops -------------------------------------------------------------
@@ -308,22 +79,6 @@ def bare_loop(vae, text_encoder, batches, captions, device, dtype) -> float:
             text_encoder.encode(caps)
     _sync(device)
     return time.perf_counter() - t
-
-
-# --- report ------------------------------------------------------------------------------
-
-
-def _stats(values: list[float]) -> dict:
-    med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / med if med else 0.0}
-
-
-def _dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The job's rule (trainer/cache/job.py): auto is fp16 on a GPU, fp32 on the CPU."""
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def main() -> None:
@@ -349,16 +104,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    started = datetime.datetime.now().astimezone()
+    start = started()
     device = dist.device()
-    dtype = _dtype(args.precision, device)
+    dtype = job_dtype(args.precision)
 
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
         # --- data and models for the bare loops --------------------------------------------
         t = time.perf_counter()
-        urls, png_bytes = write_images(os.path.join(tmp, "images"), args.num, args.per_shard, args.draw_size)
-        write_images(os.path.join(tmp, "warmup"), 2 * args.batch, 2 * args.batch, args.draw_size, seed=1)
+        urls, _, shard_bytes = image_shards(os.path.join(tmp, "images"), args.num, args.per_shard, args.draw_size)
+        image_shards(os.path.join(tmp, "warmup"), 2 * args.batch, 2 * args.batch, args.draw_size, seed=1)
         gen_s = time.perf_counter() - t
         options = ImageData(resolution=args.resolution).decode_options()
         batches, captions, decode_s = decode_in_memory(urls, options, args.batch)
@@ -401,36 +155,31 @@ def main() -> None:
         sample_kb = sum(os.path.getsize(os.path.join(out0, f)) for f in tars) / args.num / 1e3
 
     # --- the report ------------------------------------------------------------------------
-    ncpu = os.cpu_count()
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ncpu
+    avail = usable_cpus()
     hooked = "phase_s" in jobs[0]
     job_rates = [args.num / j["phase_s"] for j in jobs] if hooked else [args.num / (j["total_s"] - fixed) for j in jobs]
     rows = [
-        ("(a)  job, encode phase" if hooked else "(a)  job, total - fixed cost", _stats(job_rates),
+        ("(a)  job, encode phase" if hooked else "(a)  job, total - fixed cost", stats(job_rates),
          [j["cpu"] for j in jobs]),
     ]
     if all("steady_rate" in j for j in jobs):
-        rows.append(("(a)  job, steady (1st->last batch)", _stats([j["steady_rate"] for j in jobs]), None))
-    rows.append(("(a)  job, total incl. model loading", _stats([args.num / j["total_s"] for j in jobs]), None))
+        rows.append(("(a)  job, steady (1st->last batch)", stats([j["steady_rate"] for j in jobs]), None))
+    rows.append(("(a)  job, total incl. model loading", stats([args.num / j["total_s"] for j in jobs]), None))
     if hooked:
-        rows.append(("(a)  job, total - fixed cost", _stats([args.num / max(1e-9, j["total_s"] - fixed) for j in jobs]),
+        rows.append(("(a)  job, total - fixed cost", stats([args.num / max(1e-9, j["total_s"] - fixed) for j in jobs]),
                      None))
-    rows += [("(b)  bare vae.encode", _stats(bare), bare_cpu),
-             ("(b') bare vae.encode + text encoder", _stats(bare_te), bare_te_cpu)]
+    rows += [("(b)  bare vae.encode", stats(bare), bare_cpu),
+             ("(b') bare vae.encode + text encoder", stats(bare_te), bare_te_cpu)]
 
     te_shape = f"{text_encoder.context_length}x{text_encoder.width}"
     size = args.resolution // factor
-    print("Latent-cache throughput: the job versus a bare encode loop (benchmarks/cache_throughput.py)")
-    print(f"date:     {started.isoformat(timespec='seconds')}")
-    print(f"machine:  {cpu_model()}, {ncpu} logical CPUs ({avail} usable), {platform.system()} {platform.machine()}; "
-          f"encoders on {device}")
-    print(f"software: python {platform.python_version()}, torch {torch.__version__}, torch threads "
-          f"{torch.get_num_threads()} in this process ({'set by --threads' if args.threads else 'the default: all cores, what a user gets'}); "
-          f"1 in each DataLoader worker; tensor sharing strategy {torch.multiprocessing.get_sharing_strategy()}")
-    if load0 is not None:
-        print(f"load avg: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (1/5/15 min, before the run)")
+    header("Latent-cache throughput: the job versus a bare encode loop (benchmarks/cache_throughput.py)", start,
+           machine=f"; encoders on {device}",
+           software=f"torch {torch.__version__}, torch threads {torch.get_num_threads()} in this process "
+                    f"({'set by --threads' if args.threads else 'the default: all cores, what a user gets'}); "
+                    f"1 in each DataLoader worker; tensor sharing strategy {torch.multiprocessing.get_sharing_strategy()}")
     print(f"images:   synthetic shapes (data_pipeline.synthetic), {args.num} PNG {args.draw_size}px RGB in {len(urls)} "
-          f"shards of {args.per_shard}, {png_bytes / args.num / 1e3:.1f} KB/image, decoded to {args.resolution}px; "
+          f"shards of {args.per_shard}, {shard_bytes / args.num / 1e3:.1f} KB/image in the shards, decoded to {args.resolution}px; "
           f"decode alone (tar read + image_and_caption, this process, one core): {args.num / decode_s:.0f} img/s "
           f"({decode_s / args.num * 1e3:.2f} ms/img)")
     print(f"encoders: vae {args.vae_spec} (f={factor}, latents {vae.config.latent_channels}x{size}x{size}), "
@@ -461,7 +210,7 @@ def main() -> None:
     for name, ref in (("(b)", bare), ("(b')", bare_te)):
         per = [jr / r for jr, r in zip(job_rates, ref)]
         ratio = statistics.median(per)
-        ratios[name] = {**_stats(per), "per_repeat": per,
+        ratios[name] = {**stats(per), "per_repeat": per,
                         "of_medians": rows[0][1]["median"] / statistics.median(ref)}
         verdict = "meets" if ratio >= TARGET else "MISSES"
         print(f"ratio job/{name}: {ratio:.2f}  {verdict} the >= {TARGET} target  (median of the per-repeat ratios "
@@ -525,24 +274,17 @@ def main() -> None:
         print(f"note: the job quarantined {len(quarantined)} samples, e.g. {quarantined[0]}")
     noisy = [label for label, s, _ in rows if s["spread"] > 0.10]
     others = [c.other for cpus in (bare_cpu, bare_te_cpu, [j["cpu"] for j in jobs]) for c in cpus if c.other is not None]
-    if noisy or (others and max(others) > 0.5):
-        why = ([f"spread > 10% in {len(noisy)} of {len(rows)} rows"] if noisy else []) + (
-            [f"other processes used up to {max(others):.1f} of {avail} cores"] if others and max(others) > 0.5 else [])
-        print(f"note: noisy figures ({'; '.join(why)}): take the absolute rates as rough; the per-repeat "
-              "side-by-side ratios are the more robust figure")
+    busy = max(others, default=0.0)
+    noisy_note(([f"spread > 10% in {len(noisy)} of {len(rows)} rows"] if noisy else [])
+               + ([f"other processes used up to {busy:.1f} of {avail} cores"] if busy > 0.5 else []),
+               "the per-repeat side-by-side ratios are the more robust figure")
 
-    if args.json:
-        write_json(args.json, {"benchmark": "cache_throughput", "date": started.isoformat(timespec="seconds"),
-                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "usable_cpus": avail, "device": str(device),
-                                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-                               "settings": {**{k: v for k, v in vars(args).items()}, "dtype": str(dtype)},
-                               "rows": [{"label": label, "images_per_s": st} for label, st, _ in rows],
-                               "ratio_job_over_bare": ratios["(b)"], "ratio_job_over_bare_with_text": ratios["(b')"],
-                               "target": TARGET, "fixed_cost_s": fixed, "cache_kb_per_sample": sample_kb,
-                               "breakdown": breakdown, "worker_cpu_s": worker, "ceiling_on_cpu": ceiling,
-                               "noisy": bool(noisy or (others and max(others) > 0.5)),
-                               "other_cores_max": max(others) if others else None})
-        print(f"figures written to {args.json}")
+    write_json(args.json, "cache_throughput", start, {
+        "settings": {**vars(args), "dtype": str(dtype)}, "rows": [{"label": label, "images_per_s": st} for label, st, _ in rows],
+        "ratio_job_over_bare": ratios["(b)"], "ratio_job_over_bare_with_text": ratios["(b')"], "target": TARGET,
+        "fixed_cost_s": fixed, "cache_kb_per_sample": sample_kb, "breakdown": breakdown, "worker_cpu_s": worker,
+        "ceiling_on_cpu": ceiling, "noisy": bool(noisy or busy > 0.5), "other_cores_max": max(others) if others else None},
+        device=str(device))
 
 
 if __name__ == "__main__":

@@ -3,54 +3,40 @@
     .venv/bin/python benchmarks/cache_vs_onthefly.py
     .venv/bin/python benchmarks/cache_vs_onthefly.py --preset demo --batch 64 --json runs/bench/cache_vs_onthefly.json
 
-What is measured
-----------------
-The same UNet, AdamW optimizer and batch, two ways (issue 5):
-(a)  cached: z ~ N(mean, std^2) drawn from fp16 posterior moments (models.diffusion.draw_latents,
-     as trainer/unet/train.py draws them) times the VAE's scaling_factor, fp16 text embeddings, then
-     the step: training_loss (forward), backward, gradient clipping at 1.0, AdamW, loss.item().
-(b)  on the fly, the way diffusers' train_text_to_image.py does it: under no_grad the frozen
-     VAE encodes the pixel batch (`vae.encode(x).latent_dist.sample() * scaling_factor`) and the
-     frozen text encoder the token ids, then the same step.
-Both read their batches from memory (a pool of `--pool` batches of synthetic shapes, moved to the
-device each step), so neither pays for reading or decoding: a real on-the-fly run also reads and
-decodes images, which are larger than their cached moments, so (b)/(a) here is a lower bound.
-Caption dropout and the learning-rate schedule are left out: they cost the same in both. The two
-variants share one UNet and optimizer and alternate (order reversed every other repeat), each
-timed over `--steps` steps `--repeats` times after `--warmup` steps; each row prints the median.
+Both variants run trainer.unet.step.train_step on one engine of the job (latent draw from the
+posterior moments times the VAE's scaling_factor, caption dropout, loss, backward, ZeRO-2 AdamW step):
+(a) cached: fp16 moments and text embeddings, as the cache holds them;
+(b) on the fly, diffusers' train_text_to_image.py way: under no_grad the frozen VAE encodes the
+    pixel batch, and the step runs the frozen text encoder on token ids (the job's token-cache path).
+Both read a pool of --pool batches from memory, so neither pays for reading or decoding (images
+are larger than their moments: (b)/(a) is a lower bound). They alternate, order reversed every
+other repeat, each --repeats x --steps steps after --warmup; rows print the median.
 
-The FLOP-predicted ratio is (VAE encoder forward + text encoder forward + UNet forward/backward)
-/ (UNet forward/backward), per image, counted with trainer/core/flops.py (matmuls, convolutions and
-attention only). A measured ratio above it says the encoders run at a lower FLOP rate than the
-UNet step (small convolutions at full resolution, no-grad overheads); below it, the reverse.
+The FLOP-predicted ratio is (VAE encoder + text encoder forward + UNet forward/backward) / UNet,
+per image (trainer/core/flops.py). Measured above it, the encoders ran at a lower FLOP rate than
+the UNet step; below it, the reverse.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import resource
+import dataclasses
+import itertools
 import statistics
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import numpy as np
+import torch
+from common import CpuWindow, header, noisy_note, started, stats, unet_trainer, write_json  # benchmarks/common.py
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
-
-from data_pipeline import synthetic  # noqa: E402
-from models.autoencoder import downsample_factor, load_autoencoder  # noqa: E402
-from models.diffusion import draw_latents, noise_schedule, training_loss  # noqa: E402
-from models.text_encoder import load_text_encoder  # noqa: E402
-from models.unet import build_unet  # noqa: E402
-from trainer.core import dist  # noqa: E402
-from trainer.core.flops import (Throughput, device_peak_tflops, forward_flops_per_sample, peak_memory_gb,  # noqa: E402
+from data_pipeline import synthetic
+from models.autoencoder import downsample_factor, load_autoencoder
+from models.text_encoder import load_text_encoder
+from models.unet import build_unet
+from trainer.core import dist
+from trainer.core.engine import resolve_precision
+from trainer.core.flops import (Throughput, device_peak_tflops, forward_flops_per_sample, peak_memory_gb,
                                 unet_train_flops_per_sample)
+from trainer.unet.job import UNetJob
+from trainer.unet.step import DTYPES, train_step
 
 PRESETS = {"tiny": ("tiny", "tiny"), "demo": ("demo", "demo")}  # --preset -> (autoencoder, UNet)
 
@@ -64,11 +50,6 @@ def image_batches(num_batches: int, batch: int, resolution: int) -> tuple[list[t
         xs.append(torch.from_numpy(pix).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
         caps.append([synthetic.caption(a) for a in attrs])
     return xs, caps
-
-
-def _stats(values: list[float]) -> dict:
-    lo, hi, med = min(values), max(values), statistics.median(values)
-    return {"median": med, "min": lo, "max": hi, "spread": (hi - lo) / med, "values": values}
 
 
 def main() -> None:
@@ -91,11 +72,10 @@ def main() -> None:
         p.error("--batch, --steps, --repeats and --pool must be positive, --warmup non-negative")
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = datetime.datetime.now().astimezone()
-    device = dist.device()
-    precision = args.precision if args.precision != "auto" else \
-        "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    start = started()
+    dist.init()
+    device, precision = dist.device(), resolve_precision(args.precision)
+    dtype = DTYPES[precision]
 
     # --- models and data ---------------------------------------------------------------------------
     vae_preset, unet_preset = PRESETS[args.preset]
@@ -106,8 +86,7 @@ def main() -> None:
     text_encoder = load_text_encoder(args.text_encoder)
     channels, size = vae.config.latent_channels, args.resolution // factor
     ctx_len, ctx_dim = text_encoder.context_length, text_encoder.width
-    unet = build_unet(unet_preset, channels, size, ctx_dim)
-    for m in (vae, text_encoder, unet):  # diffusers warns about any dtype cast, even to fp32
+    for m in (vae, text_encoder):  # diffusers warns about any dtype cast, even to fp32
         m.to(device) if dtype == torch.float32 else m.to(device, dtype)
     pixels, captions = image_batches(args.pool, args.batch, args.resolution)
     tokens = [text_encoder.tokenize(c) for c in captions]
@@ -115,77 +94,61 @@ def main() -> None:
     with torch.no_grad():
         for x, tok in zip(pixels, tokens):
             post = vae.encode(x.to(device, dtype)).latent_dist
-            cached.append((post.mean.half().cpu(), post.std.half().cpu(), text_encoder(tok.to(device)).half().cpu()))
+            cached.append({"mean": post.mean.half().cpu(), "std": post.std.half().cpu(),
+                           "text_emb": text_encoder(tok.to(device)).half().cpu(), "bytes": 0})
 
-    # --- FLOPs per image, before the optimizer touches the UNet ------------------------------------
+    # --- FLOPs per image (the UNet's on a shape-only copy, as the trainer counts them) --------------
     x2, tok2 = pixels[0][:2].to(device, dtype), tokens[0][:2].to(device)
-    unet_flops = unet_train_flops_per_sample(unet, (channels, size, size), (ctx_len, ctx_dim), batch_size=2)
+    with torch.device("meta"):
+        shapes_only = build_unet(unet_preset, channels, size, ctx_dim)
+    unet_flops = unet_train_flops_per_sample(shapes_only, (channels, size, size), (ctx_len, ctx_dim), batch_size=2)
     vae_flops = forward_flops_per_sample(lambda: vae.encode(x2).latent_dist.sample(), 2)
     text_flops = forward_flops_per_sample(lambda: text_encoder(tok2), 2)
     predicted = (vae_flops + text_flops + unet_flops) / unet_flops
 
-    # --- the two steps ------------------------------------------------------------------------------
-    schedule = noise_schedule("epsilon")
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=0.01)
-    unet.train()
+    # --- the two steps: the UNet job's train_step, on one engine -----------------------------------
+    job = UNetJob(model=unet_preset, batch_per_rank=args.batch, precision=precision, lr=1e-4)
+    engine, cached_setup = unet_trainer(job, (channels, size, size), (ctx_len, ctx_dim), scale=scale)
+    # On the fly the step embeds token ids itself, as for a cache of tokens.
+    onthefly_setup = dataclasses.replace(cached_setup, text_encoder=text_encoder)
 
-    def unet_step(z0: torch.Tensor, context: torch.Tensor, gen: torch.Generator) -> float:
-        loss = training_loss(unet, z0, context, schedule, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def encoded_on_the_fly():
+        for i in itertools.count():
+            with torch.no_grad():
+                post = vae.encode(pixels[i % args.pool].to(device, dtype)).latent_dist
+            yield {"mean": post.mean, "std": post.std, "tokens": tokens[i % args.pool], "bytes": 0}
 
-    def step_cached(i: int) -> float:
-        gen = torch.Generator(device).manual_seed(i)
-        mean, std, emb = cached[i % args.pool]
-        z0 = (draw_latents(mean.to(device), std.to(device), gen) * scale).to(dtype)
-        return unet_step(z0, emb.to(device, dtype), gen)
-
-    def step_onthefly(i: int) -> float:
-        gen = torch.Generator(device).manual_seed(i)
-        with torch.no_grad():
-            z0 = vae.encode(pixels[i % args.pool].to(device, dtype)).latent_dist.sample(gen) * scale
-            context = text_encoder(tokens[i % args.pool].to(device))
-        return unet_step(z0, context, gen)
-
-    variants = {"cached": step_cached, "on_the_fly": step_onthefly}
+    streams = {"cached": (itertools.cycle(cached), cached_setup), "on_the_fly": (encoded_on_the_fly(), onthefly_setup)}
+    variants = {name: (lambda i, it=it, setup=setup: train_step(engine, it, i, setup))
+                for name, (it, setup) in streams.items()}
     for fn in variants.values():
         for i in range(args.warmup):
             fn(i)
     ms, cpu_ms, other = ({k: [] for k in variants} for _ in range(3))
     for r in range(args.repeats):
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            own0, m0 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
             torch.cuda.synchronize(device) if device.type == "cuda" else None
-            t0 = time.perf_counter()
-            for s in range(args.steps):
-                variants[name](r * args.steps + s)
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            wall = time.perf_counter() - t0
-            own1, m1 = resource.getrusage(resource.RUSAGE_SELF), machine_busy_seconds()
-            used = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
-            ms[name].append(wall / args.steps * 1e3)
-            cpu_ms[name].append(used / args.steps * 1e3)
-            if m0 is not None and m1 is not None:
-                other[name].append(max(0.0, (m1 - m0 - used) / wall))
+            with CpuWindow() as cpu:
+                for s in range(args.steps):
+                    variants[name](r * args.steps + s)
+                torch.cuda.synchronize(device) if device.type == "cuda" else None
+            ms[name].append(cpu.wall / args.steps * 1e3)
+            cpu_ms[name].append(cpu.own / args.steps * 1e3)
+            if cpu.other is not None:
+                other[name].append(cpu.other)
 
     # --- report -------------------------------------------------------------------------------------
     peak = device_peak_tflops(precision, args.peak_tflops)
     flops_of = {"cached": unet_flops, "on_the_fly": unet_flops + vae_flops + text_flops}
-    stats = {k: _stats(v) for k, v in ms.items()}
+    timing = {k: stats(v) for k, v in ms.items()}
     per_repeat = [b / a for a, b in zip(ms["cached"], ms["on_the_fly"])]
     measured = statistics.median(per_repeat)
-    of_medians, of_minima = (stats["on_the_fly"][k] / stats["cached"][k] for k in ("median", "min"))
+    of_medians, of_minima = (timing["on_the_fly"][k] / timing["cached"][k] for k in ("median", "min"))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    ncpu = os.cpu_count()
-    print("UNet training step: cached latents versus encoding on the fly (benchmarks/cache_vs_onthefly.py)")
-    print(f"date:     {started.isoformat(timespec='seconds')}")
-    print(f"machine:  {cpu_model()}, {ncpu} logical CPUs, {platform.system()} {platform.machine()}; models on {where}")
-    print(f"software: python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch "
-          f"threads ({'set by --threads' if args.threads else 'the default'}), {precision}")
-    print(f"models:   UNet {unet_preset} ({sum(q.numel() for q in unet.parameters()) / 1e6:.2f}M params) on "
+    header("UNet training step: cached latents versus encoding on the fly (benchmarks/cache_vs_onthefly.py)", start,
+           machine=f"; models on {where}", software=f"torch {torch.__version__}, {torch.get_num_threads()} torch threads "
+           f"({'set by --threads' if args.threads else 'the default'}), {precision}")
+    print(f"models:   UNet {unet_preset} ({sum(q.numel() for q in engine.module.parameters()) / 1e6:.2f}M params) on "
           f"{channels}x{size}x{size} latents; VAE {vae_preset} (f={factor}, encoder "
           f"{sum(q.numel() for q in vae.encoder.parameters()) / 1e6:.2f}M) at {args.resolution}px; text encoder "
           f"{args.text_encoder} ({ctx_len}x{ctx_dim})")
@@ -196,12 +159,12 @@ def main() -> None:
     print(head + "\n" + "-" * len(head))
     labels = {"cached": "(a) cached latents + embeddings", "on_the_fly": "(b) on the fly: VAE + text encoder"}
     figures = {}
-    for name, s in stats.items():
+    for name, s in timing.items():
         rate = args.batch / (s["median"] / 1e3)
         tp = Throughput(flops_of[name], peak)
         mfu = tp.mfu(rate)
         figures[name] = {"ms_per_step": s, "images_per_s": rate, "flops_per_image": flops_of[name],
-                         "tflops": tp.tflops(rate), "mfu": mfu, "cpu_ms_per_step": _stats(cpu_ms[name]),
+                         "tflops": tp.tflops(rate), "mfu": mfu, "cpu_ms_per_step": stats(cpu_ms[name]),
                          "other_cores_max": max(other[name]) if other[name] else None}
         print(f"{labels[name]:<34} {s['median']:>8.1f} {s['min']:>5.1f}-{s['max']:<5.1f} {s['spread'] * 100:>6.1f}% "
               f"{rate:>7.1f} {tp.tflops(rate):>8.4f} {'n/a' if mfu is None else f'{mfu * 100:.1f}%':>6} "
@@ -223,23 +186,19 @@ def main() -> None:
           f"{(1 - 1 / predicted) * 100:.1f}%")
     mem = peak_memory_gb()
     print(f"peak memory: {mem:.2f} GB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    noisy = [labels[k][:3] for k, s in stats.items() if s["spread"] > 0.10]
+    noisy = [labels[k][:3] for k, s in timing.items() if s["spread"] > 0.10]
     busy = max((v for vs in other.values() for v in vs), default=0.0)
-    if noisy or busy > 0.5:
-        print(f"note: noisy ({'spread > 10% in ' + ' and '.join(noisy) + '; ' if noisy else ''}other processes used up "
-              f"to {busy:.1f} cores): take absolute times as rough; the per-repeat ratios are the more robust figure")
+    noisy_note(([f"spread > 10% in {' and '.join(noisy)}"] if noisy else [])
+               + ([f"other processes used up to {busy:.1f} cores"] if busy > 0.5 else []),
+               "the per-repeat ratios are the more robust figure")
 
-    if args.json:
-        write_json(args.json, {"benchmark": "cache_vs_onthefly", "date": started.isoformat(timespec="seconds"),
-                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "device": where,
-                                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-                               "settings": {**vars(args), "precision": precision, "latent_shape": [channels, size, size],
-                                            "context_shape": [ctx_len, ctx_dim]},
-                               "flops_per_image": dict(unet_train=unet_flops, vae_encode=vae_flops, text_encode=text_flops),
-                               "variants": figures, "peak_tflops": peak, "peak_memory_gb": mem,
-                               "ratio": dict(measured=measured, per_repeat=per_repeat, of_medians=of_medians,
-                                             of_minima=of_minima, cpu_time=cpu_ratio, flop_predicted=predicted)})
-        print(f"figures written to {args.json}")
+    write_json(args.json, "cache_vs_onthefly", start, {
+        "settings": {**vars(args), "precision": precision, "latent_shape": [channels, size, size],
+                     "context_shape": [ctx_len, ctx_dim]},
+        "flops_per_image": dict(unet_train=unet_flops, vae_encode=vae_flops, text_encode=text_flops),
+        "variants": figures, "peak_tflops": peak, "peak_memory_gb": mem,
+        "ratio": dict(measured=measured, per_repeat=per_repeat, of_medians=of_medians, of_minima=of_minima,
+                      cpu_time=cpu_ratio, flop_predicted=predicted)}, device=where)
 
 
 if __name__ == "__main__":

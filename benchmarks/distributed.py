@@ -3,79 +3,48 @@
     .venv/bin/python benchmarks/distributed.py
     .venv/bin/python benchmarks/distributed.py --rounds 1 --stages 0,2 --json runs/bench/distributed.json
 
-What is measured
-----------------
-(a) Step time: the demo UNet (models.unet.build_unet("demo", 4, 8, 64), 3.2M parameters) trained
-    as trainer/unet/train.py trains it (trainer.core.engine's DeepSpeed engine, ZeRO-2, fp32, AdamW, clipping,
-    training_loss on cache-like batches of --batch per rank) by `deepspeed --num_gpus 2` and by
-    `deepspeed --num_gpus 1`, same per-rank batch: weak scaling, so an ideal 2-rank step takes as
-    long as a 1-rank step. Each rank runs torch with one thread, so on a 2-core machine each rank
-    has a core to itself, and the difference is the cost of distribution: gradient reduce-scatter,
-    parameter all-gather and ZeRO's bookkeeping, over gloo. --rounds pairs of launches, the order
-    reversed every other round; each launch times --repeats windows of --steps steps after
-    --warmup steps (benchmarks/_zero_worker.py). The figure is the median over rounds of
-    (2-rank median ms/step / 1-rank median ms/step) from the same round. Beside it the same ratio
-    of CPU time per step (this rank's process time): what the extra work costs, whatever else
-    the machine was doing.
-(b) Memory per rank at ZeRO 0, 1, 2 and 3 with --ranks ranks, on an MLP big enough that its model
-    states dwarf DeepSpeed's fixed costs (--layers Linear layers of --width x --width, 42M fp32
-    parameters by default: 671 MB of model states unpartitioned). One launch per stage. Each rank
-    counts the bytes it holds after a backward, before the optimizer step (gradients and optimizer
-    state held at once), by walking the engine's tensors (parameters or ZeRO-3 partitions,
-    gradients and gradient partitions, DeepSpeed's fp32 master partitions, Adam's m and v; each
-    storage once), and reads its RSS growth from a baseline taken just before the model is built.
-
-The prediction (Rajbhandari et al. 2019, "ZeRO", section 5): model states are K + 4 bytes per
-parameter with mixed precision (2 fp16 parameter + 2 fp16 gradient + K = 12 optimizer: fp32 master,
-Adam m, v); stage 1 divides the optimizer bytes by N ranks, stage 2 the gradient bytes too, stage 3
-the parameter bytes too. This run is fp32 on CPU, so the model applied here is: parameters 4,
-gradients 4, Adam m and v 8, and at stages 1-3 an fp32 master partition of 4 (DeepSpeed's ZeRO
-optimizer copies the partition it updates even in fp32: stage_1_and_2.py
-single_partition_of_fp32_groups, stage3.py fp32_partitioned_groups_flat); at stage 0 torch's
-AdamW updates the parameters in place, no copy. So 16 bytes/param at stage 0, 4 + 4 + 12/N at
-stage 1, 4 + 16/N at stage 2, 20/N at stage 3. The paper's mixed-precision figures (16, 4 + 12/N,
-2 + 14/N, 16/N) are printed beside them for reference.
-
-RSS is everything the process touched: besides model states it holds activations, DeepSpeed's
-communication buckets and transient copies (the flattening at engine start, the full gradients
-before they are reduced into partitions, the optimizer step's temporaries), so RSS falls less
-than the model states do. ZeRO-3 allocates a reduce bucket of reduce_bucket_size elements
-(DeepSpeed's default, which the trainer's config keeps: 5e8, 2 GB in fp32) and every gradient
-passes through it, so with fewer parameters than that the bucket adds 4 bytes/param of resident
-memory; --small-bucket repeats ZeRO-3 with a bucket of that many elements to show it. The memory
-launches run with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_, unless set
-already), so that freed tensors go back to the system and RSS follows the live tensors: with the
-default dynamic threshold, blocks up to 32 MB freed by ZeRO-3's gather/release churn stay in
-the heap and count as resident. This is a benchmark, not a test: it asserts nothing.
+(a) Step time: the demo UNet (3.2M parameters) stepped by the UNet job's own train_step in the
+    job's engine (ZeRO-2, fp32, AdamW, clipping; --batch per rank) under `deepspeed --num_gpus 2`
+    and `--num_gpus 1`: weak scaling, so the ideal ratio is 1 and the difference is the cost of
+    distribution over gloo. Each rank runs one torch thread (a core each on 2 cores). --rounds
+    pairs of launches, order reversed every other round; each launch times --repeats windows of
+    --steps steps after --warmup (benchmarks/_zero_worker.py). The figure is the median over rounds
+    of the ratio of the two launches' median ms/step; beside it the same ratio of CPU time per step.
+(b) Memory per rank at each of --stages with --ranks ranks, one launch per stage, on an MLP whose
+    model states dwarf DeepSpeed's fixed costs (--layers Linear(--width, --width): 42M fp32
+    parameters by default). Each rank counts the bytes it holds after a backward, before the
+    optimizer step, by walking the engine's tensors, and reads its RSS growth. RSS also holds
+    activations, communication buckets and transient copies, so it falls less than model states:
+    ZeRO-3's reduce bucket (DeepSpeed's default reduce_bucket_size 5e8 elements, which the trainer
+    keeps) adds 4 B/param below that many parameters, which --small-bucket shows. The memory
+    launches fix glibc's mmap threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors go
+    back to the system and RSS follows the live tensors. This is a benchmark: it asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import resource
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
+from common import ROOT, CpuWindow, header, run_group, started, stats, write_json  # benchmarks/common.py
 
 WORKER = os.path.join(ROOT, "benchmarks", "_zero_worker.py")
-CATEGORIES = ("parameters", "gradients", "fp32_master", "adam_state")  # model states, as the worker names them
 
 
+# The prediction (Rajbhandari et al. 2019, "ZeRO", section 5): model states are 2 fp16 parameter + 2
+# fp16 gradient + 12 optimizer (fp32 master, Adam m, v) bytes per parameter; stage 1 divides the
+# optimizer bytes by N ranks, stage 2 the gradients too, stage 3 the parameters too. This run is fp32:
+# parameters 4, gradients 4, Adam 8, and at stages 1-3 an fp32 master partition of 4 (DeepSpeed's ZeRO
+# optimizer copies the partition it updates even in fp32: single_partition_of_fp32_groups,
+# fp32_partitioned_groups_flat); at stage 0 torch's AdamW updates in place. So 16 B/param at stage 0,
+# 4 + 4 + 12/N at stage 1, 4 + 16/N at stage 2, 20/N at stage 3.
 def predicted_bytes_per_param(stage: int, n: int) -> dict[str, float]:
-    """The ZeRO paper's model as applied to fp32 DeepSpeed on CPU (see the module docstring)."""
+    """The ZeRO paper's model as applied to fp32 DeepSpeed on CPU."""
     return {"parameters": 4.0 / (n if stage >= 3 else 1), "gradients": 4.0 / (n if stage >= 2 else 1),
             "fp32_master": 0.0 if stage == 0 else 4.0 / n, "adam_state": 8.0 / (n if stage >= 1 else 1)}
 
@@ -87,30 +56,6 @@ def paper_mixed_precision(stage: int, n: int) -> float:
 
 class LaunchError(RuntimeError):
     """A launch that failed every try: the figures it would have given are reported as missing."""
-
-
-def _children_cpu() -> float:
-    """CPU seconds of this process's finished children and theirs (the launcher reaps its ranks)."""
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return c.ru_utime + c.ru_stime
-
-
-def _remove_shm_buffers(port: int) -> None:
-    """Remove what DeepSpeed's CPU comm op left in /dev/shm for a finished launch on `port`.
-
-    The worker unlinks its own buffer once every rank has mapped it; a launch that died before
-    that leaves deepspeed_allreduce_buffer_UID_127.0.0.1_PORT_RANK (69 MB of RAM each) behind.
-    The port was this launch's, so the names are its own."""
-    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
-    try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.unlink(os.path.join("/dev/shm", name))
-        except OSError:
-            pass
 
 
 def _free_port() -> int:
@@ -134,17 +79,8 @@ def launch(ranks: int, worker_args: list[str], timeout_s: int, tries: int = 2,
             cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), WORKER, *worker_args, "--json", out]
             full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore::FutureWarning", **(env or {})}
             t = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, start_new_session=True)
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout_s)
-                rc, tail = proc.returncode, f"{stdout[-3000:]}\n{stderr[-3000:]}"
-            except subprocess.TimeoutExpired:  # the launcher and its ranks, all of them
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-                rc, tail = None, f"ran longer than {timeout_s}s (--timeout)"
+            rc, stdout, stderr = run_group(cmd, timeout_s, cwd=ROOT, env=full_env)
             seconds = time.perf_counter() - t
-            _remove_shm_buffers(port)
             if os.path.exists(out):
                 if rc != 0:
                     print(f"note: {' '.join(worker_args[:3])} on {ranks} ranks exited with status {rc} after writing "
@@ -155,13 +91,7 @@ def launch(ranks: int, worker_args: list[str], timeout_s: int, tries: int = 2,
             print(f"note: {' '.join(worker_args[:3])} on {ranks} ranks failed (status {rc}); trying again", flush=True)
     reason = f"timed out after {timeout_s}s" if rc is None else f"exit status {rc}"
     raise LaunchError(f"{' '.join(worker_args[:3])} on {ranks} ranks: {reason}, {tries} tries; the last output:\n"
-                      f"{tail.strip()[-2000:]}")
-
-
-def _stats(values: list[float]) -> dict:
-    med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / med if med else 0.0, "values": values}
+                      f"{(stdout[-3000:] + chr(10) + stderr[-3000:]).strip()[-2000:]}")
 
 
 def measure_steps(args) -> dict:
@@ -172,22 +102,21 @@ def measure_steps(args) -> dict:
     other = []
     for r in range(args.rounds):
         for n in ((1, args.ranks) if r % 2 == 0 else (args.ranks, 1)):
-            m0, c0, t0 = machine_busy_seconds(), _children_cpu(), time.perf_counter()
-            result, seconds = launch(n, common, args.timeout)
-            m1, c1, wall = machine_busy_seconds(), _children_cpu(), time.perf_counter() - t0
+            with CpuWindow() as window:
+                result, seconds = launch(n, common, args.timeout)
             ms = [statistics.median(rank["ms_per_step"]) for rank in result["ranks"]]
             cpu = [statistics.median(rank["cpu_ms_per_step"]) for rank in result["ranks"]]
             runs[n].append({"ms": result["ranks"][0]["ms_per_step"], "median_ms": max(ms),
                             "cpu_ms": statistics.median(cpu), "launch_s": seconds, "params": result["ranks"][0]["params"]})
-            if m0 is not None and m1 is not None:  # cores the rest of the machine used meanwhile
-                other.append(max(0.0, (m1 - m0 - (c1 - c0)) / wall))
+            if window.other is not None:  # cores the rest of the machine used meanwhile
+                other.append(window.other)
     one, many = runs[1], runs[args.ranks]
     per_round = [b["median_ms"] / a["median_ms"] for a, b in zip(one, many)]
     cpu_per_round = [b["cpu_ms"] / a["cpu_ms"] for a, b in zip(one, many)]
     return {"ranks": args.ranks, "batch_per_rank": args.batch, "params": one[0]["params"],
-            "one_rank_ms": _stats([m for run in one for m in run["ms"]]),
-            "n_rank_ms": _stats([m for run in many for m in run["ms"]]),
-            "ratio": _stats(per_round), "cpu_ratio": _stats(cpu_per_round),
+            "one_rank_ms": stats([m for run in one for m in run["ms"]]),
+            "n_rank_ms": stats([m for run in many for m in run["ms"]]),
+            "ratio": stats(per_round), "cpu_ratio": stats(cpu_per_round),
             "one_rank_cpu_ms": statistics.median(run["cpu_ms"] for run in one),
             "n_rank_cpu_ms": statistics.median(run["cpu_ms"] for run in many),
             "launch_s": [run["launch_s"] for run in one + many], "other_cores_max": max(other) if other else None}
@@ -214,8 +143,8 @@ def measure_memory(args) -> list[dict]:
         params = ranks[0]["params"]
         worst = max(ranks, key=lambda r: r["held_total"])  # the rank holding most (ranks differ by padding only)
         held = {k: worst["held_bytes"][k] / params for k in worst["held_bytes"]}
-        model_states = sum(held[k] for k in CATEGORIES)
-        pred = predicted_bytes_per_param(stage, args.ranks)
+        pred = predicted_bytes_per_param(stage, args.ranks)  # keyed by the model states, as the worker names them
+        model_states = sum(held[k] for k in pred)
 
         def rss(key):
             values = [r[key] for r in ranks if r.get(key) is not None]
@@ -276,8 +205,7 @@ def main() -> None:
     import deepspeed  # noqa: F401  (versions for the report; the launches import it themselves)
     import torch
 
-    started = datetime.datetime.now().astimezone()
-    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start = started()
     t0 = time.perf_counter()
     errors = []
     step = memory = None
@@ -292,14 +220,9 @@ def main() -> None:
         errors += [f"(b) memory, ZeRO-{row['stage']}: {row['error']}" for row in memory if "error" in row]
         measured = [row for row in memory if "error" not in row]
 
-    ncpu = os.cpu_count()
-    print("Distributed overhead and ZeRO memory per rank, CPU ranks over gloo (benchmarks/distributed.py)")
-    print(f"date:     {started.isoformat(timespec='seconds')}")
-    print(f"machine:  {cpu_model()}, {ncpu} logical CPUs, {platform.system()} {platform.machine()}")
-    print(f"software: python {platform.python_version()}, torch {torch.__version__}, deepspeed "
-          f"{sys.modules['deepspeed'].__version__}; every rank 1 torch thread, fp32, AdamW")
-    if load0 is not None:
-        print(f"load avg: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (1/5/15 min, before the run)")
+    header("Distributed overhead and ZeRO memory per rank, CPU ranks over gloo (benchmarks/distributed.py)", start,
+           software=f"torch {torch.__version__}, deepspeed {sys.modules['deepspeed'].__version__}; every rank 1 torch "
+                    "thread, fp32, AdamW")
     print()
     if step is not None:
         n = args.ranks
@@ -355,7 +278,7 @@ def main() -> None:
         base = measured[0] if measured[0]["stage"] == 0 else None
         for row in (r for r in measured if not r["reduce_bucket"]):
             h, pred = row["held_per_param"], row["predicted_per_param"]
-            off = [k for k in CATEGORIES if abs(h[k] - pred[k]) > 0.05 * 16]
+            off = [k for k in pred if abs(h[k] - pred[k]) > 0.05 * 16]
             if off:
                 print(f"ZeRO-{row['stage']}: " + "; ".join(f"{k} {h[k]:.2f} B/param, predicted {pred[k]:.2f}" for k in off)
                       + (" (DeepSpeed reduces the full gradients into this rank's partition at the end of the backward "
@@ -371,13 +294,9 @@ def main() -> None:
         print()
     total = time.perf_counter() - t0
     print(f"took {total:.0f}s")
-    if args.json:
-        write_json(args.json, {"benchmark": "distributed", "date": started.isoformat(timespec="seconds"),
-                               "machine": {"cpu": cpu_model(), "logical_cpus": ncpu, "torch": torch.__version__,
-                                           "deepspeed": sys.modules["deepspeed"].__version__},
-                               "settings": vars(args), "step": step, "memory": memory, "errors": errors,
-                               "seconds": total})
-        print(f"figures written to {args.json}")
+    write_json(args.json, "distributed", start, {"settings": vars(args), "step": step, "memory": memory,
+                                                 "errors": errors, "seconds": total},
+               deepspeed=sys.modules["deepspeed"].__version__)
     if errors:
         sys.exit("error: some launches failed, their figures are missing:\n  " + "\n  ".join(errors))
 

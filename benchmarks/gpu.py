@@ -3,9 +3,10 @@
     python benchmarks/gpu.py                          # sd15 and sd21 at 256 and 512 px, every option
     python benchmarks/gpu.py --presets sd21 --resolutions 512 --batch 32 --json gpu.json
 
-Each configuration builds the UNet, prepares it as trainer/unet/train.py does (SDPA attention,
-channels-last, gradient checkpointing, torch.compile) and steps it through the same
-DeepSpeed engine (bf16, ZeRO-2, one process) on random latents and text embeddings.
+Each configuration builds the UNet job's engine (trainer.unet.step.build_unet_engine: SDPA attention,
+channels-last, gradient checkpointing, torch.compile; bf16, ZeRO-2, one process) and steps it with
+the job's own train_step on random fp16 cache batches held on the GPU (latent draw, caption
+dropout, loss, backward, optimizer step, loss.item()).
 Images/s is the median over the timed steps; TFLOP/s uses the model FLOPs per image from
 torch.utils.flop_counter; MFU divides by the device's dense bf16 peak (trainer/core/flops.py).
 Published points printed beside: MLPerf Training v4.0 Stable Diffusion (about 110 images/s
@@ -15,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 REFERENCES = [
     ("MLPerf Training v4.0 SD, H100, 512 px", "about 110 images/s per GPU, about 23% MFU"),
@@ -58,48 +55,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool, args, peak) -> dict:
-    from models.diffusion import noise_schedule, training_loss
+    from common import Stepper  # benchmarks/common.py: imported here so tests can load this file by path
     from models.unet import build_unet
-    from trainer.core.engine import build_engine, deepspeed_config
-    from trainer.core.flops import unet_train_flops_per_sample
+    from trainer.core.flops import Throughput, peak_memory_gb, unet_train_flops_per_sample
     from trainer.unet.job import UNetJob
-    from trainer.unet.train import prepare_unet
 
     side, ctx = resolution // 8, CONTEXT[preset]
     with torch.device("meta"):
         flops = unet_train_flops_per_sample(build_unet(preset, 4, side, ctx), (4, side, side), (77, ctx), batch_size=1)
-    job = UNetJob(model=preset, channels_last=True, attention="sdpa", gradient_checkpointing=checkpointing,
-                  compile=compiled)
-    unet = prepare_unet(build_unet(preset, 4, side, ctx), job)
-    engine = build_engine(unet, deepspeed_config(batch_per_rank=args.batch, grad_accum=1, world_size=1, zero_stage=2,
-                                                 precision="bf16", lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01,
-                                                 grad_clip=1.0))
-    if compiled:
-        engine.compile()
-    schedule, device = noise_schedule("epsilon"), engine.device
-    gen = torch.Generator(device).manual_seed(0)
-    z0 = torch.randn(args.batch, 4, side, side, device=device, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    context = torch.randn(args.batch, 77, ctx, device=device, dtype=torch.bfloat16)
+    job = UNetJob(model=preset, batch_per_rank=args.batch, zero_stage=2, precision="bf16", lr=1e-5, channels_last=True,
+                  attention="sdpa", gradient_checkpointing=checkpointing, compile=compiled)
+    # Batches already on the GPU: the step's copies to the device are no-ops, nothing is read.
+    stepper = Stepper(job, (4, side, side), (77, ctx))
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = training_loss(engine, z0, context, schedule, gen)
-        engine.backward(loss)
-        engine.step()
+        stepper.step()
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    images_per_s = args.batch / step_s
-    tflops = images_per_s * flops / 1e12
+    images_per_s, tp = args.batch / step_s, Throughput(flops, peak)
     row = dict(preset=preset, resolution=resolution, compile=compiled, checkpointing=checkpointing, batch=args.batch,
                step_ms=step_s * 1e3, step_ms_spread=(max(times) - min(times)) / step_s, images_per_s=images_per_s,
-               tflops=tflops, mfu=tflops / peak if peak else None, gflop_per_image=flops / 1e9,
-               peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
-    del engine, unet
+               tflops=tp.tflops(images_per_s), mfu=tp.mfu(images_per_s), gflop_per_image=flops / 1e9,
+               peak_memory_gb=peak_memory_gb())
+    del stepper
     torch.cuda.empty_cache()
     return row
 
@@ -108,9 +91,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/gpu.py needs a CUDA GPU (none visible); the CPU benchmarks are the other scripts")
+    from common import started, write_json  # benchmarks/common.py
     from trainer.core import dist
     from trainer.core.flops import device_peak_tflops
 
+    start = started()
     dist.init()
     peak = device_peak_tflops("bf16", args.peak_tflops)
     name = torch.cuda.get_device_name()
@@ -134,9 +119,7 @@ def main(argv=None) -> None:
     print("published reference points:")
     for what, figure in REFERENCES:
         print(f"  {what}: {figure}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "peak_tflops": peak, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_json(args.json, "gpu", start, {"device": name, "peak_tflops": peak, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

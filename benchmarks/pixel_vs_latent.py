@@ -3,55 +3,34 @@
     .venv/bin/python benchmarks/pixel_vs_latent.py
     .venv/bin/python benchmarks/pixel_vs_latent.py --preset demo --resolution 64 --json runs/bench/pixel_vs_latent.json
 
-Why
----
-A latent diffusion model denoises 64x64x4 latents instead of 512x512x3 pixels: 48x fewer numbers
-per image (512*512*3 / (64*64*4), at any resolution with f = 8 and 4 latent channels). Numbers
-are not cost, though: convolutions cost in proportion to positions (64x fewer at f = 8, channel
-counts inside the network unchanged), and self-attention in proportion to positions squared, so
-the same architecture saves more than 48x wherever it has attention at high resolution.
+64x64x4 latents hold 48x fewer numbers than 512x512x3 pixels (at any resolution, f = 8 and 4
+channels), but numbers are not cost: convolutions cost in proportion to positions (64x fewer),
+self-attention to positions squared, so the same network saves more than 48x where it attends at
+high resolution.
 
-What is measured
-----------------
-(a) FLOPs per image of one training step (forward + backward; trainer/core/flops.py: matmuls,
-    convolutions and attention) of the same UNet preset built for 3-channel pixels at H x H and
-    for 4-channel latents at H/8 x H/8, counted on shape-only (meta-device) models, at
-    --resolution and at each of --flop-resolutions, for each of --flop-presets.
-(b) Step time per image at --resolution (CPU-sized: 64 px pixels against 8 px latents by
-    default): the trainer's loss (models.diffusion.training_loss), backward, gradient clipping,
-    AdamW, loss.item(), on random inputs and text embeddings in memory. Pixel and latent steps
-    alternate (order reversed every other repeat), each window at least --seconds long and at
-    least one step, after one warm-up step each; per image = window time / images in it. The
-    pixel step runs at --pixel-batch (it is memory- and time-hungry), the latent step at
-    --latent-batch (the demo's batch), each the batch that space would train at on this
-    machine; the figure is the median of the per-repeat ratios. torch runs with --threads
-    threads (1 by default: steadier on a shared machine, and the ratio is what is quoted).
-The ratio of the measured times next to the FLOP ratio says how far the CPU's efficiency differs
-between the two shapes (long attention sequences and wide activations at full resolution run at
-a different FLOP rate from the small latent tensors).
+(a) Training FLOPs per image (forward + backward, trainer/core/flops.py) of the same UNet preset
+    built for 3-channel pixels at H x H and 4-channel latents at H/8 x H/8, on shape-only (meta)
+    models, at --resolution and each of --flop-resolutions for each of --flop-presets.
+(b) Step time per image at --resolution: trainer.unet.step.train_step in the job's engine on random
+    inputs in memory, pixel (--pixel-batch) and latent (--latent-batch) windows of at least
+    --seconds alternating after one warm-up step each, with --threads torch threads (1: steadier on
+    a shared machine). The figure is the median of the per-repeat ratios; beside the FLOP ratio it
+    says how differently the CPU runs the two shapes.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+from common import Stepper, header, started, stats, write_json  # benchmarks/common.py
+from torch.utils import flop_counter
 
-import torch  # noqa: E402
-from common import cpu_model, machine_busy_seconds, write_json  # noqa: E402  (benchmarks/common.py)
-
-from torch.utils import flop_counter  # noqa: E402
-
-from models.diffusion import noise_schedule, training_loss  # noqa: E402
-from models.unet import PRESETS, build_unet  # noqa: E402
-from trainer.core.flops import unet_train_flops_per_sample  # noqa: E402
+from models.unet import PRESETS, build_unet
+from trainer.core import dist
+from trainer.core.flops import unet_train_flops_per_sample
+from trainer.unet.job import UNetJob
 
 FACTOR, LATENT_CHANNELS, PIXEL_CHANNELS = 8, 4, 3
 # preset -> (context tokens, width): the tiny text tower for the CPU presets, CLIP/OpenCLIP for SD.
@@ -90,47 +69,6 @@ def flops_pair(preset: str, resolution: int) -> dict:
             "latent_attention_share": lat_att}
 
 
-class Stepper:
-    """One space's model, optimizer and in-memory batch; `window()` times steps for >= seconds."""
-
-    def __init__(self, preset: str, channels: int, side: int, batch: int, seed: int):
-        ctx = CONTEXT[preset]
-        self.unet = build_unet(preset, channels, side, ctx[1], seed=seed)
-        self.unet.train()
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, weight_decay=0.01)
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn((batch, channels, side, side), generator=g)
-        self.context = torch.randn((batch, *ctx), generator=g)
-        self.schedule = noise_schedule("epsilon")
-        self.batch, self.i = batch, 0
-
-    def step(self) -> float:
-        gen = torch.Generator().manual_seed(self.i)
-        self.i += 1
-        loss = training_loss(self.unet, self.x, self.context, self.schedule, gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    def window(self, seconds: float) -> tuple[float, float, float | None]:
-        """(seconds per image, CPU seconds per image, cores the rest of the machine used)."""
-        n, m0, c0, t0 = 0, machine_busy_seconds(), time.process_time(), time.perf_counter()
-        while n < 1 or time.perf_counter() - t0 < seconds:
-            self.step()
-            n += 1
-        wall, cpu, m1 = time.perf_counter() - t0, time.process_time() - c0, machine_busy_seconds()
-        other = None if m0 is None or m1 is None else max(0.0, (m1 - m0 - cpu) / wall)
-        return wall / (n * self.batch), cpu / (n * self.batch), other
-
-
-def _stats(values: list[float]) -> dict:
-    med = statistics.median(values)
-    return {"median": med, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / med if med else 0.0, "values": values}
-
-
 def _resolutions(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -166,8 +104,7 @@ def main() -> None:
         p.error(f"--flop-presets: unknown {bad[0]!r}; choose from {', '.join(CONTEXT)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = datetime.datetime.now().astimezone()
-    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start = started()
     side = args.resolution // FACTOR
 
     # --- (a) FLOPs, counted on shape-only models -----------------------------------------------
@@ -177,31 +114,31 @@ def main() -> None:
     count_s = time.perf_counter() - t0
 
     # --- (b) step time per image, alternating --------------------------------------------------
-    spaces = {"pixel": Stepper(args.preset, PIXEL_CHANNELS, args.resolution, args.pixel_batch, seed=0),
-              "latent": Stepper(args.preset, LATENT_CHANNELS, side, args.latent_batch, seed=0)}
+    dist.init()
+    ctx = CONTEXT[args.preset]
+    spaces = {name: Stepper(UNetJob(model=args.preset, batch_per_rank=batch, precision="fp32", lr=1e-4, seed=0),
+                            (channels, s, s), ctx)  # the "moments" are the pixels or latents, with a small std
+              for name, channels, s, batch in (("pixel", PIXEL_CHANNELS, args.resolution, args.pixel_batch),
+                                               ("latent", LATENT_CHANNELS, side, args.latent_batch))}
     for s in spaces.values():
         s.step()  # warm-up: allocator, kernel selection
     per_image, cpu_per_image, other = ({k: [] for k in spaces} for _ in range(3))
     for r in range(args.repeats):
         for name in (list(spaces) if r % 2 == 0 else list(spaces)[::-1]):
-            wall, cpu, busy = spaces[name].window(args.seconds)
-            per_image[name].append(wall * 1e3)
-            cpu_per_image[name].append(cpu * 1e3)
-            if busy is not None:
-                other[name].append(busy)
+            n, cpu = spaces[name].window(args.seconds)
+            images = n * spaces[name].batch
+            per_image[name].append(cpu.wall / images * 1e3)
+            cpu_per_image[name].append(cpu.own / images * 1e3)
+            if cpu.other is not None:
+                other[name].append(cpu.other)
     ratios = [a / b for a, b in zip(per_image["pixel"], per_image["latent"])]
     cpu_ratios = [a / b for a, b in zip(cpu_per_image["pixel"], cpu_per_image["latent"])]
     measured = next(f for f in flops if f["preset"] == args.preset and f["resolution"] == args.resolution)
 
     # --- report ---------------------------------------------------------------------------------
-    params = sum(q.numel() for q in spaces["latent"].unet.parameters())
-    print("Pixel space versus f=8 latent space, same UNet (benchmarks/pixel_vs_latent.py)")
-    print(f"date:     {started.isoformat(timespec='seconds')}")
-    print(f"machine:  {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}")
-    print(f"software: python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch "
-          f"threads, fp32")
-    if load0 is not None:
-        print(f"load avg: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (1/5/15 min, before the run)")
+    params = spaces["latent"].params
+    header("Pixel space versus f=8 latent space, same UNet (benchmarks/pixel_vs_latent.py)", start,
+           software=f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, fp32")
     print(f"numbers per image: pixels {PIXEL_CHANNELS}xHxW over latents {LATENT_CHANNELS}x(H/8)x(W/8) = "
           f"{numbers_ratio(512):.0f}x at every resolution (512x512x3 / 64x64x4 = 48: the claim)", end="\n\n")
     print(f"(a) training FLOPs per image (forward + backward), counted on meta-device models in {count_s:.1f}s")
@@ -223,14 +160,14 @@ def main() -> None:
               "latent": f"latent {LATENT_CHANNELS}x{side}x{side}"}
     rows = {}
     for name, s in spaces.items():
-        st = _stats(per_image[name])
-        rows[name] = {"batch": s.batch, "ms_per_image": st, "cpu_ms_per_image": _stats(cpu_per_image[name]),
+        st = stats(per_image[name])
+        rows[name] = {"batch": s.batch, "ms_per_image": st, "cpu_ms_per_image": stats(cpu_per_image[name]),
                       "other_cores_max": max(other[name]) if other[name] else None}
         rng = f"{st['min']:.2f}-{st['max']:.2f}"
         busy = "n/a" if not other[name] else f"{max(other[name]):.2f}"
         print(f"{labels[name]:<28} {s.batch:>5} {st['median']:>9.2f} {rng:>17} {st['spread'] * 100:>6.1f}% "
               f"{statistics.median(cpu_per_image[name]):>13.2f} {busy:>6}")
-    ratio, cpu_ratio = _stats(ratios), _stats(cpu_ratios)
+    ratio, cpu_ratio = stats(ratios), stats(cpu_ratios)
     print(f"(ms/image: median over the windows; CPU ms: this process's CPU time; other: cores the rest of the "
           f"machine used, highest window)", end="\n\n")
     print(f"ratio pixel / latent at {args.resolution}px vs {side}px:  step time per image {ratio['median']:.1f}x "
@@ -249,14 +186,9 @@ def main() -> None:
         print(f"note: noisy (spread {ratio['spread'] * 100:.0f}% of the per-repeat ratios, other processes up to "
               f"{busiest:.1f} cores): the CPU-time ratio is the steadier figure")
 
-    if args.json:
-        write_json(args.json, {"benchmark": "pixel_vs_latent", "date": started.isoformat(timespec="seconds"),
-                               "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-                                           "torch_threads": torch.get_num_threads()},
-                               "settings": vars(args), "params": params, "flops": flops, "steps": rows,
-                               "ratio_time": ratio, "ratio_cpu_time": cpu_ratio, "ratio_flops": measured["ratio"],
-                               "numbers_ratio": numbers_ratio(args.resolution)})
-        print(f"figures written to {args.json}")
+    write_json(args.json, "pixel_vs_latent", start, {
+        "settings": vars(args), "params": params, "flops": flops, "steps": rows, "ratio_time": ratio,
+        "ratio_cpu_time": cpu_ratio, "ratio_flops": measured["ratio"], "numbers_ratio": numbers_ratio(args.resolution)})
 
 
 if __name__ == "__main__":

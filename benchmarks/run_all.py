@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib.metadata
 import json
 import os
 import platform
-import resource
-import signal
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.join(ROOT, "benchmarks")
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+from common import ROOT, CpuWindow, cpu_model, run_group, started, usable_cpus  # benchmarks/common.py
+from summaries import ITEM_OF, SUMMARIZERS, Target
 
-from common import cpu_model, machine_busy_seconds  # noqa: E402  (benchmarks/common.py)
-from summaries import ITEM_OF, SUMMARIZERS, Target  # noqa: E402
+HERE = os.path.join(ROOT, "benchmarks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +83,6 @@ def _cuda_available() -> bool:
     return out.stdout.strip() == "True"
 
 
-def run_group(cmd: list[str], timeout_s: int, **kwargs) -> tuple[int, str, str]:
-    """(status, stdout, stderr) of `cmd` in its own process group; past the timeout the whole group is
-    killed (a benchmark's DataLoader workers and DeepSpeed ranks included) and the status is -1."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        return -1, out, f"{err}\ntimed out after {timeout_s}s (--timeout)"
-
-
 def child_env() -> dict[str, str]:
     """The benchmarks' environment. DeepSpeed JIT-builds its CPU comm op into ~/.cache/torch_extensions,
     which every virtualenv of this user shares: another environment's build there makes the next
@@ -129,6 +109,7 @@ def run_one(b: Bench, argv: list[str], json_dir: str, timeout_s: int) -> dict:
     cmd = [sys.executable, os.path.join("benchmarks", b.script), *argv] + (["--json", json_path] if b.json else [])
     t0 = time.perf_counter()
     rc, out, err = run_group(cmd, timeout_s, cwd=ROOT, env=child_env())
+    rc = -1 if rc is None else rc  # timed out
     seconds = time.perf_counter() - t0
     with open(log_path, "w") as f:
         f.write(f"$ {' '.join(cmd)}\n{out}\n{err}")
@@ -182,8 +163,6 @@ def _memory_gb() -> float | None:
 def write_results(path: str, profile: str, results: dict[str, dict], skipped: dict[str, str], started, wall_s: float,
                   load0, other_cores: float | None, prebuild: str = "") -> list[Target]:
     versions = _versions()
-    ncpu = os.cpu_count()
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else ncpu
     mem = _memory_gb()
     sections, targets = [], []
     for b in BENCHES:
@@ -234,7 +213,7 @@ def write_results(path: str, profile: str, results: dict[str, dict], skipped: di
         "",
         "## Machine and software",
         "",
-        f"- machine: {cpu_model()}, {ncpu} logical CPUs ({avail} usable)"
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs ({usable_cpus()} usable)"
         + (f", {mem:.1f} GB memory" if mem else "") + f"; {platform.system()} {platform.release()} {platform.machine()}",
         f"- load average before the run: {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} (1 / 5 / 15 min)"
         if load0 else "- load average: n/a",
@@ -278,32 +257,28 @@ def main() -> None:
     os.makedirs(args.json_dir, exist_ok=True)
     profile = "quick" if args.quick else "bench"
 
-    started = datetime.datetime.now().astimezone()
-    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    m0, t0 = machine_busy_seconds(), time.perf_counter()
-    cuda = _cuda_available()
-    prebuild = ""
-    if any(b.deepspeed and (not only or b.name in only) and (cuda or not b.cuda) for b in BENCHES):
-        prebuild = prebuild_deepspeed_ops(args.timeout)
-        print(f"[{time.perf_counter() - t0:6.0f}s] {prebuild}", flush=True)
-    results, skipped = {}, {}
-    for b in BENCHES:
-        if only and b.name not in only:
-            continue
-        if b.cuda and not cuda:
-            skipped[b.name] = f"none visible, benchmarks/{b.script} not run (it needs CUDA)"
-            continue
-        print(f"[{time.perf_counter() - t0:6.0f}s] {b.title}: {b.script} ...", flush=True)
-        r = run_one(b, b.quick if args.quick else b.bench, args.json_dir, args.timeout)
-        results[b.name] = r
-        print(f"[{time.perf_counter() - t0:6.0f}s]   {'done' if r['rc'] == 0 else 'FAILED'} in {r['seconds']:.0f}s "
-              f"(log: {r['log']})", flush=True)
-    wall = time.perf_counter() - t0
-    m1 = machine_busy_seconds()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = children.ru_utime + children.ru_stime + time.process_time()
-    other = None if m0 is None or m1 is None else max(0.0, (m1 - m0 - own) / wall)
-    targets = write_results(args.out, profile, results, skipped, started, wall, load0, other, prebuild)
+    started_at, load0 = started()
+    with CpuWindow() as window:  # and the CPU other processes used over the whole run
+        t0 = window.t0
+        cuda = _cuda_available()
+        prebuild = ""
+        if any(b.deepspeed and (not only or b.name in only) and (cuda or not b.cuda) for b in BENCHES):
+            prebuild = prebuild_deepspeed_ops(args.timeout)
+            print(f"[{time.perf_counter() - t0:6.0f}s] {prebuild}", flush=True)
+        results, skipped = {}, {}
+        for b in BENCHES:
+            if only and b.name not in only:
+                continue
+            if b.cuda and not cuda:
+                skipped[b.name] = f"none visible, benchmarks/{b.script} not run (it needs CUDA)"
+                continue
+            print(f"[{time.perf_counter() - t0:6.0f}s] {b.title}: {b.script} ...", flush=True)
+            r = run_one(b, b.quick if args.quick else b.bench, args.json_dir, args.timeout)
+            results[b.name] = r
+            print(f"[{time.perf_counter() - t0:6.0f}s]   {'done' if r['rc'] == 0 else 'FAILED'} in {r['seconds']:.0f}s "
+                  f"(log: {r['log']})", flush=True)
+    wall = window.wall
+    targets = write_results(args.out, profile, results, skipped, started_at, wall, load0, window.other, prebuild)
     print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {wall / 60:.1f} min")
     width = max((len(t.item) for t in targets), default=0)
     for t in targets:

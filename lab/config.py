@@ -4,8 +4,9 @@ The lab runs the project's own jobs (train_autoencoder, cache_latents, train_une
 configs derived here: the three first stages from their base YAMLs under
 configs/autoencoder/ with the lab's shared settings on top, so that they differ only in
 objective and model kind; the four UNets from one set of settings, so that they differ
-only in the space they denoise. Each sub-config goes through `load_config`, so a bad
-`overrides` entry is the same one-line error it would be on that job's command line.
+only in the space they denoise. Each sub-config is built as its dataclass (the lab's values
+set on the fields directly), then goes through `load_config` with the user's `overrides`,
+so a bad entry is the same one-line error it would be on that job's command line.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import os
 
 from data_pipeline import synthetic
 
-from trainer.core import config as config_lib
+from lab.sample_quality import check_clip_spec
 from trainer.autoencoder.job import AutoencoderJob
 from trainer.cache.job import CacheJob
-from lab.sample_quality import check_clip_spec
+from trainer.core import config as config_lib
+from trainer.core.data import ImageData
 from trainer.unet.job import UNetJob
 
 FIRST_STAGES = ("kl_plain", "kl_gan", "vq_gan")  # trained first stages, by objective
@@ -197,30 +199,40 @@ def stage_dir(cfg: LabJob, *parts: str) -> str:
     return os.path.join(cfg.run_dir, *parts)
 
 
-def _sub_config(cls, section: str, path: str | None, sets: list[str], extra: list[str]):
-    """`cls` from the YAML at `path`, the lab's settings `sets`, then the user's `extra`;
-    an error names the lab section it came from."""
+def _sub_config(cls, section: str, job, extra: list[str]):
+    """`job`, built from the lab's settings, with the user's `key=value` list `extra` on top,
+    typed and validated as that job's command line would be; an error names the lab section
+    it came from."""
     try:
-        return config_lib.load_config(cls, path, sets + list(extra))
+        return config_lib.load_config(cls, None, list(extra), base=job)
     except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"{section}: {e}") from None
 
 
+def _with_endpoint(data, endpoint_url: str | None):
+    """The data section reading from the lab's endpoint, where it names one."""
+    return dataclasses.replace(data, endpoint_url=endpoint_url) if endpoint_url else data
+
+
 def autoencoder_job(cfg: LabJob, name: str, train_urls: str) -> AutoencoderJob:
-    """The AutoencoderJob of first stage `name` (an objective), trained on `train_urls`."""
+    """The AutoencoderJob of first stage `name` (an objective), trained on `train_urls`: its
+    base YAML, the lab's shared settings, then autoencoder.overrides."""
     a, d = cfg.autoencoder, cfg.data
-    sets = [f"run_dir={stage_dir(cfg, 'autoencoders', name)}", f"data.urls={train_urls}",
-            f"data.resolution={d.resolution}", f"data.num_workers={d.num_workers}",
-            f"preset={a.vq_preset if name == 'vq_gan' else a.kl_preset}", f"latent_channels={a.latent_channels}",
-            f"batch_per_rank={a.batch_size}", f"total_samples={a.total_samples}",
-            f"warmup_samples={a.warmup_samples}", f"disc_start_samples={a.disc_start_samples}",
-            f"lpips_net={a.lpips_net}", f"lpips_weights={a.lpips_weights}", f"log_every_samples={a.log_every_samples}",
-            f"checkpoint_every_samples={a.checkpoint_every_samples}", f"seed={cfg.seed}", "wandb=disabled"]
-    if d.endpoint_url:
-        sets.append(f"data.endpoint_url={d.endpoint_url}")
     key = f"autoencoder.{name}_config"
-    job = _sub_config(AutoencoderJob, f"{key} + autoencoder.overrides", getattr(a, f"{name}_config"), sets,
-                      a.overrides)
+    section = f"{key} + autoencoder.overrides"
+    try:  # validated below, once the lab's settings complete it
+        base = config_lib.load_config(AutoencoderJob, getattr(a, f"{name}_config"), validate=False)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{section}: {e}") from None
+    data = dataclasses.replace(base.data, urls=train_urls, resolution=d.resolution, num_workers=d.num_workers)
+    job = dataclasses.replace(
+        base, run_dir=stage_dir(cfg, "autoencoders", name), data=_with_endpoint(data, d.endpoint_url),
+        preset=a.vq_preset if name == "vq_gan" else a.kl_preset, latent_channels=a.latent_channels,
+        batch_per_rank=a.batch_size, total_samples=a.total_samples, warmup_samples=a.warmup_samples,
+        disc_start_samples=a.disc_start_samples, lpips_net=a.lpips_net, lpips_weights=a.lpips_weights,
+        log_every_samples=a.log_every_samples, checkpoint_every_samples=a.checkpoint_every_samples, seed=cfg.seed,
+        wandb="disabled")
+    job = _sub_config(AutoencoderJob, section, job, a.overrides)
     if job.objective != name:
         raise config_lib.ConfigError(f"{key}: its objective is {job.objective}, the lab needs {name}")
     return job
@@ -229,24 +241,22 @@ def autoencoder_job(cfg: LabJob, name: str, train_urls: str) -> AutoencoderJob:
 def cache_job(cfg: LabJob, vae: str, space: str) -> CacheJob:
     """The CacheJob that encodes the training images with `vae` into the cache of `space`."""
     d, c = cfg.data, cfg.cache
-    sets = [f"data.urls={train_urls(cfg)}", f"data.resolution={d.resolution}", f"data.num_workers={d.num_workers}",
-            f"out_url={stage_dir(cfg, 'latents', space)}", f"vae={vae}", f"text_encoder={c.text_encoder}",
-            f"batch_size={c.batch_size}", f"precision={c.precision}"]
-    if d.endpoint_url:
-        sets.append(f"data.endpoint_url={d.endpoint_url}")
-    return _sub_config(CacheJob, "cache", None, sets, [])
+    data = ImageData(urls=train_urls(cfg), resolution=d.resolution, num_workers=d.num_workers)
+    job = CacheJob(data=_with_endpoint(data, d.endpoint_url), out_url=stage_dir(cfg, "latents", space), vae=vae,
+                   text_encoder=c.text_encoder, batch_size=c.batch_size, precision=c.precision)
+    return _sub_config(CacheJob, "cache", job, [])
 
 
 def unet_job(cfg: LabJob, space: str, cache_url: str) -> UNetJob:
     """The UNetJob of `space`: the same settings in every space, only the cache differs."""
-    u = cfg.unet
-    sets = [f"run_dir={stage_dir(cfg, 'unets', space)}", f"data.urls={cache_url}",
-            f"data.num_workers={cfg.data.num_workers}", f"model={u.model}", f"batch_per_rank={u.batch_size}",
-            f"total_samples={u.total_samples}", f"lr={u.lr}", f"warmup_samples={u.warmup_samples}",
-            f"ema_halflife_samples={u.ema_halflife_samples}", f"zero_stage={u.zero_stage}",
-            f"log_every_samples={u.log_every_samples}", f"checkpoint_every_samples={u.checkpoint_every_samples}",
-            f"seed={cfg.seed}", "wandb=disabled"]
-    return _sub_config(UNetJob, "unet.overrides", None, sets, u.overrides)
+    u, defaults = cfg.unet, UNetJob()
+    job = dataclasses.replace(
+        defaults, run_dir=stage_dir(cfg, "unets", space),
+        data=dataclasses.replace(defaults.data, urls=cache_url, num_workers=cfg.data.num_workers), model=u.model,
+        batch_per_rank=u.batch_size, total_samples=u.total_samples, lr=u.lr, warmup_samples=u.warmup_samples,
+        ema_halflife_samples=u.ema_halflife_samples, zero_stage=u.zero_stage, log_every_samples=u.log_every_samples,
+        checkpoint_every_samples=u.checkpoint_every_samples, seed=cfg.seed, wandb="disabled")
+    return _sub_config(UNetJob, "unet.overrides", job, u.overrides)
 
 
 def train_urls(cfg: LabJob) -> str:

@@ -28,24 +28,34 @@ import torch
 
 from data_pipeline import shards, synthetic
 from data_pipeline.images import to_tensor
-from data_pipeline.latents import read_manifest
 from models.autoencoder import IDENTITY
 from models.caption_classifier import load_classifier
 from models.unet import build_unet
 
-from trainer.core import config as config_lib
-from trainer.core.errors import TrainingError
-from trainer.core import dist
 from lab.ae_eval import ImageBatches, run_evaluation
+from lab.caption_classifier import SyntheticSet, caption_accuracy, train_classifier
+from lab.config import (
+    FIRST_STAGES,
+    PIXELS,
+    SPACES,
+    LabJob,
+    autoencoder_job,
+    cache_job,
+    heldout_urls,
+    stage_dir,
+    train_urls,
+    unet_job,
+)
+from lab.report import write_lab_report
+from lab.sample_quality import SampleQuality, check_clip_spec
 from trainer.autoencoder.train import train_autoencoder
 from trainer.cache.job import cache_latents
-from lab.caption_classifier import SyntheticSet, caption_accuracy, train_classifier
+from trainer.cache.manifest import Manifest
+from trainer.core import config as config_lib
+from trainer.core import dist
+from trainer.core.errors import TrainingError
 from trainer.core.flops import unet_train_flops_per_sample
-from lab.config import (FIRST_STAGES, PIXELS, SPACES, LabJob, autoencoder_job, cache_job, heldout_urls, stage_dir,
-                        train_urls, unet_job)
-from lab.report import write_lab_report
 from trainer.core.metrics import read_log
-from lab.sample_quality import SampleQuality, check_clip_spec
 from trainer.unet.sampling import load_run, sample_rows, save_grid
 from trainer.unet.train import train_unet
 
@@ -98,7 +108,7 @@ def first_stage(cfg: LabJob, name: str) -> dict:
     if not os.path.exists(os.path.join(export, EXPORT_WEIGHTS)):
         if train_autoencoder(job) != export:  # stop_after_samples in the overrides ended it early
             raise TrainingError(f"autoencoder {name} stopped before the end (stop_after_samples); "
-                                           "rerun the same command to continue")
+                                "rerun the same command to continue")
     with open(os.path.join(export, "config.json")) as f:
         scaling = json.load(f)["scaling_factor"]
     return {"vae": export, "trained": True, "run": job.run_dir, "scaling_factor": scaling}
@@ -121,10 +131,10 @@ def reconstruction(cfg: LabJob, vaes: dict[str, str]) -> dict:
 def cache_space(cfg: LabJob, space: str, vae: str) -> dict:
     job = cache_job(cfg, vae, space)
     cache_latents(job)
-    manifest = read_manifest(job.out_url)
-    return {"cache": job.out_url, "vae": vae, "latent_shape": manifest["latent_shape"],
-            "text_emb_shape": manifest["text_emb_shape"], "scaling_factor": manifest["vae"]["scaling_factor"],
-            "samples": manifest["num_samples"]}
+    manifest = Manifest.read(job.out_url, job.out_endpoint_url)
+    return {"cache": job.out_url, "vae": vae, "latent_shape": list(manifest.latent_shape),
+            "text_emb_shape": list(manifest.text_emb_shape), "scaling_factor": manifest.vae.scaling_factor,
+            "samples": manifest.num_samples}
 
 
 def train_space(cfg: LabJob, space: str, cache: dict) -> dict:

@@ -17,7 +17,7 @@ import sys
 
 from data_pipeline.storage import DataError
 from trainer.core.config import ConfigError, one_line
-from trainer.slurm import JOBS, Resources, submit
+from trainer.slurm import JOBS, Resources, SubmitError, submit
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     os.dup2(2, 1)
     try:
         job_id, script = submit(args.job, args.config, args.overrides, res, dry_run=args.dry_run)
-    except (ConfigError, DataError, OSError) as e:
+    except (ConfigError, DataError, SubmitError, OSError) as e:
         sys.exit(f"error: {one_line(e)}")
     finally:
         sys.stdout.flush()

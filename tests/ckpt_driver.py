@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from trainer.core import checkpoint, dist  # noqa: E402
+from trainer.core.checkpoint_deepspeed import EnginePart  # noqa: E402
 from trainer.core.engine import build_engine, deepspeed_config  # noqa: E402
 
 GLOBAL_BATCH, DIM = 8, 16
@@ -42,9 +43,9 @@ def run(a: argparse.Namespace, w: dist.World, zero: int, root: str, log) -> None
     step = 0
     if a.resume or a.resume_from:
         path = a.resume_from or checkpoint.latest(root, a.endpoint_url)
-        state = checkpoint.load(engine, path, universal=a.universal, endpoint_url=a.endpoint_url,
-                                local_dir=a.local_dir)
-        step = state["step"]
+        part = EnginePart(engine, universal=a.universal)
+        checkpoint.load(path, [part], endpoint_url=a.endpoint_url, local_dir=a.local_dir)
+        step = part.state["step"]
         if w.is_main:
             print(f"resumed from {path} at step {step}", flush=True)
     while step < a.steps:
@@ -62,8 +63,8 @@ def run(a: argparse.Namespace, w: dist.World, zero: int, root: str, log) -> None
                 def crash(*_args, **_kwargs):
                     os._exit(3)
                 checkpoint.mark_complete = crash  # rank 0 writes the marker; the others die at the barrier
-            checkpoint.save(engine, root, step * GLOBAL_BATCH, {"step": step}, keep_last=a.keep_last, endpoint_url=a.endpoint_url,
-                            local_dir=a.local_dir)
+            checkpoint.save(root, step * GLOBAL_BATCH, [EnginePart(engine, {"step": step})], keep_last=a.keep_last,
+                            endpoint_url=a.endpoint_url, local_dir=a.local_dir)
 
 
 def main() -> None:

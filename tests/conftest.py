@@ -127,3 +127,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-process group for in-process DeepSpeed engines, kept for the whole session:
+    DeepSpeed caches its groups, so a group destroyed and made again leaves it holding dead
+    ones. dist.init() run alone leaves no rendezvous variables behind for subprocesses."""
+    from trainer.core import dist
+
+    dist.init()
+    yield

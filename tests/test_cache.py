@@ -13,18 +13,18 @@ from data_pipeline.shards import iter_samples
 from data_pipeline.storage import expand_shards
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.text_encoder import load_text_encoder
-from data_pipeline.latents import read_manifest
+from trainer.cache.manifest import Manifest
 from trainer.cache.job import CacheJob, cache_latents
 from trainer.core.data import ImageData
 
 
 def test_cached_moments_and_embeddings_equal_direct_encoder_calls(tiny_shards, tiny_cache):
-    manifest = read_manifest(tiny_cache)
-    assert manifest["num_samples"] == 96 and [s["count"] for s in manifest["shards"]] == [16] * 6
-    assert manifest["latent_shape"] == [4, 4, 4] and manifest["text_emb_shape"] == [32, 64]
+    manifest = Manifest.read(tiny_cache)
+    assert manifest.num_samples == 96 and [s.count for s in manifest.shards] == [16] * 6
+    assert manifest.latent_shape == (4, 4, 4) and manifest.text_emb_shape == (32, 64)
     vae, te = load_autoencoder("preset:tiny"), load_text_encoder("tiny")
-    assert manifest["vae"]["identity"] == autoencoder_identity(vae)
-    assert manifest["text_encoder"]["identity"] == te.identity()
+    assert manifest.vae.identity == autoencoder_identity(vae)
+    assert manifest.text_encoder.identity == te.identity()
 
     source = {s["__key__"]: s for url in expand_shards(tiny_shards) for s in iter_samples(url)}
     cached = [s for url in expand_shards(tiny_cache) for s in iter_samples(url)]
@@ -46,11 +46,10 @@ def test_two_ranks_write_the_same_cache_as_one(tiny_shards, tiny_cache, tmp_path
     run_cmd([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              "launch/cache_latents.py", f"data.urls={tiny_shards}", "data.resolution=16", f"out_url={out}",
              "vae=preset:tiny", "text_encoder=tiny", "batch_size=16"])
-    one, two = read_manifest(tiny_cache), read_manifest(str(out))
-    assert [(s["shard"], s["count"], s["sha256"]) for s in one["shards"]] == \
-           [(s["shard"], s["count"], s["sha256"]) for s in two["shards"]]
-    for s in one["shards"]:
-        assert (out / s["shard"]).read_bytes() == open(os.path.join(tiny_cache, s["shard"]), "rb").read()
+    one, two = Manifest.read(tiny_cache), Manifest.read(str(out))
+    assert [(s.shard, s.count, s.sha256) for s in one.shards] == [(s.shard, s.count, s.sha256) for s in two.shards]
+    for s in one.shards:
+        assert (out / s.shard).read_bytes() == open(os.path.join(tiny_cache, s.shard), "rb").read()
 
 
 def test_rerun_skips_finished_shards_and_redoes_missing_ones(tiny_shards, tmp_path):
@@ -78,8 +77,8 @@ def test_cache_from_s3_to_s3(tiny_shards, s3_bucket):
                                   resolution=16),
                    out_url=f"{bucket}/latents", out_endpoint_url=endpoint, vae="preset:tiny", batch_size=16)
     cache_latents(cfg)
-    manifest = read_manifest(f"{bucket}/latents", endpoint)
-    assert manifest["num_samples"] == 32
+    manifest = Manifest.read(f"{bucket}/latents", endpoint)
+    assert manifest.num_samples == 32
     keys = [s["__key__"] for s in iter_samples(f"{bucket}/latents/shapes-000001.tar", endpoint)]
     assert keys == [f"{i:08d}" for i in range(16, 32)]
 
@@ -88,11 +87,11 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
     from data_pipeline.storage import DataError
 
     with pytest.raises(DataError, match="manifest.json does not exist"):
-        read_manifest(str(tmp_path))
+        Manifest.read(str(tmp_path))
 
 
 def test_manifest_has_per_channel_statistics_of_the_cached_latents(tiny_cache):
-    manifest = read_manifest(tiny_cache)
+    manifest = Manifest.read(tiny_cache)
     means, stds = [], []
     for url in expand_shards(tiny_cache):
         for s in iter_samples(url):
@@ -102,16 +101,16 @@ def test_manifest_has_per_channel_statistics_of_the_cached_latents(tiny_cache):
     m, sd = torch.stack(means), torch.stack(stds)
     z_mean = m.mean(dim=(0, 2, 3))
     z_var = (m * m + sd * sd).mean(dim=(0, 2, 3)) - z_mean ** 2
-    stats = manifest["latent_channel_stats"]
-    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), z_mean, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(stats["std"], dtype=torch.float64), z_var.sqrt(), atol=1e-4, rtol=1e-4)
+    stats = manifest.latent_channel_stats
+    torch.testing.assert_close(torch.tensor(stats.mean, dtype=torch.float64), z_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(stats.std, dtype=torch.float64), z_var.sqrt(), atol=1e-4, rtol=1e-4)
 
 
 def test_flip_caches_the_mirrored_images_moments(tiny_shards, tmp_path):
     cfg = CacheJob(data=ImageData(urls=tiny_shards, resolution=16, num_workers=0), out_url=str(tmp_path / "c"),
                    vae="preset:tiny", batch_size=16, flip=True)
     cache_latents(cfg)
-    assert read_manifest(str(tmp_path / "c"))["flip"] is True
+    assert Manifest.read(str(tmp_path / "c")).flip is True
     vae = load_autoencoder("preset:tiny")
     source = {s["__key__"]: s for s in iter_samples(expand_shards(tiny_shards)[0])}
     for s in list(iter_samples(str(tmp_path / "c" / "shapes-000000.tar")))[:4]:
@@ -179,16 +178,16 @@ def test_a_changed_byte_in_a_cached_shard_is_refused(tiny_cache, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_cache, copy)
-    manifest = read_manifest(str(copy))
-    shard = copy / manifest["shards"][1]["shard"]
+    manifest = Manifest.read(str(copy))
+    shard = copy / manifest.shards[1].shard
     data = bytearray(shard.read_bytes())
     data[3000] ^= 0x01  # inside a sample's payload: the tar still parses
     shard.write_bytes(bytes(data))
-    samples = iter_samples(str(shard), sha256=manifest["shards"][1]["sha256"])
+    samples = iter_samples(str(shard), sha256=manifest.shards[1].sha256)
     with pytest.raises(DataError, match=f"shard {shard} is corrupted: its sha256 is"):
         list(samples)
-    intact = copy / manifest["shards"][0]["shard"]
-    assert len(list(iter_samples(str(intact), sha256=manifest["shards"][0]["sha256"]))) == 16
+    intact = copy / manifest.shards[0].shard
+    assert len(list(iter_samples(str(intact), sha256=manifest.shards[0].sha256))) == 16
 
 
 class _HalfOverflowVAE(torch.nn.Module):
@@ -233,8 +232,8 @@ def test_token_cache_trains_like_an_embedding_cache(tiny_shards, tiny_cache, tmp
     tokens = tmp_path / "tokens"
     cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16), out_url=str(tokens), vae="preset:tiny",
                            batch_size=16, text="tokens"))
-    manifest = read_manifest(str(tokens))
-    assert manifest["text"] == "tokens"
+    manifest = Manifest.read(str(tokens))
+    assert manifest.text == "tokens"
     te = load_text_encoder("tiny")
     sample = next(iter_samples(str(tokens / "shapes-000000.tar")))
     t = st_load(sample["safetensors"])
@@ -265,10 +264,9 @@ def test_two_ranks_over_s3_write_the_same_cache_as_one(tiny_shards, tiny_cache, 
              "data.resolution=16", f"out_url={bucket}/latents", f"out_endpoint_url={endpoint}", "vae=preset:tiny",
              "text_encoder=tiny", "batch_size=16"])
     fs.invalidate_cache()
-    two = read_manifest(f"{bucket}/latents", endpoint)
-    one = read_manifest(tiny_cache)
-    assert [(s["shard"], s["count"], s["sha256"]) for s in two["shards"]] == \
-           [(s["shard"], s["count"], s["sha256"]) for s in one["shards"]]
+    two = Manifest.read(f"{bucket}/latents", endpoint)
+    one = Manifest.read(tiny_cache)
+    assert [(s.shard, s.count, s.sha256) for s in two.shards] == [(s.shard, s.count, s.sha256) for s in one.shards]
     assert fs.cat_file(f"{bucket[5:]}/latents/shapes-000003.tar") == \
         open(os.path.join(tiny_cache, "shapes-000003.tar"), "rb").read()
 
@@ -284,9 +282,9 @@ def test_a_stable_diffusion_vae_folder_works_as_the_frozen_vae(tmp_path):
              "--resolution", "64"])
     cache_latents(CacheJob(data=ImageData(urls=str(shards), resolution=64, num_workers=0),
                            out_url=str(tmp_path / "c"), vae=str(tmp_path / "sd-vae"), batch_size=8))
-    manifest = read_manifest(str(tmp_path / "c"))
-    assert manifest["latent_shape"] == [4, 8, 8] and manifest["num_samples"] == 8
-    assert manifest["vae"]["scaling_factor"] == 0.18215 and manifest["vae"]["downsample_factor"] == 8
+    manifest = Manifest.read(str(tmp_path / "c"))
+    assert manifest.latent_shape == (4, 8, 8) and manifest.num_samples == 8
+    assert manifest.vae.scaling_factor == 0.18215 and manifest.vae.downsample_factor == 8
 
 
 def test_undecodable_images_are_quarantined_in_the_sidecar_not_written(tmp_path):
@@ -307,6 +305,6 @@ def test_undecodable_images_are_quarantined_in_the_sidecar_not_written(tmp_path)
     sidecar = json.load(open(tmp_path / "c" / "shard-000000.tar.json"))
     assert sidecar["count"] == 5 and [q["key"] for q in sidecar["quarantined"]] == ["0002"]
     assert "cannot decode image" in sidecar["quarantined"][0]["error"]
-    assert read_manifest(str(tmp_path / "c"))["num_quarantined"] == 1
+    assert Manifest.read(str(tmp_path / "c")).num_quarantined == 1
     keys = [s["__key__"] for s in iter_samples(str(tmp_path / "c" / "shard-000000.tar"))]
     assert keys == ["0000", "0001", "0003", "0004", "0005"]

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from conftest import PY, run_cmd
-from data_pipeline.latents import FORMAT_VERSION, check_sample, decode_sample, read_cached_shard, read_manifest
+from data_pipeline.latents import FORMAT_VERSION, check_sample, decode_sample, read_cached_shard
 from data_pipeline.loader import ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
 from data_pipeline.shards import ShardWriter, iter_samples
 from data_pipeline.storage import DataError
+from trainer.cache.manifest import Manifest
 from trainer.cache.job import CacheJob, cache_latents
 from trainer.core.config import ConfigError, load_config
 from trainer.core.data import ImageData
@@ -114,7 +115,7 @@ def test_rerun_with_the_same_settings_still_skips_and_a_record_without_settings_
     shutil.copytree(small_cache, out)
     os.remove(out / "shapes-000002.tar")
     cache_latents(_job(tiny_shards, out))  # same settings: finishes the cache
-    assert read_manifest(str(out))["num_samples"] == 48
+    assert Manifest.read(str(out)).num_samples == 48
     sidecar = out / "shapes-000001.tar.json"
     entry = json.loads(sidecar.read_text())
     del entry["settings"]  # as an older version wrote it
@@ -147,7 +148,7 @@ def rotten_cache(tiny_cache, tmp_path):
     """A copy of tiny_cache with one byte flipped in one sample's tensors."""
     copy = tmp_path / "cache"
     shutil.copytree(tiny_cache, copy)
-    shard = copy / read_manifest(str(copy))["shards"][1]["shard"]
+    shard = copy / Manifest.read(str(copy)).shards[1].shard
     key = [s["__key__"] for s in iter_samples(str(shard))][5]
     _flip_in_tensor_data(shard, key)
     return copy, shard, key
@@ -173,13 +174,13 @@ def test_a_flipped_byte_quarantines_that_sample_only_and_it_is_not_trained_on(ro
     """Before: the sample was decoded and trained on, then the whole-shard sha256 stopped the
     run at the end of the shard."""
     cache, shard, key = rotten_cache
-    manifest = read_manifest(str(cache))
+    manifest = Manifest.read(str(cache))
     damaged = [s for s in iter_samples(str(shard)) if s["__key__"] == key][0]
     bad_mean = st_load(damaged["safetensors"])["mean"]
-    urls = [os.path.join(cache, s["shard"]) for s in manifest["shards"]]
+    urls = [os.path.join(cache, s.shard) for s in manifest.shards]
     quarantine = Quarantine(str(tmp_path / "quarantine.jsonl"))
-    dataset = ShardBatches(urls, decode_sample, 8, num_workers=0, counts=[s["count"] for s in manifest["shards"]],
-                           quarantine=quarantine, checksums=[s["keys_sha256"] for s in manifest["shards"]],
+    dataset = ShardBatches(urls, decode_sample, 8, num_workers=0, counts=[s.count for s in manifest.shards],
+                           quarantine=quarantine, checksums=[s.keys_sha256 for s in manifest.shards],
                            read_shard=read_cached_shard)
     batches = iter(make_loader(dataset))
     means = [next(batches)["mean"] for _ in range(dataset.batches_per_epoch())]
@@ -210,8 +211,8 @@ def _rewrite(shard, order) -> None:
 def test_a_shard_that_lost_or_reordered_samples_still_stops_the_run(damage, tiny_cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(tiny_cache, copy)
-    entry = read_manifest(str(copy))["shards"][2]
-    shard = copy / entry["shard"]
+    entry = Manifest.read(str(copy)).shards[2]
+    shard = copy / entry.shard
     if damage == "drop last sample":  # a cut at a sample boundary reads as a clean end of tar
         _rewrite(shard, lambda n: range(n - 1))
     elif damage == "swap two samples":
@@ -219,7 +220,7 @@ def test_a_shard_that_lost_or_reordered_samples_still_stops_the_run(damage, tiny
     else:
         shard.write_bytes(shard.read_bytes()[:_member_offset(shard, "00000044.safetensors") + 100])
     quarantined = []
-    samples = read_cached_shard(str(shard), on_error=lambda *a: quarantined.append(a), sha256=entry["keys_sha256"])
+    samples = read_cached_shard(str(shard), on_error=lambda *a: quarantined.append(a), sha256=entry.keys_sha256)
     with pytest.raises(DataError, match=f"shard {shard} does not hold the samples the manifest records"):
         for s in samples:
             decode_sample(s)  # every sample that is there is intact
@@ -232,4 +233,4 @@ def test_a_cache_of_the_previous_format_is_refused_with_one_line(tiny_cache, tmp
     (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION - 1}))
     with pytest.raises(DataError, match=f"has format_version {FORMAT_VERSION - 1}, this version reads "
                                         f"{FORMAT_VERSION}: rebuild the cache"):
-        read_manifest(str(copy))
+        Manifest.read(str(copy))

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import PY, free_port, run_cmd
 from trainer.core import checkpoint
+from trainer.core.checkpoint_deepspeed import CONVERTED, EnginePart, to_universal
+from trainer.core.checkpoint_trust import verify_files
 
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"
@@ -92,7 +94,7 @@ def test_zero2_on_s3_resumes_on_one_rank_through_a_universal_checkpoint(s3_run):
     assert "run/samples_000000000048/universal/CONVERTED" in keys
     assert "run/samples_000000000048/universal/zero/0.weight/exp_avg.pt" in keys
     # converted once: a second call finds it
-    assert checkpoint.to_universal(f"{root}/samples_000000000048", endpoint) == f"{root}/samples_000000000048/universal"
+    assert to_universal(f"{root}/samples_000000000048", endpoint) == f"{root}/samples_000000000048/universal"
     assert _moto_keys("ckpt-tests")["run/samples_000000000048/universal/CONVERTED"].last_modified == \
         keys["run/samples_000000000048/universal/CONVERTED"].last_modified
 
@@ -129,16 +131,16 @@ def test_zero3_and_zero0_saved_by_two_ranks_resume_on_one(tmp_path):
 
     with pytest.raises(checkpoint.CheckpointError, match=f"^checkpoint {z3} was written by 2 ranks at ZeRO-3, "
                        "this job has 1: load it with universal=True$"):
-        checkpoint.load(Engine(3), z3)
+        checkpoint.load(z3, [EnginePart(Engine(3))])
     with pytest.raises(checkpoint.CheckpointError, match="written at ZeRO-3, this engine runs ZeRO-2: resume it at "):
-        checkpoint.load(Engine(2), z3, universal=True)
+        checkpoint.load(z3, [EnginePart(Engine(2), universal=True)])
 
     run_cmd(_driver(1, "--root", tmp_path, "--zero", "3,0", "--steps", 6, "--resume", "--universal",
                     "--log", tmp_path / "b.jsonl"))
     for zero in (3, 0):
         _close(_losses(tmp_path / "a.jsonl", zero), _losses(tmp_path / "b.jsonl", zero), (5, 6), 1e-5)
-    assert os.path.exists(os.path.join(z3, "universal", checkpoint.CONVERTED))
-    assert not os.path.exists(os.path.join(z0, "universal")) and checkpoint.to_universal(z0) == z0
+    assert os.path.exists(os.path.join(z3, "universal", CONVERTED))
+    assert not os.path.exists(os.path.join(z0, "universal")) and to_universal(z0) == z0
 
     # the converted files are checked with the restricted unpickler too
     target = os.path.join(z3, "universal", "zero", "0.weight", "fp32.pt")
@@ -150,4 +152,4 @@ def test_zero3_and_zero0_saved_by_two_ranks_resume_on_one(tmp_path):
     with open(target, "wb") as f:
         pickle.dump({"param": Payload()}, f, protocol=2)
     with pytest.raises(checkpoint.CheckpointError, match=f"refusing checkpoint file {target}: it holds posix.system"):
-        checkpoint.verify_files(os.path.join(z3, "universal"), 0)
+        verify_files(os.path.join(z3, "universal"), 0)

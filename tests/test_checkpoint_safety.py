@@ -11,6 +11,7 @@ import pytest
 
 from conftest import PY, ROOT, free_port, run_cmd
 from trainer.core import checkpoint
+from trainer.core.checkpoint_deepspeed import EnginePart, to_universal
 
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"
@@ -92,7 +93,7 @@ def test_a_symlinked_folder_in_a_universal_checkpoint_is_refused_before_unpickli
     run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DRIVER, *map(str, common),
              "--steps", "2", "--save-every", "2"])
     ckpt = checkpoint.latest(str(tmp_path / "ckpt"))
-    checkpoint.to_universal(ckpt)  # converted once, as an elastic resume would
+    to_universal(ckpt)  # converted once, as an elastic resume would
     canary, evil = tmp_path / "canary", tmp_path / "elsewhere"
 
     class Payload:
@@ -121,10 +122,10 @@ def test_a_checkpoint_that_is_or_holds_a_link_is_refused(tmp_path):
     os.makedirs(linked.parent)
     os.symlink(real, linked)
     with pytest.raises(checkpoint.CheckpointError, match="is a symbolic link; checkpoints must be real folders"):
-        checkpoint.load(_Engine(0), str(linked))
+        checkpoint.load(str(linked), [EnginePart(_Engine(0))])
     os.symlink("/etc/passwd", os.path.join(real, "mp_rank_00_model_states.pt"))
     with pytest.raises(checkpoint.CheckpointError, match="mp_rank_00_model_states.pt is a symbolic link"):
-        checkpoint.load(_Engine(0), real)
+        checkpoint.load(real, [EnginePart(_Engine(0))])
     with pytest.raises(checkpoint.CheckpointError, match="is a symbolic link"):
         checkpoint.fetch(real)
 
@@ -132,7 +133,7 @@ def test_a_checkpoint_that_is_or_holds_a_link_is_refused(tmp_path):
 # --- the node-local folder --------------------------------------------------------------------------
 
 def _local_base_in_subprocess(env: dict) -> subprocess.CompletedProcess:
-    code = "from trainer import checkpoint; print(checkpoint._local_base())"
+    code = "from trainer.core import checkpoint_io; print(checkpoint_io.local_base())"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
                           text=True)
 

@@ -77,17 +77,18 @@ def test_pixel_cache_holds_the_images_and_samples_decode(lab_run):
     """cache -> train -> sample on the identity first stage: the cached "latents" are the
     training images themselves (exact to 8 bits), the UNet trained and sampled on them."""
     from data_pipeline.images import image_and_caption
-    from data_pipeline.latents import decode_sample, read_manifest
+    from data_pipeline.latents import decode_sample
     from data_pipeline.shards import iter_samples
+    from trainer.cache.manifest import Manifest
 
     run_dir, _, _ = lab_run
     cache = os.path.join(run_dir, "latents", "pixels")
-    manifest = read_manifest(cache)
-    assert manifest["vae"]["source"] == "identity" and manifest["vae"]["scaling_factor"] == 1.0
-    assert manifest["latent_shape"] == [3, 16, 16] and manifest["vae"]["downsample_factor"] == 1
-    shard = manifest["shards"][0]
-    cached = {s["__key__"]: decode_sample(s) for s in iter_samples(os.path.join(cache, shard["shard"]))}
-    images = {s["__key__"]: image_and_caption(s, 16)[0] for s in iter_samples(shard["source"])}
+    manifest = Manifest.read(cache)
+    assert manifest.vae.source == "identity" and manifest.vae.scaling_factor == 1.0
+    assert manifest.latent_shape == (3, 16, 16) and manifest.vae.downsample_factor == 1
+    shard = manifest.shards[0]
+    cached = {s["__key__"]: decode_sample(s) for s in iter_samples(os.path.join(cache, shard.shard))}
+    images = {s["__key__"]: image_and_caption(s, 16)[0] for s in iter_samples(shard.source)}
     assert cached.keys() == images.keys()
     for key, x in images.items():
         z = cached[key]["mean"].float()

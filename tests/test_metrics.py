@@ -16,6 +16,8 @@ from models.unet import build_unet
 from trainer.core.config import ConfigError
 from trainer.core.data import ShardData
 from trainer.core.metrics import WANDB_ID_FILE, RunLog, read_log
+from data_pipeline.latents import FORMAT_VERSION
+from trainer.cache.manifest import LatentStats, Manifest, TextEncoderRecord, VaeRecord
 from trainer.unet.sampling import sample_rows, save_grid
 from trainer.unet.job import UNetJob
 
@@ -137,7 +139,11 @@ def test_a_negative_prompt_takes_the_place_of_the_unconditional_caption():
     width = text_encoder.encode(["x"]).shape[-1]
     unet = build_unet("tiny", 3, 8, width, seed=0).eval()
     vae = load_autoencoder("identity")
-    manifest = {"latent_shape": [3, 8, 8], "vae": {"scaling_factor": 1.0}}
+    manifest = Manifest(format_version=FORMAT_VERSION, num_samples=0, num_quarantined=0, shards=(), resolution=8,
+                        crop="center", flip=False, latent_shape=(3, 8, 8), moments_dtype="float16",
+                        text_emb_shape=(77, width), text_emb_dtype="float16", text="embeddings",
+                        latent_channel_stats=LatentStats((), ()), vae=VaeRecord("identity", "identity", 1.0, 1),
+                        text_encoder=TextEncoderRecord("tiny", "last", text_encoder.identity()))
     cfg = UNetJob(data=ShardData(urls="unused"))
     args = dict(per_prompt=2, steps=2, seed=3)
     negative = sample_rows(unet, vae, text_encoder, manifest, cfg, ["a red circle"], guidance=0.0,

@@ -5,11 +5,16 @@ import math
 import pytest
 import torch
 
-from conftest import free_port
 from models.diffusion import noise_schedule, snr, training_loss
 from models.unet import build_unet
 from trainer.unet.job import UNetJob, make_plan
-from trainer.unet.train import lr_at, prepare_unet
+from trainer.unet.step import prepare_unet
+from trainer.core.schedule import lr_at as _lr_at
+
+
+def lr_at(step, cfg, plan):
+    """The UNet job's call: steps of its plan."""
+    return _lr_at(step, cfg.lr, plan.warmup_steps, plan.total_steps, cfg.lr_schedule, cfg.lr_final_ratio)
 
 
 class _Recorder(torch.nn.Module):
@@ -90,21 +95,6 @@ def test_speed_options_compute_the_same_thing():
         results.append((out.detach(), unet.conv_in.weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process group inside pytest, kept for the module (DeepSpeed caches its groups),
-    with the environment restored afterwards."""
-    import torch.distributed as tdist
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(free_port())).items():
-            mp.setenv(k, v)
-        yield
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

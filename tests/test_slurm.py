@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 import slurm_cluster
-from conftest import PY, run_cmd
+from conftest import PY, ROOT, run_cmd
 from trainer.core import checkpoint, dist
 from trainer.core.metrics import read_log
 
@@ -45,6 +45,19 @@ def test_rendezvous_comes_from_slurms_environment(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-10]")
     assert dist.world() == dist.World(rank=5, local_rank=1, size=8)
     assert dist.slurm_rendezvous() == ("gpu07", 20000 + 123456 % 10000)
+
+
+def test_a_process_alone_joins_a_group_without_leaving_rendezvous_variables_to_its_children():
+    """Every job calls dist.init(); run alone (a test, the lab, a login node) it must not leave
+    RANK/WORLD_SIZE/MASTER_PORT behind: a child (a test's subprocess, an sbatch job, which copies
+    the environment) would bind the port in use or take itself for rank 0 of 1."""
+    code = ("import os; from trainer.core import dist; import torch.distributed as td; w = dist.init(); "
+            "print(w.size, td.get_world_size(), sorted(k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', "
+            "'MASTER_PORT') if k in os.environ))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                             "SLURM_PROCID", "SLURM_NTASKS")}
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.split("\n")[0] == "1 1 []", out.stdout + out.stderr
 
 
 def test_the_sbatch_script(tiny_cache, tmp_path):
@@ -304,3 +317,19 @@ def test_the_autoencoder_job_is_preempted_and_resumed_the_same_way(cluster, tiny
     assert re.search(r"stopped early on SIGUSR1; checkpoint \S+/samples_\d+\n", out), out[-3000:]
     assert f"requeued SLURM job {job_id}" in out and "autoencoder exported to" in out
     assert [r["step"] for r in losses(run_dir)] == list(range(1, 101))
+
+
+def test_a_refused_submission_is_one_line_naming_sbatchs_reason(cluster, tiny_cache, tmp_path, monkeypatch):
+    """sbatch itself refusing (here: no such partition) is a SubmitError of one line, not a
+    config error: the config was fine, the cluster said no (issue 14)."""
+    from trainer import slurm
+
+    with pytest.raises(slurm.SubmitError, match="nosuchpartition|[Pp]artition"):
+        submit(cluster, monkeypatch, "unet", [f"data.urls={tiny_cache}", f"run_dir={tmp_path}/in"],
+               partition="nosuchpartition")
+    proc = run_cmd([PY, "launch/submit.py", "--job", "unet", "--partition", "nosuchpartition",
+                    f"data.urls={tiny_cache}", f"run_dir={tmp_path}/run"], env=cluster.env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert re.match(rf"error: sbatch {tmp_path}/run/\S+\.sbatch failed: .*[Pp]artition", lines[0]), lines[0]

@@ -1,7 +1,7 @@
-"""SLURM: the sbatch scripts of `launch/submit.py`, and preemption inside a running job.
+"""SLURM: writing and submitting the sbatch scripts of `launch/submit.py`.
 
-Submission. Each job becomes one batch script, written beside its outputs and submitted
-with `sbatch`; requeued, the same script starts again and the job resumes:
+Each job becomes one batch script, written beside its outputs and submitted with `sbatch`;
+requeued, the same script starts again and the job resumes:
 
 - unet: `srun` starts one task per GPU (or per `--tasks-per-node` CPU rank); each task is a
   rank whose place and rendezvous `trainer.core.dist` reads from SLURM's environment. Or, with
@@ -12,12 +12,8 @@ with `sbatch`; requeued, the same script starts again and the job resumes:
   completes the last shard writes the manifest (see trainer/cache/job.py).
 - autoencoder: one task per GPU like unet (data parallel, gradients averaged); preempted like unet.
 
-Preemption. `--signal=USR1@SECONDS` makes SLURM send SIGUSR1 to every process of the job's
-steps (not to the batch shell: that is `B:`) that long before the time limit; SIGTERM comes
-at the limit itself, on scancel and on preemption. `Preemption` turns either into a flag;
-once per step the ranks agree on it (one all-reduce), all write a checkpoint and the
-processes exit 0. After SIGUSR1 rank 0 first asks SLURM to requeue the job, and the
-requeued job starts the same script, which resumes from that checkpoint.
+The scripts ask for `--signal=USR1@SECONDS` and `--requeue`; what a running job does with the
+signal (agree, checkpoint, requeue) is trainer/core/preemption.py's.
 """
 from __future__ import annotations
 
@@ -25,7 +21,6 @@ import dataclasses
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 
@@ -78,6 +73,10 @@ def _check_sbatch_option(option: str) -> None:
     if taken:
         sets = "requeue" if taken[0] == "no-requeue" else taken[0]
         raise config_lib.ConfigError(f"--sbatch={option}: the script sets --{sets} itself ({_RESERVED[taken[0]]})")
+
+
+class SubmitError(RuntimeError):
+    """sbatch refused or could not run the script (the config itself was fine), in one line."""
 
 
 # --- submission -------------------------------------------------------------------------------------
@@ -270,10 +269,11 @@ def submit(job: str, config: str | None, overrides: list[str], res: Resources,
     try:
         proc = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True, timeout=120)
     except OSError as e:
-        raise config_lib.ConfigError(f"cannot run sbatch ({e.strerror}); the script is {path}") from None
-    # scontrol runs inside this job's step: SLURM ending the step for the requeue may kill it
-    # (SIGTERM) before it exits, which also means the requeue was accepted.
-    if proc.returncode not in (0, -signal.SIGTERM):
+        raise SubmitError(f"cannot run sbatch ({e.strerror}); the script is {path}") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"sbatch {path} did not answer within 120 s (slurmctld down or overloaded?); "
+                          "check with squeue before submitting again") from None
+    if proc.returncode != 0:
         why = (proc.stderr or proc.stdout).strip().splitlines()
-        raise config_lib.ConfigError(f"sbatch {path} failed: {why[-1] if why else proc.returncode}")
+        raise SubmitError(f"sbatch {path} failed: {why[-1] if why else f'exit status {proc.returncode}'}")
     return proc.stdout.strip().split(";")[0], path

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from models.autoencoder import is_vq_preset
 from models.discriminator import NORMS, patch_grid
 from models.perceptual import BACKBONE_FILES
 
-from trainer.core import config as config_lib
 from trainer.autoencoder.losses import OBJECTIVES
+from trainer.core import config as config_lib
 from trainer.core.data import ImageData
 
 
 @dataclasses.dataclass
 class AutoencoderJob:
     run_dir: str = "runs/autoencoder"  # checkpoints, logs, config.yaml; export/ holds the result
-    data: ImageData = dataclasses.field(default_factory=ImageData)
+    data: ImageData = dataclasses.field(default_factory=ImageData)  # the image shards and how they are decoded
     objective: str = "kl_plain"  # kl_plain (MSE + KL) | kl_gan (L1 + LPIPS + KL + PatchGAN) | vq_gan (VQModel)
     preset: str = "demo"  # architecture in models/autoencoder.py: tiny, demo (f4), f8, sd; vq_tiny, vq_f4, vq_f8, ...
     latent_channels: int = 4  # channels of the latent space
@@ -47,6 +46,9 @@ class AutoencoderJob:
     seed: int = 0  # weights init, data order, latent draws
     log_every_samples: int = 2_000  # JSONL/wandb logging interval
     checkpoint_every_samples: int = 20_000  # resumable state interval
+    keep_last: int = 2  # complete checkpoints kept
+    checkpoint_url: str = ""  # where checkpoints go: a path or fsspec URL (s3://bucket/run); "": run_dir/checkpoints
+    checkpoint_endpoint_url: str | None = None  # S3-compatible endpoint for checkpoint_url; default AWS_ENDPOINT_URL
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more images (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
     scaling_samples: int = 1024  # images used to measure the latent std for scaling_factor
@@ -94,7 +96,8 @@ class AutoencoderJob:
         config_lib.check_choice("lpips_net", self.lpips_net, BACKBONE_FILES)
         config_lib.check_choice("disc_norm", self.disc_norm, NORMS)
         config_lib.check_wandb(self)
-        config_lib.check_positive(self, ("latent_channels", "lr", "disc_lr", "disc_channels"))
+        config_lib.check_endpoint("checkpoint_endpoint_url", self.checkpoint_endpoint_url)
+        config_lib.check_positive(self, ("latent_channels", "lr", "disc_lr", "disc_channels", "keep_last"))
         config_lib.check_non_negative(self, ("warmup_samples", "seed"))
         if self.lpips_weights not in ("", RANDOM):
             config_lib.check_local_path("lpips_weights", self.lpips_weights, "LPIPS backbone", kind="file")

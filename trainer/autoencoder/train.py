@@ -9,6 +9,13 @@ Adam. Every random draw is a function of (seed, step) and the loader's position 
 k steps + resume + k steps is the same run as 2k steps. The export is the autoencoder alone
 (EMA weights when `ema_decay` > 0) with its measured `scaling_factor`; LPIPS and the
 discriminator stay behind.
+
+Checkpoints are the one format of trainer/core/checkpoint.py (local or an fsspec URL, the
+completion marker, verification before load, pruning), with these parts: `model.safetensors`,
+`discriminator.safetensors`, the EMA in `ema/` (diffusers layout) and `training_state.pt`
+(optimizer states, codebook usage, every rank's loader position, step), written by rank 0:
+the state is replicated. Checkpoints of the older layout (`model.safetensors` + `optimizer.pt`)
+are refused in one line.
 """
 from __future__ import annotations
 
@@ -19,33 +26,39 @@ import os
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from data_pipeline import storage
 from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, image_and_caption
 from data_pipeline.storage import expand_shards
 from models.autoencoder import build_autoencoder, downsample_factor, encode_moments
 from models.discriminator import build_discriminator
 from models.perceptual import RANDOM_NOTICE, load_lpips
 
-from trainer.core import checkpoint
-from trainer.core import config as config_lib
-from trainer.core.errors import TrainingError
-from trainer.core.preemption import Preemption
-from trainer.core import dist
-from trainer.autoencoder.losses import CodebookUsage, FirstStageLoss, restart_dead_codes
-from trainer.core.data import build_loader, image_shard_counts
-from trainer.core.metrics import RunLog, plot_loss
-
-
 from trainer.autoencoder.job import AutoencoderJob
+from trainer.autoencoder.losses import CodebookUsage, FirstStageLoss, restart_dead_codes
+from trainer.core import checkpoint, dist
+from trainer.core import config as config_lib
+from trainer.core.data import build_loader, image_shard_counts
+from trainer.core.ema import EMA, halflife_for_decay
+from trainer.core.errors import TrainingError
+from trainer.core.metrics import RunLog, plot_loss
+from trainer.core.preemption import Preemption
+from trainer.core.schedule import lr_at
+
+EMA_FOLDER = "ema"  # the autoencoder's EMA in a checkpoint (the UNet's is ema_unet)
+STATE = "training_state"  # optimizer states, codebook usage, loader positions, step: STATE.pt
+OLD_STATE = "optimizer.pt"  # the older layout's file (model.safetensors + optimizer.pt), refused
 
 
-def lr_at(samples: int, peak: float, warmup: int, total: int) -> float:
-    if samples < warmup:
-        return peak * (samples + 1) / warmup
-    progress = min(1.0, (samples - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def refuse_older_layout(path: str, endpoint_url: str | None = None) -> None:
+    """A checkpoint written before the common format has no STATE.pt: refused in one line,
+    before anything is read, with the ways on."""
+    if (storage.exists(storage.join(path, OLD_STATE), endpoint_url)
+            and not storage.exists(storage.join(path, f"{STATE}.pt"), endpoint_url)):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} is in the older autoencoder layout (model.safetensors + {OLD_STATE}), which this "
+            "version does not read: retrain in a new run_dir, or resume and export it with the previous version")
 
 
 def decode_image_sample(sample: dict, resolution: int, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -75,28 +88,6 @@ def measure_scaling_factor(model, batches, limit: int, seed: int = 0) -> float:
     return float(1.0 / torch.cat(zs).std())
 
 
-class WeightEMA:
-    """fp32 exponential moving average of every floating tensor of a model's state dict."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.contiguous() for k, v in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.shadow = {k: state[k].float().clone() for k in self.shadow}
-
-
 def _check_replicas(model: torch.nn.Module, step: int) -> None:
     """Averaged gradients keep every rank's weights bit-identical; a fingerprint compared at
     each checkpoint turns a rank that went its own way into an error, not a silent fork."""
@@ -104,7 +95,7 @@ def _check_replicas(model: torch.nn.Module, step: int) -> None:
     prints = dist.all_gather_objects(fingerprint)
     if len(set(prints)) > 1:
         raise TrainingError(f"the ranks' autoencoder weights differ at step {step} "
-                                       f"(parameter sums {prints}); a rank skipped or repeated a step")
+                            f"(parameter sums {prints}); a rank skipped or repeated a step")
 
 
 def build_objective(cfg: AutoencoderJob, device) -> FirstStageLoss:
@@ -134,7 +125,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     preemption = Preemption()  # before the DataLoader forks: its workers inherit the handler
     # Data parallel over torchrun / accelerate launch / srun ranks: each rank draws its own
     # batches, the gradients are averaged (dist.average_gradients), the weights stay equal.
-    w = dist.init() if dist.world().size > 1 else dist.world()
+    w = dist.init()
     batch = cfg.batch_per_rank * w.size  # images per optimizer step, all ranks
     if w.is_main:
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"))
@@ -157,29 +148,32 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     # Adam with beta1 = 0.5, as in taming: GAN training is unstable with a long momentum.
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # The per-step decay as the common EMA's half-life in samples, ramp-up off: the same average.
+    ema = (EMA(model, halflife_for_decay(cfg.ema_decay, batch), rampup_ratio=0.0, folder=EMA_FOLDER)
+           if cfg.ema_decay > 0 else None)
     usage = (CodebookUsage(model.config.num_vq_embeddings, cfg.codebook_window_batches)
              if cfg.objective == "vq_gan" else None)
-    step, resume, loader_state = 0, checkpoint.latest(cfg.run_dir), None
+    # What a checkpoint holds besides STATE.pt; the same parts are saved and loaded.
+    weights = [checkpoint.SafetensorsPart("model", model),
+               *([checkpoint.SafetensorsPart("discriminator", disc)] if disc is not None else []),
+               *([ema] if ema is not None else [])]
+    root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
+    step, resume, loader_state = 0, checkpoint.latest(root, endpoint), None
     if resume:
-        checkpoint.refuse_links(resume)
-        model.load_state_dict(load_file(os.path.join(resume, "model.safetensors")))
-        state = torch.load(os.path.join(resume, "optimizer.pt"), map_location="cpu", weights_only=True)
+        refuse_older_layout(resume, endpoint)
+        written_by = checkpoint.info(resume, endpoint).get("world_size", 1)
+        if written_by != w.size:
+            raise checkpoint.CheckpointError(f"checkpoint {resume} was written by {written_by} "
+                                             f"ranks and this run has {w.size}: resume with the same number")
+        train_state = checkpoint.TorchState(STATE)
+        checkpoint.load(resume, [*weights, train_state], endpoint_url=endpoint)
+        state = train_state.state
         opt.load_state_dict(state["optimizer"])
-        for name, part in (("discriminator", disc), ("ema", ema)):
-            if part is not None:
-                path = os.path.join(resume, f"{name}.safetensors")
-                if not os.path.exists(path):
-                    raise checkpoint.CheckpointError(f"checkpoint {resume} has no {name}.safetensors")
-                part.load_state_dict(load_file(path, device=str(device)))
         if disc_opt is not None:
             disc_opt.load_state_dict(state["disc_optimizer"])
         if usage is not None:
             usage.load_state_dict(state["codebook_usage"])
-        if state.get("world_size", 1) != w.size:
-            raise checkpoint.CheckpointError(f"checkpoint {resume} was written by {state.get('world_size', 1)} "
-                                             f"ranks and this run has {w.size}: resume with the same number")
-        step, loader_state = state["step"], state.get("loaders", [state["loader"]])[w.rank]
+        step, loader_state = state["step"], state["loaders"][w.rank]
         if w.is_main:
             print(f"resuming from {resume} (step {step})")
     total_steps = cfg.total_samples // batch
@@ -207,33 +201,17 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         runlog.log(0, samples=0, note=RANDOM_NOTICE)
 
     def save_checkpoint() -> str:
-        # Rank 0 writes the replicated state, with every rank's loader position; the other ranks
-        # wait, so no rank runs ahead of a checkpoint that is not complete.
+        # Rank 0 writes the replicated state, with every rank's loader position; the save is
+        # collective, so no rank runs ahead of a checkpoint that is not complete.
         loaders = dist.all_gather_objects(loader.state_dict())
         _check_replicas(model, step)
-        path = os.path.join(checkpoint.default_root(cfg.run_dir), checkpoint.tag_for(step * batch))
-        if not w.is_main:
-            dist.barrier()
-            return path
-        # Weights as safetensors; optimizer tensors are read back with weights_only=True.
-        checkpoint.begin(path)  # never over a complete checkpoint; clears an interrupted one
-        os.makedirs(path)
-        save_file(model.state_dict(), os.path.join(path, "model.safetensors"))
-        if disc is not None:
-            save_file(disc.state_dict(), os.path.join(path, "discriminator.safetensors"))
-        if ema is not None:
-            save_file(ema.state_dict(), os.path.join(path, "ema.safetensors"))
-        state = {"optimizer": opt.state_dict(), "step": step, "loader": loaders[0], "loaders": loaders,
-                 "world_size": w.size}
+        state = {"optimizer": opt.state_dict(), "step": step, "loaders": loaders, "world_size": w.size}
         if disc_opt is not None:
             state["disc_optimizer"] = disc_opt.state_dict()
         if usage is not None:
             state["codebook_usage"] = usage.state_dict()
-        torch.save(state, os.path.join(path, "optimizer.pt"))
-        checkpoint.mark_complete(path, {"step": step, "samples": step * batch})
-        checkpoint.prune(cfg.run_dir, keep_last=2)
-        dist.barrier()
-        return path
+        return checkpoint.save(root, step * batch, [*weights, checkpoint.TorchState(STATE, state)],
+                               keep_last=cfg.keep_last, endpoint_url=endpoint)
 
     # --- training loop --------------------------------------------------------------------
     model.train()
@@ -257,13 +235,13 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         dist.average_gradients(model.parameters())
         grad_norm = _clip_step(model.parameters(), opt, cfg.grad_clip)
         if ema is not None:
-            ema.update(model)
+            ema.update(seen + batch, batch)
         if objective.gan_active(seen):
             with autocast():
                 d_loss, d_logs = objective.discriminator_loss(x, recon)
             if not torch.isfinite(d_loss):
                 raise TrainingError(f"discriminator loss is {d_loss.item()} at step {step}; "
-                                               f"lower disc_lr (now {cfg.disc_lr})")
+                                    f"lower disc_lr (now {cfg.disc_lr})")
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             dist.average_gradients(disc.parameters())
@@ -314,7 +292,9 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         return export
     model.eval()
     if ema is not None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        current = model.state_dict()  # buffers, if a preset has any, keep their values
+        current.update({k: v.to(current[k].dtype) for k, v in ema.full_state().items()})
+        model.load_state_dict(current)
     scaling = measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
     model.register_to_config(scaling_factor=scaling)
     model.save_pretrained(export, safe_serialization=True)

@@ -11,8 +11,9 @@ rerunning gives a byte-identical cache. A rerun with other settings (resolution,
 encoder, flip, text mode) is refused, naming the setting and the shard: skipping would mix
 shards of two caches under one manifest. An out_url that is (or is inside) the input
 shards' folder is refused before anything is written (the outputs take the inputs' names).
-Decoding runs in DataLoader workers; encoding in the main process. The format is
-data_pipeline/latents.py's; `manifest.json` is written last, by rank 0.
+Decoding runs in DataLoader workers; encoding in the main process. The sample format is
+data_pipeline/latents.py's, the manifest's trainer/cache/manifest.py's; `manifest.json` is written
+last, by rank 0.
 """
 from __future__ import annotations
 
@@ -28,15 +29,16 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, ChannelStats, encode_sample, keys_digest
+from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.text_encoder import load_text_encoder
 
-from trainer.core import config as config_lib
-from trainer.core import dist
 from trainer.cache.checks import output_over_input, settings_mismatch
 from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader
+from trainer.cache.manifest import ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
+from trainer.core import config as config_lib
+from trainer.core import dist
 from trainer.core.data import ImageData
 
 
@@ -166,9 +168,7 @@ def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
 def cache_latents(cfg: CacheJob) -> str:
     """Run the job on this rank; returns the manifest URL (written by rank 0)."""
     cfg.validate()  # also when called directly, not from a command line: nothing is written before it
-    w = dist.world()
-    if w.size > 1:
-        dist.init()
+    w = dist.init()  # the same set-up as every job (a one-member group when run alone)
     cfg.data.configure_storage()
     dtype = _dtype(cfg.precision)
     device = dist.device()
@@ -252,30 +252,30 @@ def cache_latents(cfg: CacheJob) -> str:
         storage.write_bytes_atomic(storage.join(cfg.out_url, EMPTY_CAPTION), st_save({"text_emb": empty}),
                                    cfg.out_endpoint_url)
         size = cfg.data.resolution // factor
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "num_samples": sum(e["count"] for e in all_entries),
-            "num_quarantined": sum(len(e["quarantined"]) for e in all_entries),
-            "shards": [{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")} for e in all_entries],
-            "resolution": cfg.data.resolution,
-            "crop": "resize to cover, centre crop",
-            "flip": cfg.flip,
-            "latent_shape": [latent_channels(vae), size, size],
-            "moments_dtype": "float16",
-            "text_emb_shape": [text_encoder.context_length, text_encoder.width],
-            "text_emb_dtype": "float16",
-            "text": cfg.text,
-            "latent_channel_stats": ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
-            "vae": {"source": os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae,
-                    "identity": identity,
-                    "scaling_factor": float(vae.config.scaling_factor),
-                    "downsample_factor": factor},
-            "text_encoder": {"spec": cfg.text_encoder, "layer": cfg.text_layer,
-                             "identity": text_encoder.identity()},
-        }
-        storage.write_bytes_atomic(manifest_url, json.dumps(manifest, indent=1).encode(), cfg.out_endpoint_url)
-        print(f"cached {manifest['num_samples']} samples in {len(all_entries)} shards at {cfg.out_url}; "
-              f"{manifest['num_quarantined']} quarantined, {encoder.rescued} re-encoded in fp32, "
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            num_samples=sum(e["count"] for e in all_entries),
+            num_quarantined=sum(len(e["quarantined"]) for e in all_entries),
+            shards=tuple(ShardEntry(**{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")})
+                         for e in all_entries),
+            resolution=cfg.data.resolution,
+            crop="resize to cover, centre crop",
+            flip=cfg.flip,
+            latent_shape=(latent_channels(vae), size, size),
+            moments_dtype="float16",
+            text_emb_shape=(text_encoder.context_length, text_encoder.width),
+            text_emb_dtype="float16",
+            text=cfg.text,
+            latent_channel_stats=ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
+            vae=VaeRecord(source=os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae,
+                          identity=identity, scaling_factor=float(vae.config.scaling_factor),
+                          downsample_factor=factor),
+            text_encoder=TextEncoderRecord(spec=cfg.text_encoder, layer=cfg.text_layer,
+                                           identity=text_encoder.identity()),
+        )
+        storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), cfg.out_endpoint_url)
+        print(f"cached {manifest.num_samples} samples in {len(all_entries)} shards at {cfg.out_url}; "
+              f"{manifest.num_quarantined} quarantined, {encoder.rescued} re-encoded in fp32, "
               f"{len(entries) - len(todo)} shards skipped as done before; "
               f"rank 0 encoded {written} now at {rate:.0f} img/s")
     elif w.is_main:

@@ -1,10 +1,22 @@
-"""Checkpoints that count only when complete, on local disk or any fsspec URL (s3://...).
+"""Checkpoints that count only when complete, on local disk or any fsspec URL (s3://...), in
+one format for every job.
 
-Layout: ROOT/samples_000000012800/ holds DeepSpeed's files (every rank writes its shard: a
-save gated on rank 0 hangs under ZeRO, diffusers #2606), the model in diffusers format under
-`unet/`, and `COMPLETE` (JSON: step, samples, world_size, zero_stage, ...), written last by
-rank 0 after all ranks finished. A directory without `COMPLETE` is an interrupted save and is
-ignored.
+Layout: ROOT/samples_000000012800/ holds the files of the job's named *parts* and `COMPLETE`
+(JSON: samples, world_size and each part's scalars such as step and zero_stage), written last
+by rank 0 after all ranks finished. A directory without `COMPLETE` is an interrupted save and
+is ignored. The UNet job's parts are its DeepSpeed engine (every rank writes its shard: a save
+gated on rank 0 hangs under ZeRO, diffusers #2606; the model in diffusers format under `unet/`;
+trainer/core/checkpoint_deepspeed.py) and its EMA (`ema_unet/`); the autoencoder's are its
+weights (`model.safetensors`, `discriminator.safetensors`), its EMA (`ema/`) and
+`training_state.pt` (optimizers, codebook usage, loader positions, step).
+
+A part is any object with (the registry of torchtitan's Stateful, EDM2's CheckpointIO):
+    save(folder)    collective: each rank writes its own files, if any, into `folder` (local)
+    wants(rel)      whether this rank reads the checkpoint file `rel` (path below the folder)
+    load(folder)    collective: restore from the local folder holding (at least) those files
+and optionally marker() -> dict (scalars for COMPLETE), check(path, meta) (refuse in one line
+before any file is read), prepare(path, meta, endpoint_url, local_dir) (collective work before
+the download, e.g. a conversion) and verify(folder) (refuse files before any part loads).
 
 Checkpoints are named and ordered by samples seen, the one count that only grows: a step
 number does not (an elastic resume onto more ranks makes the global batch larger and the
@@ -12,38 +24,33 @@ step smaller). A complete checkpoint is never overwritten, and is deleted only b
 when `keep_last` complete checkpoints further in samples exist. Folders named `step_*` (the
 older layout) are still found and ordered by the samples in their marker.
 
-ROOT is `default_root(run_dir)` or a URL. DeepSpeed reads and writes local files only, so a
-save to a URL is staged in a node-local folder and each rank uploads what it wrote; a load
-downloads only what the rank reads. That folder is private to the user ($CHECKPOINT_LOCAL_DIR,
-else TMPDIR/ldm-checkpoints-UID): created with mode 0700, and refused when it is a link, is
-owned by another user or is writable by others, since whatever is planted there is loaded.
-Downloaded object keys must stay inside it, and a checkpoint holding a symbolic link is
-refused: DeepSpeed follows links when it unpickles, and the pickle check reads real files
-(those checks live in trainer/core/checkpoint_trust.py).
+ROOT is `default_root(run_dir)` or a URL; a URL is written through a private node-local
+staging folder and read through a per-rank download (trainer/core/checkpoint_io.py). A
+checkpoint holding a symbolic link is refused, and files are checked before they are loaded
+(trainer/core/checkpoint_trust.py).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
-import io
 import json
 import os
 import posixpath
 import re
 import shutil
-import tempfile
-from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from data_pipeline import storage
 
 from trainer.core import dist
-from trainer.core.checkpoint_trust import (RANK_FILE, CheckpointError, private_dir, refuse_links, safe_relative,
-                                           verify_files, write_new)
+from trainer.core.checkpoint_io import cache, download, is_url, local_path, naming, remove, staging, upload
+from trainer.core.checkpoint_trust import CheckpointError, refuse_links
 
 MARKER = "COMPLETE"
-UNIVERSAL = "universal"  # the converted (world-size-free) copy, inside the checkpoint folder
-CONVERTED = "CONVERTED"  # written last into UNIVERSAL/
+
+__all__ = ["CheckpointError", "MARKER", "SafetensorsPart", "TorchState", "begin", "complete_tags", "default_root",
+           "fetch", "info", "latest", "load", "mark_complete", "prune", "refuse_links", "resolve_root", "save",
+           "tag_for"]
 
 
 def default_root(run_dir: str) -> str:
@@ -53,22 +60,14 @@ def default_root(run_dir: str) -> str:
 checkpoint_dir = default_root  # the older name
 
 
-def _is_url(p: str) -> bool:
-    return "://" in p and not p.startswith("file://")
-
-
-def _local(p: str) -> str:
-    return p.removeprefix("file://")
-
-
 def resolve_root(root: str) -> str:
     """A URL (file:// included) is the root itself. A bare local path is the root when its
     last part is `checkpoints`, else it is a run directory (the older call form): its root is
     `default_root(path)`."""
-    if _is_url(root):
+    if is_url(root):
         return root.rstrip("/")
     if root.startswith("file://"):
-        return _local(root)
+        return local_path(root)
     return root if os.path.basename(os.path.normpath(root)) == "checkpoints" else default_root(root)
 
 
@@ -82,30 +81,12 @@ def tag_for(samples: int) -> str:
 _TAG = re.compile(r"^(samples|step)_(\d+)$")
 
 
-def _local_base(local_dir: str | None = None) -> str:
-    """The node-local folder for staging and downloads, private to this user (see the module doc)."""
-    base = (local_dir or os.environ.get("CHECKPOINT_LOCAL_DIR")
-            or os.path.join(tempfile.gettempdir(), f"ldm-checkpoints-{os.geteuid()}"))
-    return private_dir(os.path.abspath(base))
-
-
-@contextlib.contextmanager
-def _naming(url: str):
-    """Storage failures as one-line CheckpointErrors naming the URL."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (OSError, storage.DataError) as e:
-        raise CheckpointError(f"{url}: {e}") from None
-
-
 def _listing(root: str, endpoint_url: str | None) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(every checkpoint folder, the complete ones) as (samples, name), both sorted by samples.
     An interrupted save of the older `step_*` layout has no samples to order it by: -1."""
     fs, base = storage.filesystem(root, endpoint_url)
     base = base.rstrip("/")
-    with _naming(root):
+    with naming(root):
         fs.invalidate_cache()
         try:
             names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
@@ -138,25 +119,17 @@ def latest(root: str, endpoint_url: str | None = None) -> str | None:
 
 
 def info(path: str, endpoint_url: str | None = None) -> dict:
-    """The JSON of a checkpoint's marker (step, world_size, zero_stage, ...)."""
+    """The JSON of a checkpoint's marker (samples, world_size, step, zero_stage, ...)."""
     url = storage.join(path, MARKER)
-    with _naming(url):
+    with naming(url):
         if not storage.exists(url, endpoint_url):
             raise CheckpointError(f"{path} is not a complete checkpoint (it has no {MARKER})")
         return json.loads(storage.read_bytes(url, endpoint_url))
 
 
 def mark_complete(path: str, info: dict, endpoint_url: str | None = None) -> None:
-    with _naming(path):
+    with naming(path):
         storage.write_bytes_atomic(storage.join(path, MARKER), json.dumps(info).encode(), endpoint_url)
-
-
-def _remove(path: str, endpoint_url: str | None) -> None:
-    fs, p = storage.filesystem(path, endpoint_url)
-    with _naming(path):
-        fs.invalidate_cache()
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
 
 
 def prune(root: str, keep_last: int, endpoint_url: str | None = None) -> None:
@@ -170,7 +143,7 @@ def prune(root: str, keep_last: int, endpoint_url: str | None = None) -> None:
     newest = complete[-1][0]
     old = [name for _, name in complete[:-max(1, keep_last)]]
     for name in old + [n for s, n in every if s < newest and (s, n) not in complete]:
-        _remove(storage.join(root, name), endpoint_url)
+        remove(storage.join(root, name), endpoint_url)
 
 
 def begin(path: str, endpoint_url: str | None = None) -> None:
@@ -179,48 +152,12 @@ def begin(path: str, endpoint_url: str | None = None) -> None:
     if storage.exists(storage.join(path, MARKER), endpoint_url):
         raise CheckpointError(f"refusing to overwrite the complete checkpoint {path}: another run writes to the same "
                               "checkpoint folder, or this one restarted behind it; give each run its own")
-    _remove(path, endpoint_url)
+    remove(path, endpoint_url)
 
 
-def _upload(local: str, url: str, endpoint_url: str | None) -> None:
-    """Put every file under `local` below `url`; a marker among them goes last."""
-    fs, base = storage.filesystem(url, endpoint_url)
-    files = [os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names]
-    for rel in sorted(files, key=lambda r: r in (MARKER, CONVERTED)):
-        with _naming(f"{url}/{rel}"):
-            fs.put_file(os.path.join(local, rel), f"{base}/{rel.replace(os.sep, '/')}")
-
-
-def _download(url: str, dest: str, endpoint_url: str | None, keep: Callable[[str], bool] | None = None) -> str:
-    """Copy the objects under `url` (those `keep(relative name)` selects) into `dest`, and
-    delete selected local files the URL no longer has (an older save of the same step)."""
-    fs, base = storage.filesystem(url, endpoint_url)
-    with _naming(url):
-        fs.invalidate_cache()
-        remote = {p[len(base.rstrip("/")) + 1:]: p for p in fs.find(base)}
-        wanted = {rel: p for rel, p in remote.items() if keep is None or keep(rel)}
-        targets = {rel: os.path.join(dest, *safe_relative(rel, url)) for rel in wanted}
-        os.makedirs(dest, mode=0o700, exist_ok=True)
-        real_dest = os.path.realpath(dest)
-        for folder, _, files in os.walk(dest):
-            for name in files:
-                rel = os.path.relpath(os.path.join(folder, name), dest).replace(os.sep, "/")
-                if (keep is None or keep(rel)) and rel not in wanted:
-                    os.remove(os.path.join(folder, name))
-        for rel, p in wanted.items():
-            target = targets[rel]
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            if os.path.commonpath([real_dest, os.path.realpath(os.path.dirname(target))]) != real_dest:
-                raise CheckpointError(f"refusing checkpoint object {url}/{rel}: it would be written outside {dest}")
-            with fs.open(p, "rb") as source:
-                write_new(target, source)
-    return dest
-
-
-def _cache(url: str, local_dir: str | None) -> str:
-    """This rank's local copy of a URL's folder: ranks on one node never share (or race on) one."""
-    where = url.split("://", 1)[1].strip("/")
-    return os.path.join(_local_base(local_dir), "cache", f"rank{dist.world().rank}", *safe_relative(where, url))
+def scalars(state: dict) -> dict:
+    """The plain numbers and strings of a state dict: what a part copies into the marker."""
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
 
 
 def fetch(path: str, local_dir: str | None = None, endpoint_url: str | None = None,
@@ -229,27 +166,25 @@ def fetch(path: str, local_dir: str | None = None, endpoint_url: str | None = No
     this rank's copy of the URL's objects under `local_dir` (see `save`). `parts` limits it
     to these top-level names, e.g. ("unet", "ema_unet") for sampling."""
     info(path, endpoint_url)
-    if not _is_url(path):
-        refuse_links(_local(path))
-        return _local(path)
+    if not is_url(path):
+        refuse_links(local_path(path))
+        return local_path(path)
     keep = None if parts is None else (lambda rel: rel.split("/")[0] in parts or rel == MARKER)
-    return _download(path, _cache(path, local_dir), endpoint_url, keep)
+    return download(path, cache(path, local_dir), endpoint_url, keep)
 
 
-def save(engine, root: str, samples: int, state: dict, keep_last: int = 2, extra=None,
-         endpoint_url: str | None = None, local_dir: str | None = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint's path (or URL), named by
-    `samples`, the samples seen (all ranks together) so far.
+def save(root: str, samples: int, parts: list, keep_last: int = 2, endpoint_url: str | None = None,
+         local_dir: str | None = None) -> str:
+    """Collective: every rank calls it with the same parts. Returns the checkpoint's path (or
+    URL), named by `samples`, the samples seen (all ranks together) so far.
 
-    `extra(path)`, when given, is called on every rank after DeepSpeed's files are written
-    and before the marker, to add files of its own (the EMA weights); for a URL root `path`
-    is the rank's local staging folder, whose files are uploaded with DeepSpeed's.
-    `local_dir`: the node-local folder for staging and downloads (default
-    $CHECKPOINT_LOCAL_DIR, else the temp dir's `ldm-checkpoints`)."""
-    from trainer.core.engine import full_weights  # deepspeed is imported only by jobs that use it
-
+    Each part writes its files into the rank's folder: the checkpoint's own for a local root,
+    else a node-local staging folder whose files the rank uploads. `local_dir`: the node-local
+    folder for staging and downloads (default $CHECKPOINT_LOCAL_DIR, else the temp dir's
+    `ldm-checkpoints-UID`). The marker (each part's marker() plus samples and world_size) is
+    written when every rank is done, then older checkpoints beyond `keep_last` are pruned."""
     root, tag, w = resolve_root(root), tag_for(samples), dist.world()
-    path, remote = storage.join(root, tag), _is_url(root)
+    path, remote = storage.join(root, tag), is_url(root)
     error = None
     if w.is_main:  # an interrupted earlier save here must not mix with the new files
         try:
@@ -259,133 +194,111 @@ def save(engine, root: str, samples: int, state: dict, keep_last: int = 2, extra
     error = dist.all_gather_objects(error)[0]  # every rank stops, none waits at a barrier
     if error:
         raise CheckpointError(error)
-    stage = (os.path.join(_local_base(local_dir), "staging", hashlib.sha1(root.encode()).hexdigest()[:12],
-                          f"rank{w.rank}") if remote else root)
-    local = os.path.join(stage, tag)
+    local = os.path.join(staging(root, w.rank, local_dir) if remote else root, tag)
     if remote:
         shutil.rmtree(local, ignore_errors=True)
-    engine.save_checkpoint(stage, tag=tag, client_state=state, save_latest=False)
-    if hasattr(engine.module, "save_pretrained"):
-        with full_weights(engine) as module:
-            if w.is_main:
-                module.save_pretrained(os.path.join(local, "unet"), safe_serialization=True)
-    if extra is not None:
-        extra(local)
+    os.makedirs(local, exist_ok=True)
+    for part in parts:
+        part.save(local)
     if remote:
-        _upload(local, path, endpoint_url)
+        upload(local, path, endpoint_url)
         shutil.rmtree(local, ignore_errors=True)
     dist.barrier()
     if w.is_main:
-        scalars = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
-        mark_complete(path, {**scalars, "samples": samples, "world_size": w.size,
-                             "zero_stage": int(engine.zero_optimization_stage())}, endpoint_url)
+        meta = {}
+        for part in parts:
+            meta.update(part.marker() if hasattr(part, "marker") else {})
+        mark_complete(path, {**meta, "samples": samples, "world_size": w.size}, endpoint_url)
         prune(root, keep_last, endpoint_url)
     dist.barrier()
     return path
 
 
-def _convert(src: str, out: str) -> None:
-    """DeepSpeed's ds_to_universal on the checkpoint's own top-level .pt files (it walks its
-    input folder recursively, so `unet/` or an older `universal/` must not be in it). They are
-    hard-linked, not symlinked, into its input: a checkpoint never holds a symbolic link."""
-    from deepspeed.checkpoint import ds_to_universal
+def load(path: str, parts: list, endpoint_url: str | None = None, local_dir: str | None = None) -> dict:
+    """Collective: restore every part from the complete checkpoint at `path`; returns its marker.
 
-    with tempfile.TemporaryDirectory(prefix=".universal-", dir=src) as tmp:
-        inp, work = os.path.join(tmp, "in"), os.path.join(tmp, "out")
-        os.makedirs(inp)
-        for name in os.listdir(src):
-            if name.endswith(".pt"):
-                try:
-                    os.link(os.path.join(src, name), os.path.join(inp, name))
-                except OSError:  # a filesystem without hard links
-                    shutil.copyfile(os.path.join(src, name), os.path.join(inp, name))
-        args = argparse.Namespace(input_folder=inp, output_folder=work, num_extract_workers=1, num_merge_workers=1,
-                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            ds_to_universal.main(args)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(work, out)
-    with open(os.path.join(out, CONVERTED), "w") as f:
-        f.write("ds_to_universal\n")
+    In order: the marker is read, each part's check() may refuse, a local checkpoint holding a
+    link is refused, each part's prepare() runs, a URL's wanted files are downloaded to this
+    rank's node-local copy, every part's verify() reads its files, and only then do the parts load."""
+    meta = info(path, endpoint_url)
+    for part in parts:
+        if hasattr(part, "check"):
+            part.check(path, meta)
+    if not is_url(path):
+        refuse_links(local_path(path))
+    for part in parts:
+        if hasattr(part, "prepare"):
+            part.prepare(path, meta, endpoint_url, local_dir)
+    folder = local_path(path)
+    if is_url(path):
+        folder = download(path, cache(path, local_dir), endpoint_url,
+                          lambda rel: rel == MARKER or any(part.wants(rel) for part in parts))
+    for part in parts:
+        if hasattr(part, "verify"):
+            part.verify(folder)
+    for part in parts:
+        part.load(folder)
+    return meta
 
 
-def to_universal(path: str, endpoint_url: str | None = None, local_dir: str | None = None) -> str:
-    """Collective: rank 0 converts the checkpoint at `path` into `path/universal` (once; a URL
-    is fetched, converted and the result uploaded), the others wait. Returns that path, or
-    `path` itself for a ZeRO-0 checkpoint: its optimizer state is whole in the model file and
-    loads at any world size as it is."""
-    meta, out = info(path, endpoint_url), storage.join(path, UNIVERSAL)
-    if meta.get("zero_stage") == 0:
-        return path
-    error = None
-    if dist.world().is_main and not storage.exists(storage.join(out, CONVERTED), endpoint_url):
+# --- parts for replicated state (every rank holds the same; rank 0 writes it) ---------------------
+
+def _file(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {folder} has no {name}; it was written by a run without this part")
+    return path
+
+
+class SafetensorsPart:
+    """A module's state dict as NAME.safetensors (tensors only: nothing in it is executed)."""
+
+    def __init__(self, name: str, module: torch.nn.Module):
+        self.name, self.module = name, module
+
+    def save(self, folder: str) -> None:
+        if dist.world().is_main:
+            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()},
+                      os.path.join(folder, f"{self.name}.safetensors"))
+
+    def wants(self, rel: str) -> bool:
+        return rel == f"{self.name}.safetensors"
+
+    def load(self, folder: str) -> None:
+        path = _file(folder, f"{self.name}.safetensors")
         try:
-            src = (_download(path, _cache(path, local_dir), endpoint_url, lambda rel: rel.endswith(".pt")
-                             and "/" not in rel) if _is_url(path) else _local(path))
-            refuse_links(src)
-            verify_files(src, None)  # the conversion unpickles every rank's files unrestricted
-            _convert(src, os.path.join(src, UNIVERSAL))
-            if _is_url(path):
-                _remove(out, endpoint_url)
-                _upload(os.path.join(src, UNIVERSAL), out, endpoint_url)
-        except Exception as e:  # told to every rank, so that none waits for a conversion that failed
-            error = e if isinstance(e, CheckpointError) else CheckpointError(
-                f"converting {path} to a universal checkpoint failed: {type(e).__name__}: {e}")
-    message = dist.all_gather_objects(None if error is None else str(error))[0]
-    if error is not None or message is not None:
-        raise error or CheckpointError(message)
-    return out
+            self.module.load_state_dict(load_file(path))
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit this run's {self.name}: {str(e).splitlines()[0]}") from None
 
 
-def _check_fits(path: str, meta: dict, stage: int, size: int, universal: bool) -> None:
-    """Refuse, in one line, what DeepSpeed would fail on obscurely or load only in part.
+class TorchState:
+    """A dict of tensors and plain data (optimizer states, loader positions, counters) as
+    NAME.pt, read back with the restricted unpickler (weights_only=True): a file holding any
+    other object is refused without running it. Set `state` before a save; `load` sets it."""
 
-    ds_to_universal writes zero/optimizer_state.pt in the saving stage's own format (ZeRO-1/2:
-    the optimizer's global state; ZeRO-3: its nested optimizer_state_dict), and ZeRO-3 names
-    its model files per rank: a universal checkpoint moves between ZeRO-1 and 2 only."""
-    saved, ranks = meta.get("zero_stage"), meta.get("world_size")
-    if saved is None:  # a marker from before these fields: DeepSpeed's own checks only
-        return
-    if saved != stage and not (universal and {saved, stage} <= {1, 2}):
-        hint = "load it with universal=True" if {saved, stage} <= {1, 2} else f"resume it at ZeRO-{saved}"
-        raise CheckpointError(f"checkpoint {path} was written at ZeRO-{saved}, this engine runs ZeRO-{stage}: {hint}")
-    if saved > 0 and not universal and ranks not in (None, size):
-        raise CheckpointError(f"checkpoint {path} was written by {ranks} ranks at ZeRO-{saved}, this job has "
-                              f"{size}: load it with universal=True")
+    def __init__(self, name: str, state: dict | None = None):
+        self.name, self.state = name, state
 
+    def marker(self) -> dict:
+        return scalars(self.state)
 
-def load(engine, path: str, universal: bool = False, endpoint_url: str | None = None,
-         local_dir: str | None = None) -> dict:
-    """Collective: restore model, optimizer and the client state saved with it.
+    def save(self, folder: str) -> None:
+        if dist.world().is_main:
+            torch.save(self.state, os.path.join(folder, f"{self.name}.pt"))
 
-    A ZeRO-1/2/3 checkpoint loads as saved only at its own world size and stage;
-    `universal=True` converts it (`to_universal`) and loads that at any world size (and
-    ZeRO-1 <-> 2). ZeRO-0 keeps whole optimizer state in one file: any world size, as saved."""
-    w, meta, stage = dist.world(), info(path, endpoint_url), int(engine.zero_optimization_stage())
-    _check_fits(path, meta, stage, w.size, universal)
-    if not _is_url(path):
-        refuse_links(_local(path))
-    universal = universal and stage != 0  # ZeRO-0 needs no conversion (see to_universal)
-    if universal:
-        path = to_universal(path, endpoint_url, local_dir)
-    elastic = bool(engine.zero_optimization() and engine.zero_elastic_checkpoint()) and not universal
-    rank = 0 if universal else None if elastic else w.rank  # universal: every rank reads rank 0's model file
-    if _is_url(path):
-        def wanted(rel: str) -> bool:
-            m = RANK_FILE.match(rel)
-            top = "/" not in rel and rel.endswith(".pt") and (rank is None or not m or int(m.group(1)) == rank)
-            return top or (universal and rel.startswith("zero/"))
-        path = _download(path, _cache(path, local_dir), endpoint_url, wanted)
-    path = _local(path)
-    verify_files(path, rank)
-    root, tag = os.path.split(os.path.normpath(path))
-    saved_flag = engine._config.load_universal_checkpoint  # read by load_checkpoint only
-    engine._config.load_universal_checkpoint = universal
-    try:
-        loaded, state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-    finally:
-        engine._config.load_universal_checkpoint = saved_flag
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-    return state
+    def wants(self, rel: str) -> bool:
+        return rel == f"{self.name}.pt"
+
+    def verify(self, folder: str) -> None:
+        path = _file(folder, f"{self.name}.pt")
+        try:
+            self.state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it holds {found.group(1)}" if found else f"it is not plain tensor data ({type(e).__name__})"
+            raise CheckpointError(f"refusing checkpoint file {path}: {what}, which this trainer never writes; "
+                                  "it was not loaded") from None
+
+    def load(self, folder: str) -> None:
+        pass  # read (and so checked) by verify, before any part loaded

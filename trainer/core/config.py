@@ -209,9 +209,11 @@ def _set_path(data: dict, cls, dotted: str, raw: str) -> None:
         node_cls = tp
 
 
-def load_config(cls, path: str | None = None, overrides: list[str] = ()):
-    """Defaults of `cls`, then the YAML file, then `key=value` overrides; validated and typed."""
-    data = to_dict(cls())
+def load_config(cls, path: str | None = None, overrides: list[str] = (), *, base=None, validate: bool = True):
+    """Defaults of `cls` (or the `cls` instance `base`: a config built in code), then the YAML
+    file, then `key=value` overrides; typed, and validated unless `validate` is False (a base
+    that code completes before validating it)."""
+    data = to_dict(cls() if base is None else base)
     if path:
         try:
             with open(path) as f:
@@ -229,7 +231,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
         key, raw = item.split("=", 1)
         _set_path(data, cls, key.strip(), raw)
     cfg = _build(cls, data)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 

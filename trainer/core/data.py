@@ -140,34 +140,3 @@ def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, 
     if state:
         loader.load_state_dict(state)
     return loader
-
-
-@dataclasses.dataclass
-class CacheExpect:
-    vae: str = ""  # identity the cache's VAE must have (manifest vae.identity); "" accepts any
-    text_encoder: str = ""  # identity the cache's text encoder must have; "" accepts any
-    resolution: int = 0  # image resolution the cache must have been made at; 0 accepts any
-
-    def validate(self, prefix: str = "cache.") -> None:
-        if self.resolution < 0:
-            raise ConfigError(f"{prefix}resolution must be >= 0 (0 accepts any), got {self.resolution}")
-
-
-def check_manifest(manifest: dict, cache_url: str, expect: CacheExpect, trained_on: dict | None) -> dict:
-    """Refuse a cache that is not the one the config (or the run being resumed) expects.
-
-    A stale cache from another VAE or text encoder trains without error and silently
-    produces garbage (kohya sd-scripts #1413, kohya_ss #1629), so it is stopped here.
-    Returns what this run trains on, to be saved with its checkpoints.
-    """
-    have = {"vae": manifest["vae"]["identity"], "text_encoder": manifest["text_encoder"]["identity"],
-            "resolution": manifest["resolution"]}
-    for key, want in dataclasses.asdict(expect).items():
-        if want and want != have[key]:
-            raise storage.DataError(f"the cache {cache_url} has {key} {have[key]!r}, the config expects {want!r} "
-                                    f"(cache.{key}); rebuild the cache or fix the config")
-    for key, had in (trained_on or {}).items():
-        if had != have[key]:
-            raise storage.DataError(f"the checkpoint was trained on a cache with {key} {had!r}; {cache_url} has "
-                                    f"{have[key]!r}: resume on the same cache or start a new run_dir")
-    return have

@@ -110,13 +110,18 @@ def init(timeout_s: int = 600) -> World:
     if dist.is_available() and dist.is_initialized():
         return w
     env = os.environ
-    env.setdefault("RANK", str(w.rank))
-    env.setdefault("LOCAL_RANK", str(w.local_rank))
-    env.setdefault("WORLD_SIZE", str(w.size))
-    if w.size == 1:
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_ADDR" not in env:
+    init_method = None  # env://: the launcher's (or SLURM's) MASTER_ADDR and MASTER_PORT
+    if w.size == 1 and "MASTER_ADDR" not in env:
+        # A process started alone rendezvouses with itself on a free port given directly, not
+        # through the environment: a process it starts later (a test's subprocess, sbatch's
+        # copied environment) must not inherit a port in use or a RANK/WORLD_SIZE of 1.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        env.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    else:
+        env.setdefault("RANK", str(w.rank))
+        env.setdefault("LOCAL_RANK", str(w.local_rank))
+        env.setdefault("WORLD_SIZE", str(w.size))
+    if w.size > 1 and "MASTER_ADDR" not in env:
         rendezvous = slurm_rendezvous()  # torchrun and deepspeed set MASTER_ADDR themselves
         if rendezvous is None:
             raise RuntimeError(
@@ -144,7 +149,8 @@ def init(timeout_s: int = 600) -> World:
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if hasattr(c10d, name):
             setattr(c10d, name, timeout)
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group(backend, timeout=timeout, init_method=init_method,
+                            **({"rank": 0, "world_size": 1} if init_method else {}))
     return w
 
 

@@ -1,27 +1,43 @@
-"""An exponential moving average of the UNet's weights that is correct under every ZeRO stage.
+"""An exponential moving average of a model's weights that is correct under every ZeRO stage;
+the one EMA of both trainers (the UNet's, and the autoencoder's with a fixed per-step decay).
 
 Under ZeRO-3 `param.data` is an empty placeholder between forward passes and each rank
 holds only `param.ds_tensor`, its flat slice of the parameter; an EMA of `param.data`
 there averages empty tensors (DeepSpeed #2056, #6987). So each rank averages what it
 actually holds: the whole parameter at stages 0-2, its own slice at stage 3. The EMA
-is saved as one full set of weights in diffusers format, independent of the world size
-and the stage: a checkpoint's EMA loads into any layout, and sampling and export read it
-like any UNet.
+is saved as one full set of weights in diffusers format (a checkpoint part, see
+trainer/core/checkpoint.py, in its own folder: `ema_unet/` for the UNet), independent of the
+world size and the stage: a checkpoint's EMA loads into any layout, and sampling and export
+read it like any UNet.
 
 The decay follows EDM (Karras et al. 2022, appendix C): a half-life in samples, so the
 average spans the same amount of data whatever the global batch, ramped up early in
 training to at most `rampup_ratio` of the samples seen (a long average of random
-initial weights would otherwise dominate the first part of training).
+initial weights would otherwise dominate the first part of training). A fixed per-step decay
+is the half-life `halflife_for_decay` gives, with the ramp-up off.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
-EMA_DIR = "ema_unet"
+from trainer.core import dist
+from trainer.core.errors import CheckpointError
+
+EMA_DIR = "ema_unet"  # the UNet's EMA folder in a checkpoint (sampling and export read it)
+
+
+def halflife_for_decay(decay_per_step: float, global_batch: int) -> float:
+    """The half-life in samples of a fixed per-step decay d at `global_batch` samples per step:
+    d ** n = 0.5 after n = ln 0.5 / ln d steps, i.e. global_batch * ln 0.5 / ln d samples. With
+    the ramp-up off, `EMA.decay` gives back d (to rounding: 0.5 ** (ln d / ln 0.5))."""
+    if not 0.0 < decay_per_step < 1.0:
+        raise ValueError(f"a per-step EMA decay must be in (0, 1), got {decay_per_step}")
+    return global_batch * math.log(0.5) / math.log(decay_per_step)
 
 
 def _partitioned(p: torch.nn.Parameter) -> bool:
@@ -46,8 +62,10 @@ def _slice_of(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, halflife_samples: float, rampup_ratio: float = 0.05):
+    def __init__(self, module: torch.nn.Module, halflife_samples: float, rampup_ratio: float = 0.05,
+                 folder: str = EMA_DIR):
         self.module, self.halflife_samples, self.rampup_ratio = module, halflife_samples, rampup_ratio
+        self.folder = folder  # its folder in a checkpoint
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         # fp32 whatever the training precision: a bf16 average cannot absorb updates
@@ -90,19 +108,23 @@ class EMA:
             full = state[name].float().to(self.shadow[i].device)
             self.shadow[i] = _slice_of(full, p) if _partitioned(p) else full.reshape(self.shadow[i].shape).clone()
 
-    def save(self, checkpoint_path: str, is_main: bool) -> None:
-        """Collective: write the full EMA as a diffusers UNet folder `ema_unet/`."""
+    def save(self, checkpoint_path: str) -> None:
+        """Collective: write the full EMA as a diffusers model folder `self.folder` (rank 0)."""
         state = self.full_state()
-        if is_main:  # the layout save_pretrained writes, without building a second model
-            folder = os.path.join(checkpoint_path, EMA_DIR)
+        if dist.world().is_main:  # the layout save_pretrained writes, without building a second model
+            folder = os.path.join(checkpoint_path, self.folder)
             os.makedirs(folder, exist_ok=True)
-            self.module.save_config(folder)
+            if hasattr(self.module, "save_config"):
+                self.module.save_config(folder)
             save_file({k: v.contiguous() for k, v in state.items()},
                       os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
+    def wants(self, rel: str) -> bool:
+        return rel.split("/")[0] == self.folder
+
     def load(self, checkpoint_path: str) -> None:
-        path = os.path.join(checkpoint_path, EMA_DIR, "diffusion_pytorch_model.safetensors")
+        path = os.path.join(checkpoint_path, self.folder, "diffusion_pytorch_model.safetensors")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"checkpoint {checkpoint_path} has no EMA weights ({path} is missing); it was "
-                                    "written with ema_halflife_samples=0")
+            raise CheckpointError(f"checkpoint {checkpoint_path} has no EMA weights ({path} is missing); it was "
+                                  "written with the EMA off (ema_halflife_samples=0 or ema_decay=0)")
         self.load_full_state(load_file(path), path)

@@ -16,6 +16,7 @@ import threading
 
 from trainer.core import dist
 
+
 class Preemption:
     """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (the limit itself, scancel,
     preemption) sets a flag instead of ending the process; `requested()` agrees on it across

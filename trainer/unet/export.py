@@ -9,11 +9,11 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 
-from data_pipeline.latents import latent_affine
 from models.diffusion import noise_schedule
 
 from trainer.core.checkpoint import default_root, latest
@@ -26,18 +26,18 @@ def export_run(run_dir: str, out: str, weights: str = "ema") -> str:
         raise FileExistsError(f"export folder {out} is not empty; choose a new one")
     unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
     noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr).save_pretrained(os.path.join(out, "scheduler"))
-    source = manifest["vae"]["source"]
+    source = manifest.vae.source
     if os.path.isdir(source):
         shutil.copytree(source, os.path.join(out, "vae"))
-    shift, scale = latent_affine(manifest, cfg.latent_norm)
+    shift, scale = manifest.latent_affine(cfg.latent_norm)
     info = {
         "checkpoint": latest(cfg.checkpoint_url or default_root(run_dir), cfg.checkpoint_endpoint_url),
         "weights": "ema" if weights == "ema" and cfg.ema_halflife_samples else "raw",
         "prediction_type": cfg.prediction_type,
         "latent_norm": {"kind": cfg.latent_norm, "shift": shift.flatten().tolist(), "scale": scale.flatten().tolist()},
-        "vae": {**manifest["vae"], "folder": "vae" if os.path.isdir(source) else None},
-        "text_encoder": manifest["text_encoder"],
-        "resolution": manifest["resolution"],
+        "vae": {**dataclasses.asdict(manifest.vae), "folder": "vae" if os.path.isdir(source) else None},
+        "text_encoder": dataclasses.asdict(manifest.text_encoder),
+        "resolution": manifest.resolution,
     }
     with open(os.path.join(out, "ldm.json"), "w") as f:
         json.dump(info, f, indent=1)

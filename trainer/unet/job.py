@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-
-
+from trainer.cache.manifest import CacheExpect
 from trainer.core import config as config_lib
-from trainer.core.data import CacheExpect, ShardData
+from trainer.core.data import ShardData
 from trainer.core.job_checks import check_guidance, check_unet_model
 
 

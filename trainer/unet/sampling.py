@@ -10,15 +10,14 @@ from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 from data_pipeline.images import grid, to_pil
-from data_pipeline.latents import latent_affine, read_manifest
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule, sample_latents
 
+from trainer.cache.manifest import Manifest
 from trainer.core import checkpoint
-from trainer.core.ema import EMA_DIR
 from trainer.core import config as config_lib
+from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
-from trainer.unet.train import load_cache_text_encoder
 
 
 def load_run(run_dir: str, weights: str = "ema"):
@@ -37,7 +36,7 @@ def load_run(run_dir: str, weights: str = "ema"):
     if ckpt is None:
         raise FileNotFoundError(f"{root} has no complete checkpoint yet")
     ckpt = checkpoint.fetch(ckpt, endpoint_url=cfg.checkpoint_endpoint_url, parts=("unet", EMA_DIR))
-    manifest = read_manifest(cfg.data.urls, cfg.data.endpoint_url)
+    manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be ema or raw, got {weights!r}")
     folder = os.path.join(ckpt, EMA_DIR if weights == "ema" and os.path.isdir(os.path.join(ckpt, EMA_DIR)) else "unet")
@@ -46,18 +45,18 @@ def load_run(run_dir: str, weights: str = "ema"):
     return unet, vae, text_encoder, cfg, manifest
 
 
-def load_frozen(manifest: dict, cache_url: str):
+def load_frozen(manifest: Manifest, cache_url: str):
     """The VAE (`identity` for a pixel-space cache) and text encoder a cache was made with,
     checked against its manifest."""
-    vae = load_autoencoder(manifest["vae"]["source"])
-    if autoencoder_identity(vae) != manifest["vae"]["identity"]:
-        raise config_lib.ConfigError(f"the autoencoder at {manifest['vae']['source']} is not the one the cache "
+    vae = load_autoencoder(manifest.vae.source)
+    if autoencoder_identity(vae) != manifest.vae.identity:
+        raise config_lib.ConfigError(f"the autoencoder at {manifest.vae.source} is not the one the cache "
                                      f"{cache_url} was made with")
-    return vae, load_cache_text_encoder(manifest)
+    return vae, manifest.text_encoder.load()
 
 
 @torch.no_grad()
-def sample_rows(unet, vae, text_encoder, manifest: dict, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
+def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
                 guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0,
                 negative_prompt: str = "") -> list[list[Image.Image]]:
     """One row of images per prompt; row i's noise is seeded by seed + i, so a fixed prompt
@@ -69,7 +68,7 @@ def sample_rows(unet, vae, text_encoder, manifest: dict, cfg: UNetJob, prompts: 
     replaces it, so guidance > 1 also pushes away from what it describes.
     """
     device = next(unet.parameters()).device
-    shift, scale = (t.to(device) for t in latent_affine(manifest, cfg.latent_norm))  # model latents: (z - shift) * scale
+    shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))  # model latents: (z - shift) * scale
     schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
     uncond = text_encoder.encode([negative_prompt]).to(device)
     rows = []
@@ -141,7 +140,7 @@ class Validator:
     run_dir/samples/step_XXXXXXXXX/.
     """
 
-    def __init__(self, cfg: UNetJob, manifest: dict, device: torch.device, is_main: bool):
+    def __init__(self, cfg: UNetJob, manifest: Manifest, device: torch.device, is_main: bool):
         self.cfg, self.manifest, self.device, self.is_main = cfg, manifest, device, is_main
         self.frozen = load_frozen(manifest, cfg.data.urls) if is_main else None
 

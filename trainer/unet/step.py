@@ -1,0 +1,138 @@
+"""One optimizer step of the UNet job, and the engine it steps: shared by the training loop and
+every benchmark, so that what a benchmark times is what training runs.
+
+A step is `grad_accum` micro batches. Each draws its latents from the cached posterior moments
+(optionally the mirrored image's), normalises them, embeds token captions where the cache holds
+tokens, replaces a random share of the captions by the empty one, and takes the diffusion loss,
+backward and DeepSpeed's step. Every random draw of a micro batch comes from one generator seeded
+by (seed, rank, micro step), in a fixed order, so a resumed run draws exactly what an
+uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from models.diffusion import draw_latents, noise_schedule, training_loss
+from models.unet import build_unet
+
+from trainer.core.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
+from trainer.unet.job import UNetJob
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # resolved precision -> UNet input dtype
+
+
+def micro_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Seed of the noise, timesteps and caption dropout of one micro batch of one rank."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """What stays fixed for a whole run; `train_step` reads nothing else but the batches."""
+    schedule: Any  # the noise schedule (models.diffusion.noise_schedule)
+    shift: torch.Tensor  # latent normalisation z = (draw - shift) * scale, on `device`
+    scale: torch.Tensor  # (Manifest.latent_affine: the VAE's factor or per channel)
+    dtype: torch.dtype  # the UNet's input dtype (DTYPES of the resolved precision)
+    device: torch.device  # where the engine runs; the generators live here too
+    empty: torch.Tensor  # the empty caption's embedding, on `device` in `dtype` (caption dropout's target)
+    text_encoder: Any = None  # frozen text encoder on `device` for a cache of token ids; None: cached embeddings
+    caption_dropout: float = 0.1  # share of captions replaced by the empty one
+    random_flip: bool = False  # use the mirrored image's moments for a random half of each batch
+    min_snr_gamma: float = 0.0  # training_loss's min-SNR weighting (0: off)
+    offset_noise: float = 0.0  # training_loss's per-channel noise offset (0: off)
+    channels_last: bool = False  # NHWC latents, matching a channels_last UNet
+    seed: int = 0  # the run's seed: with rank and micro step it seeds each micro batch
+    rank: int = 0  # this process's rank
+    grad_accum: int = 1  # micro batches per optimizer step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    loss: float  # this rank's loss, mean over the micro batches (NaN/inf when any was)
+    applied: bool  # the optimizer step changed the weights: not dropped for non-finite gradients nor skipped
+    wait_s: float  # seconds spent waiting for the batches
+    read_bytes: int  # shard bytes of the batches (the loader's `bytes`)
+
+
+def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor,
+               scale: torch.Tensor, empty: torch.Tensor, text_encoder=None) -> StepSetup:
+    """The job's step settings; shift, scale, empty and text_encoder come from the cache (or a benchmark)."""
+    return StepSetup(
+        schedule=noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr), shift=shift,
+        scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
+        caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
+        offset_noise=cfg.offset_noise, channels_last=cfg.channels_last, seed=cfg.seed, rank=rank,
+        grad_accum=cfg.grad_accum)
+
+
+def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> StepResult:
+    """Optimizer step `step`: `s.grad_accum` micro batches from `batches` (dicts of the latent cache's
+    fp16 `mean`, `std` (and `mean_flip`, `std_flip`), `text_emb` or `tokens`, and `bytes`)."""
+    loss_sum, skipped_before, dropped, wait_s, read_bytes = 0.0, skipped_steps(engine), False, 0.0, 0
+    device = s.device
+    for micro in range(s.grad_accum):
+        t_wait = time.time()
+        batch = next(batches)
+        wait_s += time.time() - t_wait
+        read_bytes += batch["bytes"]
+        gen = torch.Generator(device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
+        mean, std = batch["mean"].to(device), batch["std"].to(device)
+        if s.random_flip:  # the mirrored image's moments for a random half of the batch
+            flip = (torch.rand(mean.shape[0], generator=gen, device=device) < 0.5)[:, None, None, None]
+            mean = torch.where(flip, batch["mean_flip"].to(device), mean)
+            std = torch.where(flip, batch["std_flip"].to(device), std)
+        z0 = ((draw_latents(mean, std, gen) - s.shift) * s.scale).to(s.dtype)
+        if s.channels_last:
+            z0 = z0.contiguous(memory_format=torch.channels_last)
+        if s.text_encoder is not None:
+            with torch.no_grad():
+                context = s.text_encoder(batch["tokens"].long().to(device)).to(s.dtype)
+        else:
+            context = batch["text_emb"].to(device, s.dtype)
+        # Classifier-free guidance needs an unconditional model: some captions become "".
+        drop = torch.rand(context.shape[0], generator=gen, device=device) < s.caption_dropout
+        context = torch.where(drop[:, None, None], s.empty, context)
+        loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
+                             offset_noise=s.offset_noise)
+        engine.backward(loss)
+        if micro == s.grad_accum - 1:
+            dropped = drop_nonfinite_grads(engine)
+        engine.step()
+        loss_sum += loss.item() / s.grad_accum
+    applied = not dropped and skipped_steps(engine) == skipped_before
+    return StepResult(loss_sum, applied, wait_s, read_bytes)
+
+
+def prepare_unet(unet, cfg: UNetJob):
+    """The memory and speed options that change how the UNet runs, not what it computes."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    # SDPA dispatches to flash / memory-efficient attention kernels where the GPU has them.
+    unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
+    """The job's DeepSpeed config at `world_size` ranks; `precision` resolved (engine.resolve_precision)."""
+    return deepspeed_config(
+        batch_per_rank=cfg.batch_per_rank, grad_accum=cfg.grad_accum, world_size=world_size, zero_stage=cfg.zero_stage,
+        precision=precision, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        offload_optimizer=cfg.offload_optimizer)
+
+
+def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict):
+    """The job's UNet (seeded by cfg.seed, with cfg's speed options) in a DeepSpeed engine of `ds_config`."""
+    unet = prepare_unet(build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed), cfg)
+    engine = build_engine(unet, ds_config)
+    if cfg.compile:
+        engine.compile()
+    return engine
