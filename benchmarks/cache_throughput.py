@@ -40,7 +40,7 @@ from data_pipeline.images import image_and_caption
 from data_pipeline.shards import iter_samples
 from models.autoencoder import PRESETS, downsample_factor, load_autoencoder
 from models.text_encoder import load_text_encoder
-from trainer.cache.job import _dtype as job_dtype  # the job's rule: auto is fp16 on a GPU, fp32 on the CPU
+from trainer.cache.job import encoder_dtype as job_dtype  # the job's rule: auto is fp16 on a GPU, fp32 on the CPU
 from trainer.core import dist
 from trainer.core.data import ImageData
 

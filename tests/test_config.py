@@ -287,6 +287,20 @@ def test_save_resolved_same_config_twice(tmp_path):
     assert sorted(os.listdir(run_dir)) == ["config.yaml"]  # no temp file left
 
 
+def test_a_field_added_since_the_run_is_no_difference_at_its_default(tmp_path):
+    """A run directory from before a field existed: the field was, in effect, at its default."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = dataclasses.asdict(load_config(Job, None, ["lr=1e-3"]))
+    del old["note"], old["data"]["workers"]  # fields added since
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    save_resolved(load_config(Job, None, ["lr=1e-3"]), str(run_dir))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["note"] == "hello"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"\(data.workers: 1 there, 3 now\)"):
+        save_resolved(load_config(Job, None, ["lr=1e-3", "data.workers=3"]), str(run_dir))
+
+
 def test_save_resolved_refuses_different_config(tmp_path):
     run_dir = str(tmp_path / "run")
     save_resolved(load_config(Job, None, ["lr=1e-3"]), run_dir)

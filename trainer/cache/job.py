@@ -95,7 +95,7 @@ class CacheJob:
             raise config_lib.ConfigError(f"shard_slice must look like START:STOP, got {self.shard_slice!r}")
 
 
-def _dtype(precision: str) -> torch.dtype:
+def encoder_dtype(precision: str) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -170,7 +170,7 @@ def cache_latents(cfg: CacheJob) -> str:
     cfg.validate()  # also when called directly, not from a command line: nothing is written before it
     w = dist.init()  # the same set-up as every job (a one-member group when run alone)
     cfg.data.configure_storage()
-    dtype = _dtype(cfg.precision)
+    dtype = encoder_dtype(cfg.precision)
     device = dist.device()
 
     # --- the frozen encoders ------------------------------------------------------------

@@ -260,6 +260,9 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
     if os.path.exists(path):
         with open(path) as f:
             old = yaml.safe_load(f) or {}
+        # A field added to the job since that run (absent from its file) had, in effect, the
+        # default: only another value is a difference.
+        _fill_missing(old, to_dict(type(cfg)()))
         diffs = [k for k in _diff_keys(old, new) if k not in ignore]
         if diffs:
             k = diffs[0]
@@ -272,6 +275,16 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
         f.write(dump(cfg))
     os.replace(tmp, path)
     return path
+
+
+def _fill_missing(old: Any, defaults: dict) -> None:
+    if not isinstance(old, dict):
+        return
+    for k, v in defaults.items():
+        if k not in old:
+            old[k] = v
+        elif isinstance(v, dict):
+            _fill_missing(old[k], v)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
