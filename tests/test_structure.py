@@ -174,6 +174,26 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path, monkeypa
         import_graph.cache_clear()
 
 
+def test_the_readme_layout_names_every_package_and_module():
+    """The README's map of the tree must not drift from it: every package folder and every module
+    of trainer/ and lab/ is named in its Layout section."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 3)]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
+    missing = []
+    for module, path in project_modules().items():
+        top = module.split(".")[0]
+        if top in ("trainer", "lab") and not path.endswith("__init__.py") and module.split(".")[-1] not in words:
+            missing.append(module)
+        if path.endswith("__init__.py") and f"{module.replace('.', '/')}/" not in layout:
+            missing.append(module.replace(".", "/") + "/")
+    assert not missing, f"README.md's Layout section does not name: {', '.join(sorted(missing))}"
+
+
 if __name__ == "__main__":
     g = import_graph()
     chain = longest_chain(g) if not cycles(g) else []
