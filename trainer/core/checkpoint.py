@@ -268,8 +268,11 @@ class SafetensorsPart:
         path = _file(folder, f"{self.name}.safetensors")
         try:
             self.module.load_state_dict(load_file(path))
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not fit this run's {self.name}: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # torch's message: a header line, then the missing/unexpected/mismatched keys
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__
+            detail = detail if len(detail) <= 200 else detail[:197] + "..."
+            raise CheckpointError(f"{path} does not fit this run's {self.name}: {detail}") from None
 
 
 class TorchState:
