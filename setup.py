@@ -20,6 +20,10 @@ setup(
         "fsspec>=2024.3",
         "s3fs>=2024.3",
         "diffusers>=0.30",
+        # The text encoders and tokenizers inside every diffusers Stable Diffusion pipeline folder.
+        "transformers>=4.41",
+        # LoRA adapters the way diffusers makes and loads them (unet.add_adapter, load_lora_weights).
+        "peft>=0.11",
         "safetensors>=0.4",
         "pillow>=10",
         "numpy>=1.24",

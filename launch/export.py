@@ -1,4 +1,5 @@
-"""Export a trained UNet run as a self-contained diffusers-format folder.
+"""Export a trained UNet run as a complete diffusers StableDiffusionPipeline folder (or, for a
+LoRA run, its diffusers LoRA weights; --merge: a pipeline with them folded in).
 
     python launch/export.py --run runs/demo/unet --out exports/demo
 """
@@ -7,7 +8,7 @@ import sys
 
 from data_pipeline.storage import DataError
 from trainer.core.config import ConfigError, one_line
-from trainer.unet.export import export_run
+from trainer.unet.export import FORMATS, export_run
 
 
 def main() -> None:
@@ -16,9 +17,15 @@ def main() -> None:
     p.add_argument("--out", required=True, help="a new, empty folder")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (default, where the run kept an EMA) or the trained ones")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run: a complete pipeline with the adapters folded into the UNet (default: the "
+                   "diffusers LoRA file alone, for load_lora_weights on the pretrained pipeline)")
+    p.add_argument("--format", choices=FORMATS, default="diffusers",
+                   help="diffusers: a pipeline folder (default); single_file: OUT/model.safetensors in the original "
+                   "Stable Diffusion layout (ComfyUI, A1111, from_single_file)")
     args = p.parse_args()
     try:
-        out = export_run(args.run, args.out, args.weights)
+        out = export_run(args.run, args.out, args.weights, merge=args.merge, fmt=args.format)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {one_line(e)}")
     print(f"exported: {out}")

@@ -11,9 +11,19 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
 
+# The keys of a pipeline's scheduler config that define its noise schedule (the betas); the
+# rest (solver, timestep spacing, offsets) is how a sampler walks it, not what was trained.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
 def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000,
-                   zero_terminal_snr: bool = False) -> DDPMScheduler:
+                   zero_terminal_snr: bool = False, base: dict | None = None) -> DDPMScheduler:
     """SD's scaled-linear schedule, optionally rescaled so that the last step is pure noise.
+
+    `base`: a pretrained pipeline's scheduler config, whose betas (SCHEDULE_KEYS) replace SD's
+    so that fine-tuning continues on the schedule the model was trained with.
 
     With SD's betas the final step keeps sqrt(alpha_bar_T) = 0.068 of the image, so a model
     never learns to start from pure noise and cannot make very dark or bright images. Lin et
@@ -25,9 +35,16 @@ def noise_schedule(prediction_type: str = "epsilon", num_timesteps: int = 1000,
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if zero_terminal_snr and prediction_type != "v_prediction":
         raise ValueError("zero_terminal_snr needs prediction_type v_prediction: epsilon is undefined at SNR 0")
-    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="scaled_linear",
-                         beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
-                         clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr,
+    betas = dict(num_train_timesteps=num_timesteps, beta_schedule="scaled_linear", beta_start=0.00085,
+                 beta_end=0.012)
+    if base is not None:
+        betas = {k: base[k] for k in SCHEDULE_KEYS if base.get(k) is not None and k != "rescale_betas_zero_snr"}
+        if betas.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {betas['beta_schedule']!r} is not one the trainer knows "
+                             f"({', '.join(BETA_SCHEDULES)})")
+        zero_terminal_snr = zero_terminal_snr or bool(base.get("rescale_betas_zero_snr"))
+    return DDPMScheduler(**betas, prediction_type=prediction_type, clip_sample=False,
+                         rescale_betas_zero_snr=zero_terminal_snr,
                          timestep_spacing="trailing" if zero_terminal_snr else "leading")
 
 
@@ -75,19 +92,34 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     return per_sample.mean()
 
 
+def make_sampler(name: str, schedule_config: dict):
+    """A diffusers solver over the training schedule, set up as Stable Diffusion pipelines run it:
+    "leading" timesteps offset by 1 (StableDiffusionPipeline rewrites steps_offset to 1 when it
+    loads a scheduler without it), so that an exported pipeline walks the same timesteps."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    leading = schedule_config.get("timestep_spacing", "leading") == "leading"
+    # A keyword, not a key: from_config ignores keys its _use_default_values lists.
+    return SAMPLERS[name].from_config(schedule_config, **({"steps_offset": 1} if leading else {}))
+
+
 @torch.no_grad()
 def sample_latents(unet, context: torch.Tensor, uncond: torch.Tensor, schedule_config: dict, *,
                    steps: int = 50, guidance: float = 5.0, sampler: str = "ddim",
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Classifier-free guided sampling (Ho & Salimans 2022): eps = u + g * (c - u)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    scheduler = SAMPLERS[sampler].from_config(schedule_config)
+                   generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guided sampling (Ho & Salimans 2022): eps = u + g * (c - u).
+
+    `size`: latent (height, width), default the UNet's sample_size; `noise`: the initial
+    latents (unscaled standard normal), else drawn from `generator`."""
+    scheduler = make_sampler(sampler, schedule_config)
     scheduler.set_timesteps(steps)
     cfg = unet.config
     b = context.shape[0]
-    z = torch.randn((b, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator,
-                    device=context.device) * scheduler.init_noise_sigma
+    h, w = size or (cfg.sample_size, cfg.sample_size)
+    if noise is None:
+        noise = torch.randn((b, cfg.in_channels, h, w), generator=generator, device=context.device)
+    z = noise.to(context.device, torch.float32) * scheduler.init_noise_sigma
     both = torch.cat([uncond.expand(b, -1, -1), context])
     for t in scheduler.timesteps:
         zin = scheduler.scale_model_input(torch.cat([z, z]), t)

@@ -1,11 +1,16 @@
-"""The caption encoder: an OpenCLIP text tower returning per-token hidden states.
+"""The caption encoder: an OpenCLIP text tower, or the transformers CLIP text model and
+tokenizer of a diffusers pipeline folder, returning per-token hidden states.
 
 Cross-attention in the UNet reads every token's hidden state, not CLIP's pooled
 embedding. Stable Diffusion 2 takes them from the penultimate layer of OpenCLIP ViT-H
-(its final layer is tuned for the contrastive pooled output); `layer` selects that.
+(its final layer is tuned for the contrastive pooled output); `layer` selects that. A
+pipeline folder's encoder is used as shipped: SD 1.x's CLIP ViT-L with `layer="last"`, and
+SD 2.x's converted ViT-H, whose last block was already dropped, also with `layer="last"`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import open_clip
@@ -63,10 +68,101 @@ def save_tiny(path: str, seed: int = 0) -> None:
     save_file(_tiny_tower(seed).state_dict(), path)
 
 
-def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder:
-    """`tiny` (random), `tiny:FILE.safetensors`, or `MODEL:PRETRAINED` where PRETRAINED is an
+class CLIPTextEncoder(nn.Module):
+    """A transformers CLIP text model with its tokenizer (a diffusers pipeline's `text_encoder/`
+    and `tokenizer/`), with TextEncoder's interface. Hidden states of the last layer are
+    `last_hidden_state` (after the final LayerNorm, as StableDiffusionPipeline reads them);
+    the penultimate layer goes through the final LayerNorm too (diffusers' `clip_skip=1`)."""
+
+    def __init__(self, model: nn.Module, tokenizer, layer: str, name: str):
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"text encoder layer must be 'last' or 'penultimate', got {layer!r}")
+        self.model, self.tokenizer, self.layer, self.name = model, tokenizer, layer, name
+        self.context_length = int(tokenizer.model_max_length)
+        if not 0 < self.context_length <= model.config.max_position_embeddings:
+            raise ValueError(f"{name}: the tokenizer's model_max_length {tokenizer.model_max_length} does not fit the "
+                             f"text model's {model.config.max_position_embeddings} positions")
+        self.width = model.config.hidden_size
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions), padding="max_length", max_length=self.context_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens, output_hidden_states=self.layer == "penultimate")
+        if self.layer == "last":
+            return out.last_hidden_state
+        return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        device = next(self.parameters()).device
+        return self(self.tokenize(captions).to(device))
+
+    def identity(self) -> str:
+        """Weights, architecture, layer and what the tokenizer makes of text (its vocabulary,
+        padding and length), not where the folder lies."""
+        tok = self.tokenizer
+        vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+        config = {k: v for k, v in self.model.config.to_dict().items() if not k.startswith(("_", "transformers"))
+                  and k not in ("dtype", "torch_dtype", "architectures")}
+        return model_identity(self.model, {"kind": "transformers-clip", "config": config, "layer": self.layer,
+                                           "context": self.context_length, "vocab": vocab,
+                                           "pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id})
+
+
+def pipeline_parts(spec: str) -> tuple[str, str, str | None]:
+    """(model location, tokenizer location, hub subfolder prefix) of a transformers text encoder
+    spec: a diffusers pipeline folder (`model_index.json`, its `text_encoder/` and `tokenizer/`),
+    or a hub id of one. Missing files give one line naming them."""
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "model_index.json")):
+            raise FileNotFoundError(f"{spec} is not a diffusers pipeline folder (no model_index.json): a text "
+                                    "encoder folder is named by its pipeline folder, which holds text_encoder/ "
+                                    "and tokenizer/")
+        for sub, files in (("text_encoder", ("config.json",)), ("tokenizer", ("tokenizer_config.json",))):
+            for name in files:
+                if not os.path.exists(os.path.join(spec, sub, name)):
+                    raise FileNotFoundError(f"pipeline folder {spec} has no {sub}/{name}")
+        return os.path.join(spec, "text_encoder"), os.path.join(spec, "tokenizer"), None
+    return spec, spec, "hub"
+
+
+def load_pipeline_text_encoder(spec: str, layer: str = "last") -> CLIPTextEncoder:
+    """The CLIP text model and tokenizer of a diffusers pipeline folder or hub id, in fp32."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    model_at, tokenizer_at, hub = pipeline_parts(spec)
+    sub = {"subfolder": "text_encoder"} if hub else {}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "weights not used" notes for the pooled projection SD never reads
+    try:
+        model = CLIPTextModel.from_pretrained(model_at, dtype=torch.float32, **sub)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_at, **({"subfolder": "tokenizer"} if hub else {}))
+    except Exception as e:  # OSError for missing weights; network errors for hub ids
+        where = f"the hub or its local cache ({type(e).__name__})" if hub else f"{spec}: {str(e).splitlines()[0][:160]}"
+        raise FileNotFoundError(f"cannot load the text encoder and tokenizer of pipeline '{spec}' from {where}; "
+                                "download the pipeline where there is network and name the local folder") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return CLIPTextEncoder(model, tokenizer, layer, spec).eval().requires_grad_(False)
+
+
+def is_pipeline_spec(spec: str) -> bool:
+    """A text encoder spec naming a diffusers pipeline (a folder, or a hub id ORG/NAME), not an
+    OpenCLIP tower (`tiny`, `tiny:FILE`, `MODEL:PRETRAINED`)."""
+    return os.path.isdir(spec) or (spec.count("/") == 1 and ":" not in spec and not spec.startswith((".", "/")))
+
+
+def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextEncoder:
+    """`tiny` (random), `tiny:FILE.safetensors`, `MODEL:PRETRAINED` where PRETRAINED is an
     OpenCLIP tag (e.g. `ViT-H-14:laion2b_s32b_b79k`, needs network or the hub cache) or a
-    local checkpoint file. Only the text tower is kept."""
+    local checkpoint file (only the text tower is kept); or a diffusers pipeline folder or hub
+    id, whose text_encoder/ and tokenizer/ are loaded (load_pipeline_text_encoder)."""
+    if is_pipeline_spec(spec):
+        return load_pipeline_text_encoder(spec, layer)
     name, _, pretrained = spec.partition(":")
     if name == "tiny":
         tower = _tiny_tower()

@@ -35,6 +35,20 @@ PRESETS = {
 }
 
 
+def check_unet_fits(config: dict, latent_channels: int, context_dim: int) -> None:
+    """A pretrained UNet's config must take the cache's latents and text embeddings as they are."""
+    if config.get("in_channels") != latent_channels or config.get("out_channels") != latent_channels:
+        raise ValueError(f"its UNet takes {config.get('in_channels')}-channel latents, the cache holds "
+                         f"{latent_channels}-channel ones")
+    if config.get("cross_attention_dim") != context_dim:
+        raise ValueError(f"its UNet expects {config.get('cross_attention_dim')}-d text embeddings, the cache holds "
+                         f"{context_dim}-d ones")
+    extra = config.get("addition_embed_type") or config.get("class_embed_type")
+    if extra:
+        raise ValueError(f"its UNet needs extra conditioning ({extra}), which the SD trainer does not give "
+                         "(SDXL is not supported yet)")
+
+
 def build_unet(preset: str, latent_channels: int, latent_size: int, context_dim: int,
                seed: int = 0) -> UNet2DConditionModel:
     """A freshly initialised UNet. `preset` is a name above or a diffusers config.json path.

@@ -32,6 +32,7 @@ from data_pipeline import storage
 from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
+from models.pipeline import is_local, part_spec
 from models.text_encoder import load_text_encoder
 
 from trainer.cache.checks import output_over_input, settings_mismatch
@@ -47,9 +48,12 @@ class CacheJob:
     data: ImageData = dataclasses.field(default_factory=ImageData)  # image shards in (resolution: crop size)
     out_url: str = ""  # where latent shards and manifest.json go (local path or s3://...)
     out_endpoint_url: str | None = None  # S3-compatible endpoint for out_url; default AWS_ENDPOINT_URL
+    pretrained: str = ""  # a diffusers Stable Diffusion pipeline folder (model_index.json) or hub id: the VAE
+    #   and text encoder default to its vae/ and text_encoder/ + tokenizer/; "": name them with vae= and text_encoder=
     vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, preset:NAME (random, tests only),
-    #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline)
-    text_encoder: str = "tiny"  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k)
+    #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline); "": pretrained's
+    text_encoder: str = ""  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k) |
+    #   a diffusers pipeline folder or hub id (its text_encoder/ and tokenizer/); "": pretrained's, else tiny
     text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer
     batch_size: int = 64  # images per encoder call
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 for the encoders
@@ -57,10 +61,22 @@ class CacheJob:
     shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
     text: str = "embeddings"  # embeddings (per-token hidden states, fp16) | tokens (ids only; the trainer encodes)
 
+    def vae_spec(self) -> str:
+        """The VAE this job encodes with: `vae`, else the pretrained pipeline's vae/."""
+        return self.vae or (part_spec(self.pretrained, "vae") if self.pretrained else "")
+
+    def text_encoder_spec(self) -> str:
+        """The text encoder: `text_encoder`, else the pretrained pipeline's, else the tiny random tower."""
+        if self.text_encoder:
+            return self.text_encoder
+        return os.path.abspath(self.pretrained) if self.pretrained and is_local(self.pretrained) else \
+            self.pretrained or "tiny"
+
     def validate(self) -> None:
-        for key in ("out_url", "vae"):
-            if not getattr(self, key):
-                raise config_lib.ConfigError(f"{key} is empty: it is required")
+        if not self.out_url:
+            raise config_lib.ConfigError("out_url is empty: it is required")
+        if not self.vae_spec():
+            raise config_lib.ConfigError("vae is empty: name the autoencoder, or a pipeline folder with pretrained=")
         if not self.data.urls:
             raise config_lib.ConfigError("data.urls is empty: name the image shards to encode")
         if self.text not in ("embeddings", "tokens"):
@@ -74,7 +90,7 @@ class CacheJob:
 
     def _validate_fields(self) -> None:
         """Every other field, when the config is resolved (login node, --dry-run), not on the nodes."""
-        from trainer.core.job_checks import check_text_encoder_spec, check_vae_spec
+        from trainer.core.job_checks import check_pretrained, check_text_encoder_spec, check_vae_spec
 
         self.data.validate("data.")
         # The cache encodes every image once, in order, as a square crop of data.resolution: the
@@ -86,8 +102,11 @@ class CacheJob:
                                              "(it encodes each image once, as a square crop of data.resolution); "
                                              "leave it out")
         config_lib.check_endpoint("out_endpoint_url", self.out_endpoint_url)
-        check_vae_spec(self.vae)
-        check_text_encoder_spec(self.text_encoder)
+        if self.pretrained:
+            check_pretrained(self.pretrained, ("vae",) * (not self.vae) + ("text_encoder", "tokenizer") *
+                             (not self.text_encoder))
+        check_vae_spec(self.vae_spec())
+        check_text_encoder_spec(self.text_encoder_spec())
         config_lib.check_choice("text_layer", self.text_layer, ("last", "penultimate"))
         config_lib.check_choice("precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         config_lib.check_positive(self, ("batch_size",))
@@ -174,12 +193,13 @@ def cache_latents(cfg: CacheJob) -> str:
     device = dist.device()
 
     # --- the frozen encoders ------------------------------------------------------------
-    vae = load_autoencoder(cfg.vae).to(device)
+    vae_spec, text_spec = cfg.vae_spec(), cfg.text_encoder_spec()
+    vae = load_autoencoder(vae_spec).to(device)
     identity = autoencoder_identity(vae)
     if dtype != torch.float32:
         vae.to(dtype)
     encoder = LatentEncoder(vae, dtype)
-    text_encoder = load_text_encoder(cfg.text_encoder, cfg.text_layer).to(device)
+    text_encoder = load_text_encoder(text_spec, cfg.text_layer).to(device)
     factor = downsample_factor(vae)
     if cfg.data.resolution % factor:
         raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the "
@@ -267,10 +287,11 @@ def cache_latents(cfg: CacheJob) -> str:
             text_emb_dtype="float16",
             text=cfg.text,
             latent_channel_stats=ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
-            vae=VaeRecord(source=os.path.abspath(cfg.vae) if os.path.isdir(cfg.vae) else cfg.vae,
+            vae=VaeRecord(source=os.path.abspath(vae_spec) if os.path.isdir(vae_spec) else vae_spec,
                           identity=identity, scaling_factor=float(vae.config.scaling_factor),
                           downsample_factor=factor),
-            text_encoder=TextEncoderRecord(spec=cfg.text_encoder, layer=cfg.text_layer,
+            text_encoder=TextEncoderRecord(spec=os.path.abspath(text_spec) if os.path.isdir(text_spec) else text_spec,
+                                           layer=cfg.text_layer,
                                            identity=text_encoder.identity()),
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), cfg.out_endpoint_url)

@@ -99,13 +99,26 @@ def _check_fits(path: str, meta: dict, stage: int, size: int, universal: bool) -
                               f"{size}: load it with universal=True")
 
 
+def _save_trainable(module, folder: str) -> None:
+    """The trainable parameters alone, in the layout of a diffusers model folder."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+    state = {n: p.detach().float().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
 class EnginePart:
     """Model, optimizer and a client state dict (the job's step, loader positions, ...) of a
     DeepSpeed engine. Set `state` before a save (its scalars go into the marker); `load` sets
-    it to the saved one. `universal=True` loads at another world size (see the module doc)."""
+    it to the saved one. `universal=True` loads at another world size (see the module doc).
+    `exclude_frozen=True` saves only the parameters that train (LoRA adapters; `unet/` then
+    holds them alone, with the model's config): the job rebuilds the frozen rest on load."""
 
-    def __init__(self, engine, state: dict | None = None, universal: bool = False):
-        self.engine, self.state, self.universal = engine, state, universal
+    def __init__(self, engine, state: dict | None = None, universal: bool = False, exclude_frozen: bool = False):
+        self.engine, self.state, self.universal, self.exclude_frozen = engine, state, universal, exclude_frozen
 
     def _stage(self) -> int:
         return int(self.engine.zero_optimization_stage())
@@ -117,8 +130,12 @@ class EnginePart:
         from trainer.core.engine import full_weights  # deepspeed is imported only by jobs that use it
 
         parent, tag = os.path.split(folder)
-        self.engine.save_checkpoint(parent, tag=tag, client_state=self.state or {}, save_latest=False)
-        if hasattr(self.engine.module, "save_pretrained"):
+        self.engine.save_checkpoint(parent, tag=tag, client_state=self.state or {}, save_latest=False,
+                                    exclude_frozen_parameters=self.exclude_frozen)
+        if self.exclude_frozen:
+            if dist.world().is_main:
+                _save_trainable(self.engine.module, os.path.join(folder, PRETRAINED))
+        elif hasattr(self.engine.module, "save_pretrained"):
             with full_weights(self.engine) as module:
                 if dist.world().is_main:
                     module.save_pretrained(os.path.join(folder, PRETRAINED), safe_serialization=True)
@@ -156,7 +173,8 @@ class EnginePart:
         self.engine._config.load_universal_checkpoint = self.universal
         try:
             loaded, state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                        load_lr_scheduler_states=False)
+                                                        load_lr_scheduler_states=False,
+                                                        load_module_strict=not self.exclude_frozen)
         finally:
             self.engine._config.load_universal_checkpoint = saved_flag
         if loaded is None:

@@ -63,11 +63,13 @@ def _slice_of(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
 
 class EMA:
     def __init__(self, module: torch.nn.Module, halflife_samples: float, rampup_ratio: float = 0.05,
-                 folder: str = EMA_DIR):
+                 folder: str = EMA_DIR, trainable_only: bool = False):
         self.module, self.halflife_samples, self.rampup_ratio = module, halflife_samples, rampup_ratio
         self.folder = folder  # its folder in a checkpoint
-        self.names = [n for n, _ in module.named_parameters()]
-        self.params = [p for _, p in module.named_parameters()]
+        # trainable_only: average (and save) only the weights that train, e.g. LoRA adapters on a frozen base.
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         # fp32 whatever the training precision: a bf16 average cannot absorb updates
         # smaller than its 8-bit mantissa resolves.
         self.shadow = [_local(p).detach().float().clone() for p in self.params]

@@ -46,9 +46,25 @@ def check_vae_spec(spec: str, key: str = "vae") -> None:
                       "folder or a hub id ORG/NAME)")
 
 
+def check_pretrained(spec: str, parts: tuple[str, ...], key: str = "pretrained") -> None:
+    """A diffusers pipeline folder with model_index.json and the files of `parts`, or a hub id."""
+    from models.pipeline import check_folder
+
+    try:
+        check_folder(spec, parts, key)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_text_encoder_spec(spec: str, key: str = "text_encoder") -> None:
     """tiny | tiny:FILE (must exist) | OpenCLIP MODEL[:PRETRAINED], PRETRAINED a tag OpenCLIP
-    knows for MODEL or a checkpoint file that exists (models.text_encoder.load_text_encoder)."""
+    knows for MODEL or a checkpoint file that exists | a diffusers pipeline folder with
+    text_encoder/ and tokenizer/, or a hub id ORG/NAME (models.text_encoder.load_text_encoder)."""
+    from models.text_encoder import is_pipeline_spec
+
+    if is_pipeline_spec(spec):
+        check_pretrained(spec, ("text_encoder", "tokenizer"), key)
+        return
     name, _, pretrained = spec.partition(":")
     if name == "tiny":
         if pretrained:

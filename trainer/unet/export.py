@@ -1,44 +1,168 @@
-"""Export a trained run as a self-contained diffusers-format folder.
+"""Export a trained run as a complete diffusers Stable Diffusion pipeline folder.
 
-    OUT/unet/        the UNet of the newest complete checkpoint: its EMA weights where the run kept
-                     an EMA, else the trained weights (safetensors; gathered under ZeRO-3)
-    OUT/scheduler/   the training noise schedule (DDPMScheduler config; any diffusers sampler loads it)
-    OUT/vae/         the frozen autoencoder, copied when it is a local folder
-    OUT/ldm.json     what else a pipeline needs: text encoder spec and identity, prediction type,
-                     how latents were normalised, and the cache's VAE identity and scaling factor
+    OUT/model_index.json  what StableDiffusionPipeline.from_pretrained(OUT) reads: no other input needed
+    OUT/unet/             the newest complete checkpoint's UNet: its EMA weights where the run kept an
+                          EMA, else the trained weights (safetensors; gathered under ZeRO-3)
+    OUT/vae/              the frozen autoencoder the cache was made with (AutoencoderKL only)
+    OUT/text_encoder/     the cache's text encoder as a transformers CLIPTextModel: a pipeline folder's
+    OUT/tokenizer/        as it was; an OpenCLIP tower converted (models/clip_convert.py)
+    OUT/scheduler/        DDIM over the training noise schedule (what launch/sample.py samples with)
+    OUT/ldm.json          provenance: checkpoint, weights, prediction type, latent normalisation,
+                          the cache's encoders
+
+A LoRA run exports its adapters as diffusers' `pytorch_lora_weights.safetensors` (for
+`pipe.load_lora_weights(OUT)` on the pretrained pipeline), or with `merge` the complete
+pipeline above with the adapters folded into the UNet.
+
+A pipeline applies one latent scale, `vae.config.scaling_factor`. A run trained with
+latent_norm=per_channel saw (z - mean_c) / std_c per channel; that affine map is folded into
+the exported VAE's 1x1 quant_conv (encoder side) and post_quant_conv (decoder side), and its
+scaling_factor set to 1, so the pipeline decodes exactly what the UNet was trained on.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import shutil
 
-from models.diffusion import noise_schedule
+import torch
+from safetensors.torch import save_file
+
+from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
+from models.diffusion import make_sampler
+from models.single_file import to_original
+from models.text_encoder import CLIPTextEncoder
 
 from trainer.core.checkpoint import default_root, latest
+from trainer.core.config import ConfigError
+from trainer.unet.lora import merged, save_lora_weights
+from trainer.unet.pretrained import training_schedule
 from trainer.unet.sampling import load_run
 
 
-def export_run(run_dir: str, out: str, weights: str = "ema") -> str:
-    unet, vae, text_encoder, cfg, manifest = load_run(run_dir, weights)
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"export folder {out} is not empty; choose a new one")
-    unet.save_pretrained(os.path.join(out, "unet"), safe_serialization=True)
-    noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr).save_pretrained(os.path.join(out, "scheduler"))
-    source = manifest.vae.source
-    if os.path.isdir(source):
-        shutil.copytree(source, os.path.join(out, "vae"))
+def fold_latent_affine(vae, shift: torch.Tensor, scale: torch.Tensor):
+    """The VAE, changed in place so that its latents are (z - shift) * scale and scaling_factor is 1.
+
+    Encoder: the posterior mean becomes (mean - shift) * scale and log-variance gains 2 ln scale,
+    both affine in quant_conv's output. Decoder: post_quant_conv(z) with z = z' / scale + shift is
+    W (z' / scale) + (W shift + b), a 1x1 convolution of z' again. Exact up to float rounding."""
+    from diffusers import AutoencoderKL
+
+    if not isinstance(vae, AutoencoderKL) or vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ConfigError("latent_norm=per_channel can only be exported with an AutoencoderKL that has quant_conv "
+                          "and post_quant_conv (where the per-channel statistics are folded in)")
+    shift, scale = shift.flatten().double(), scale.flatten().double()
+    c = shift.numel()
+    with torch.no_grad():
+        q = vae.quant_conv
+        w, b = q.weight.double(), q.bias.double()
+        w[:c] *= scale.view(-1, 1, 1, 1)
+        b[:c] = (b[:c] - shift) * scale
+        b[c:] += 2 * torch.log(scale)
+        q.weight.copy_(w), q.bias.copy_(b)
+        p = vae.post_quant_conv
+        w, b = p.weight.double(), p.bias.double()
+        b = b + (w[:, :, 0, 0] @ shift)
+        w = w / scale.view(1, -1, 1, 1)
+        p.weight.copy_(w), p.bias.copy_(b)
+    vae.register_to_config(scaling_factor=1.0)
+    return vae
+
+
+def pipeline_text_encoder(text_encoder):
+    """(CLIPTextModel, CLIPTokenizer) whose last_hidden_state is what the cache stored."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    if isinstance(text_encoder, CLIPTextEncoder):
+        model = text_encoder.model
+        if text_encoder.layer == "penultimate":  # a pipeline reads the last layer: drop the one after it
+            import copy
+
+            model = copy.deepcopy(model)
+            inner = getattr(model, "text_model", model)  # transformers 4.x nests it, 5.x does not
+            inner.encoder.layers = inner.encoder.layers[:-1]
+            model.config.num_hidden_layers -= 1
+        return model, text_encoder.tokenizer
+    model = openclip_to_transformers(text_encoder.tower, text_encoder.layer)
+    with tempfile.TemporaryDirectory() as tmp:
+        # OpenCLIP pads with id 0 ("!"), as SD 2.x's tokenizer does.
+        write_clip_tokenizer(tmp, text_encoder.context_length, pad_token="!")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    return model, tokenizer
+
+
+def build_pipeline(run_dir: str, weights: str = "ema", loaded=None):
+    """(StableDiffusionPipeline of the run's newest checkpoint, provenance dict for ldm.json).
+    A LoRA run's UNet has its adapters merged. `loaded`: load_run's result, if already at hand."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    unet, vae, text_encoder, cfg, manifest = loaded or load_run(run_dir, weights)
+    if cfg.lora_rank:
+        unet = merged(unet)
+    if not isinstance(vae, AutoencoderKL):
+        raise ConfigError(f"the run's first stage is a {type(vae).__name__} ({manifest.vae.source}); a Stable Diffusion "
+                          "pipeline decodes with an AutoencoderKL, so this run cannot be exported as one")
     shift, scale = manifest.latent_affine(cfg.latent_norm)
+    if cfg.latent_norm == "per_channel":
+        vae = fold_latent_affine(vae, shift, scale)
+    model, tokenizer = pipeline_text_encoder(text_encoder)
+    schedule = training_schedule(cfg)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=model, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_sampler("ddim", schedule.config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     info = {
         "checkpoint": latest(cfg.checkpoint_url or default_root(run_dir), cfg.checkpoint_endpoint_url),
         "weights": "ema" if weights == "ema" and cfg.ema_halflife_samples else "raw",
-        "prediction_type": cfg.prediction_type,
-        "latent_norm": {"kind": cfg.latent_norm, "shift": shift.flatten().tolist(), "scale": scale.flatten().tolist()},
-        "vae": {**dataclasses.asdict(manifest.vae), "folder": "vae" if os.path.isdir(source) else None},
+        "prediction_type": schedule.config.prediction_type,
+        "pretrained": cfg.pretrained,
+        "latent_norm": {"kind": cfg.latent_norm, "shift": shift.flatten().tolist(), "scale": scale.flatten().tolist(),
+                        "folded_into_vae": cfg.latent_norm == "per_channel"},
+        "vae": {**dataclasses.asdict(manifest.vae), "folder": "vae"},
         "text_encoder": dataclasses.asdict(manifest.text_encoder),
         "resolution": manifest.resolution,
     }
+    assert math.isclose(pipe.vae.config.scaling_factor, 1.0 if cfg.latent_norm == "per_channel"
+                        else manifest.vae.scaling_factor)
+    return pipe, info
+
+
+FORMATS = ("diffusers", "single_file")
+SINGLE_FILE = "model.safetensors"  # the single-file export's name inside OUT
+
+
+def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False, fmt: str = "diffusers") -> str:
+    """Write the run into the new folder `out`: a complete pipeline; for a LoRA run its diffusers
+    LoRA file (for the pretrained pipeline's load_lora_weights), or with `merge` a complete
+    pipeline with the adapters folded into the UNet. fmt=single_file: OUT/model.safetensors in
+    the original SD layout instead (models/single_file.py; a LoRA run's adapters merged)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"export folder {out} is not empty; choose a new one")
+    loaded = load_run(run_dir, weights)
+    cfg = loaded[3]
+    if merge and not cfg.lora_rank:
+        raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
+    if fmt == "single_file":
+        pipe, info = build_pipeline(run_dir, weights, loaded)
+        os.makedirs(out, exist_ok=True)
+        try:
+            state = to_original(pipe.unet, pipe.vae, pipe.text_encoder)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        save_file(state, os.path.join(out, SINGLE_FILE), metadata={"format": "pt"})
+        info["format"] = "single_file"
+    elif cfg.lora_rank and not merge:
+        os.makedirs(out, exist_ok=True)
+        save_lora_weights(loaded[0], out, cfg)
+        info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+                         "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights}
+    else:
+        pipe, info = build_pipeline(run_dir, weights, loaded)
+        pipe.save_pretrained(out, safe_serialization=True)
     with open(os.path.join(out, "ldm.json"), "w") as f:
         json.dump(info, f, indent=1)
     return out

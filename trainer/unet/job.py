@@ -8,7 +8,7 @@ import math
 from trainer.cache.manifest import CacheExpect
 from trainer.core import config as config_lib
 from trainer.core.data import ShardData
-from trainer.core.job_checks import check_guidance, check_unet_model
+from trainer.core.job_checks import check_guidance, check_pretrained, check_unet_model
 
 
 @dataclasses.dataclass
@@ -18,8 +18,14 @@ class UNetJob:
     cache: CacheExpect = dataclasses.field(default_factory=CacheExpect)  # what the cache must have been made with
     latent_norm: str = "scaling_factor"  # scaling_factor (the VAE's) | per_channel (the cache's measured mean/std)
     random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)
-    model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json
-    prediction_type: str = "epsilon"  # epsilon | v_prediction (Salimans & Ho 2022)
+    pretrained: str = ""  # a diffusers SD pipeline folder or hub id to fine-tune: its unet/ (architecture and
+    #   weights), its scheduler's betas and prediction type; the cache must be made with its vae/ and text encoder
+    model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json; with pretrained: leave it
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on pretrained's frozen UNet (Hu et al. 2021); 0: all weights
+    lora_alpha: float = 0.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A; 0: lora_rank (scale 1)
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # layers
+    #   that get adapters (names or name suffixes of the UNet's modules, as peft matches them): the attention projections
+    prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | auto: pretrained's, else epsilon
     min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
     offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
     zero_terminal_snr: bool = False  # rescale betas to SNR(T)=0 (Lin et al. 2024); needs v_prediction
@@ -73,13 +79,17 @@ class UNetJob:
             raise config_lib.ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise config_lib.ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise config_lib.ConfigError(f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        config_lib.check_choice("prediction_type", self.prediction_type, ("auto", "epsilon", "v_prediction"))
+        if self.pretrained:
+            check_pretrained(self.pretrained, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+            if self.model != UNetJob.model:
+                raise config_lib.ConfigError(f"model={self.model} and pretrained={self.pretrained} both name the UNet "
+                                             "(pretrained's unet/ is trained): leave model out")
         for key in ("batch_per_rank", "grad_accum", "total_samples", "log_every_samples", "checkpoint_every_samples",
                     "max_nonfinite_steps", "validation_steps", "dist_timeout_s"):
             if getattr(self, key) <= 0:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+        if self.zero_terminal_snr and resolved_prediction_type(self) != "v_prediction":
             raise config_lib.ConfigError("zero_terminal_snr=true needs prediction_type=v_prediction "
                                          "(epsilon is undefined at SNR 0)")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
@@ -90,6 +100,17 @@ class UNetJob:
             raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
         if self.validate_every_samples > 0 and not self.validation_prompts:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise config_lib.ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if self.lora_rank:
+            if not self.pretrained:
+                raise config_lib.ConfigError("lora_rank > 0 needs pretrained= (adapters adapt a pretrained UNet; "
+                                             "a random one is trained whole)")
+            if self.zero_stage == 3:
+                raise config_lib.ConfigError("lora_rank > 0 runs at zero_stage 0-2: the adapters are small, and "
+                                             "ZeRO-3 would partition the frozen base for nothing")
+            if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+                raise config_lib.ConfigError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets}")
         check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",
                        "validation_negative_prompt")
         for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
@@ -113,6 +134,12 @@ class UNetJob:
             raise config_lib.ConfigError(f"lr_final_ratio must be in [0, 1], got {self.lr_final_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise config_lib.ConfigError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+def resolved_prediction_type(cfg: UNetJob) -> str:
+    from trainer.unet.pretrained import prediction_type
+
+    return prediction_type(cfg)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,15 @@ from PIL import Image, ImageDraw
 
 from data_pipeline.images import grid, to_pil
 from models.autoencoder import autoencoder_identity, load_autoencoder
-from models.diffusion import noise_schedule, sample_latents
+from models.diffusion import sample_latents
 
 from trainer.cache.manifest import Manifest
 from trainer.core import checkpoint
 from trainer.core import config as config_lib
 from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
+from trainer.unet.lora import load_adapter
+from trainer.unet.pretrained import build_model, training_schedule
 
 
 def load_run(run_dir: str, weights: str = "ema"):
@@ -40,9 +42,18 @@ def load_run(run_dir: str, weights: str = "ema"):
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be ema or raw, got {weights!r}")
     folder = os.path.join(ckpt, EMA_DIR if weights == "ema" and os.path.isdir(os.path.join(ckpt, EMA_DIR)) else "unet")
-    unet = UNet2DConditionModel.from_pretrained(folder).eval()
+    if cfg.lora_rank:  # the checkpoint holds the adapters; the frozen base is pretrained's
+        unet = lora_unet(cfg, manifest)
+        load_adapter(unet, folder)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(folder)
     vae, text_encoder = load_frozen(manifest, cfg.data.urls)
-    return unet, vae, text_encoder, cfg, manifest
+    return unet.eval(), vae, text_encoder, cfg, manifest
+
+
+def lora_unet(cfg: UNetJob, manifest: Manifest):
+    """A LoRA run's UNet before training: pretrained's weights with fresh adapters."""
+    return build_model(cfg, manifest.latent_shape[0], manifest.latent_shape[1], manifest.text_emb_shape[1])
 
 
 def load_frozen(manifest: Manifest, cache_url: str):
@@ -69,14 +80,14 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     """
     device = next(unet.parameters()).device
     shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))  # model latents: (z - shift) * scale
-    schedule = noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr)
+    schedule = training_schedule(cfg)
     uncond = text_encoder.encode([negative_prompt]).to(device)
     rows = []
     for i, prompt in enumerate(prompts):
         context = text_encoder.encode([prompt] * per_prompt).to(device)
         gen = torch.Generator(device).manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
-                           sampler=sampler, generator=gen)
+                           sampler=sampler, generator=gen, size=tuple(manifest.latent_shape[1:]))
         images = vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).sample
         rows.append([to_pil(x.float().cpu()) for x in images])
     return rows
@@ -152,8 +163,12 @@ class Validator:
                 ema_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if not self.is_main:
             return None
-        unet = UNet2DConditionModel.from_config(engine.module.config)
-        unet.load_state_dict(ema_state)
+        if self.cfg.lora_rank:  # the EMA holds the adapters: on a fresh copy of the pretrained base
+            unet = lora_unet(self.cfg, self.manifest)
+            unet.load_state_dict(ema_state, strict=False)
+        else:
+            unet = UNet2DConditionModel.from_config(engine.module.config)
+            unet.load_state_dict(ema_state)
         unet = unet.to(self.device).eval()
         vae, text_encoder = (m.to(self.device) for m in self.frozen)
         rows = sample_rows(unet, vae, text_encoder, self.manifest, self.cfg, self.cfg.validation_prompts,

@@ -17,11 +17,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from models.diffusion import draw_latents, noise_schedule, training_loss
-from models.unet import build_unet
+from models.diffusion import draw_latents, training_loss
 
 from trainer.core.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
 from trainer.unet.job import UNetJob
+from trainer.unet.pretrained import build_model, training_schedule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # resolved precision -> UNet input dtype
 
@@ -63,7 +63,7 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
                scale: torch.Tensor, empty: torch.Tensor, text_encoder=None) -> StepSetup:
     """The job's step settings; shift, scale, empty and text_encoder come from the cache (or a benchmark)."""
     return StepSetup(
-        schedule=noise_schedule(cfg.prediction_type, zero_terminal_snr=cfg.zero_terminal_snr), shift=shift,
+        schedule=training_schedule(cfg), shift=shift,
         scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
         caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
         offset_noise=cfg.offset_noise, channels_last=cfg.channels_last, seed=cfg.seed, rank=rank,
@@ -130,8 +130,9 @@ def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
 
 
 def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict):
-    """The job's UNet (seeded by cfg.seed, with cfg's speed options) in a DeepSpeed engine of `ds_config`."""
-    unet = prepare_unet(build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed), cfg)
+    """The job's UNet (seeded by cfg.seed, or the pretrained folder's; with cfg's speed options) in a DeepSpeed
+    engine of `ds_config`."""
+    unet = prepare_unet(build_model(cfg, channels, size, context_dim), cfg)
     engine = build_engine(unet, ds_config)
     if cfg.compile:
         engine.compile()

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from data_pipeline import storage
 from data_pipeline.latents import EMPTY_CAPTION, decode_sample, read_cached_shard
-from models.unet import build_unet
 
 from trainer.cache.manifest import Manifest
 from trainer.core import checkpoint, dist
@@ -32,6 +31,7 @@ from trainer.core.flops import device_peak_tflops, peak_memory_gb, unet_train_fl
 from trainer.core.metrics import RunLog, plot_loss
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
+from trainer.unet import pretrained
 from trainer.unet.job import UNetJob, make_plan
 from trainer.unet.sampling import Validator
 from trainer.unet.step import DTYPES, build_unet_engine, step_setup, train_step, unet_ds_config
@@ -41,6 +41,7 @@ def train_unet(cfg: UNetJob) -> str:
     # --- distributed set-up and the derived plan ---------------------------------------------
     preemption = Preemption()  # first: DataLoader workers forked later inherit its signal handler
     w = dist.init(cfg.dist_timeout_s)
+    cfg = pretrained.resolve(cfg)  # prediction_type=auto: the pretrained folder's (saved as resolved)
     plan = make_plan(cfg, w.size)
     if w.is_main:
         # These keys do not change what is trained, so a resumed run may set them differently.
@@ -56,6 +57,7 @@ def train_unet(cfg: UNetJob) -> str:
     # --- the cache this run trains on ----------------------------------------------------------
     manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
     trained_on = manifest.check_expected(cfg.data.urls, cfg.cache, None)
+    pretrained.check_cache_encoders(cfg, manifest, cfg.data.urls)
     if cfg.random_flip and not manifest.flip:
         raise config_lib.ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     channels, size, _ = manifest.latent_shape
@@ -70,13 +72,15 @@ def train_unet(cfg: UNetJob) -> str:
     # Model FLOPs, the MFU convention: counted on a weightless copy on the meta device (shapes
     # only, instant at any size), without gradient checkpointing's recomputation.
     with torch.device("meta"):
-        shapes_only = build_unet(cfg.model, channels, size, context_dim)
+        shapes_only = pretrained.shapes_only(cfg, channels, size, context_dim)
     flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
     peak = device_peak_tflops(precision, cfg.peak_tflops)
     engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision))
     unet = engine.module
     # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
-    ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio) if cfg.ema_halflife_samples else None
+    ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio, trainable_only=cfg.lora_rank > 0) \
+        if cfg.ema_halflife_samples else None
+    lora = cfg.lora_rank > 0  # checkpoints hold the adapters alone; the frozen base is pretrained's
     step_cfg = step_setup(cfg, rank=w.rank, device=device, dtype=dtype, shift=shift, scale=scale, empty=empty,
                           text_encoder=text_encoder)
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
@@ -89,7 +93,7 @@ def train_unet(cfg: UNetJob) -> str:
             raise config_lib.ConfigError(
                 f"checkpoint {resume} was written by {written_by} ranks, this job has {w.size}; resume with the same "
                 "world size, or set elastic_resume=true to reshard it (DeepSpeed universal checkpoint)")
-        engine_part = EnginePart(engine, universal=elastic)
+        engine_part = EnginePart(engine, universal=elastic, exclude_frozen=lora)
         checkpoint.load(resume, [engine_part, *([ema] if ema is not None else [])], endpoint_url=endpoint)
         state = engine_part.state
         manifest.check_expected(cfg.data.urls, cfg.cache, state["cache"])
@@ -112,7 +116,7 @@ def train_unet(cfg: UNetJob) -> str:
     samples_per_epoch = dataset.samples_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, resume_samples=samples, wandb_mode=cfg.wandb,
                     wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg),
-                    plot_title=f"UNet {cfg.model}, {cfg.prediction_type} loss")
+                    plot_title=f"UNet {cfg.pretrained or cfg.model}, {cfg.prediction_type} loss")
     validator = None
     if plan.validate_every_steps:
         validator = Validator(cfg, manifest, device, w.is_main)
@@ -124,8 +128,8 @@ def train_unet(cfg: UNetJob) -> str:
     def save_checkpoint() -> None:
         state = {"step": step, "samples": samples, "world_size": w.size, "zero_stage": cfg.zero_stage,
                  "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict()}
-        checkpoint.save(root, samples, [EnginePart(engine, state), *([ema] if ema is not None else [])],
-                        keep_last=cfg.keep_last, endpoint_url=endpoint)
+        parts = [EnginePart(engine, state, exclude_frozen=lora), *([ema] if ema is not None else [])]
+        checkpoint.save(root, samples, parts, keep_last=cfg.keep_last, endpoint_url=endpoint)
 
     # --- training loop ------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=step, desc="unet", unit="step", disable=not w.is_main)
@@ -194,7 +198,7 @@ def train_unet(cfg: UNetJob) -> str:
     final = checkpoint.latest(root, endpoint)
     if w.is_main:
         png = plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
-                        title=f"UNet {cfg.model}, {cfg.prediction_type} loss")
+                        title=f"UNet {cfg.pretrained or cfg.model}, {cfg.prediction_type} loss")
         print(f"final checkpoint: {final}\nloss curve: {png}")
     dist.barrier()
     preemption.finish(final)  # stopped by SLURM's warning signal: rank 0 requeues the job

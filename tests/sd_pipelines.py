@@ -1,0 +1,82 @@
+"""Tiny random-weight Stable Diffusion pipeline folders, built offline, for tests and trials.
+
+Pretrained weights cannot be downloaded here, so the tests start from folders of the same
+architectures and layout as the real ones, with small widths:
+
+    sd15  CLIP text model (quick_gelu, padded with the end token), PNDM scheduler, epsilon;
+    sd21  converted-OpenCLIP-style text model (gelu, padded with "!"), DDIM scheduler,
+          v-prediction, linear projections and per-level head dims in the UNet.
+
+Both have an f = 8 AutoencoderKL (scaling factor 0.18215) and a UNet2DConditionModel, written
+by `StableDiffusionPipeline.save_pretrained` with model_index.json, so `from_pretrained(folder)`
+loads them and generates.
+
+    python tests/sd_pipelines.py --family sd15 --out /tmp/tiny-sd15
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FAMILIES = ("sd15", "sd21")
+
+
+def build_pipeline(family: str, out: str, seed: int = 0, image_size: int = 32) -> str:
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from models.clip_convert import EOS, write_clip_tokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    sd2 = family == "sd21"
+    width, context = 32, 77
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=context, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=width,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if sd2 else 1))
+    tok_dir = os.path.join(out, ".tokenizer-src")
+    write_clip_tokenizer(tok_dir, context, pad_token="!" if sd2 else EOS)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width,
+        attention_head_dim=(4, 8) if sd2 else 8, use_linear_projection=sd2)
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  steps_offset=1, set_alpha_to_one=False)
+    if sd2:
+        scheduler = DDIMScheduler(**common, clip_sample=False, prediction_type="v_prediction")
+    else:
+        scheduler = PNDMScheduler(**common, skip_prk_steps=True, prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILIES, default="sd15")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    print(build_pipeline(args.family, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Starting the UNet job from a Stable Diffusion pipeline folder (`pretrained=`): fine-tuning and
+continued pretraining.
+
+What comes from the folder: the UNet's architecture and weights (unet/; the EMA starts from
+them, since it starts from whatever the engine holds), the noise schedule's betas and the
+prediction type (scheduler/). What is checked against it: the latent cache's VAE and text
+encoder must be the folder's, by identity (weights and configuration, not paths): a cache
+made with other encoders trains without error into a model that no pipeline can use.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from models import pipeline
+from models.autoencoder import autoencoder_identity, load_autoencoder
+from models.diffusion import noise_schedule
+from models.text_encoder import load_pipeline_text_encoder
+from models.unet import build_unet, check_unet_fits
+
+from trainer.cache.manifest import Manifest
+from trainer.core.config import ConfigError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def folder_prediction_type(pretrained: str) -> str:
+    value = pipeline.scheduler_config(pretrained).get("prediction_type", "epsilon")
+    if value not in PREDICTION_TYPES:
+        raise ConfigError(f"pretrained={pretrained}: its scheduler's prediction_type {value!r} is not one the trainer "
+                          f"knows ({', '.join(PREDICTION_TYPES)})")
+    return value
+
+
+def prediction_type(cfg) -> str:
+    """`auto`: the pretrained folder's scheduler's, else epsilon; otherwise as given."""
+    if cfg.prediction_type != "auto":
+        return cfg.prediction_type
+    return folder_prediction_type(cfg.pretrained) if cfg.pretrained else "epsilon"
+
+
+def resolve(cfg):
+    """The config with `auto` resolved, as it is saved in the run directory: sampling and export
+    then read what was trained, and a rerun of the same command compares equal."""
+    resolved = dataclasses.replace(cfg, prediction_type=prediction_type(cfg))
+    if cfg.pretrained and cfg.prediction_type != "auto":
+        folder = folder_prediction_type(cfg.pretrained)
+        if folder != cfg.prediction_type:
+            print(f"note: prediction_type={cfg.prediction_type} is given explicitly and {cfg.pretrained} was trained "
+                  f"with {folder}: the UNet is re-targeted, which takes many more samples than a fine-tune")
+    return resolved
+
+
+def training_schedule(cfg):
+    """The DDPM schedule the job trains on: the folder's betas where pretrained is set, SD's otherwise."""
+    base = pipeline.scheduler_config(cfg.pretrained) if cfg.pretrained else None
+    try:
+        return noise_schedule(prediction_type(cfg), zero_terminal_snr=cfg.zero_terminal_snr, base=base)
+    except ValueError as e:
+        raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
+
+
+def build_model(cfg, channels: int, size: int, context_dim: int):
+    """The job's UNet before any training: the folder's weights (frozen, with LoRA adapters where
+    lora_rank > 0), or a preset seeded by cfg.seed."""
+    if not cfg.pretrained:
+        return build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed)
+    unet = pipeline.load_unet(cfg.pretrained)
+    try:
+        check_unet_fits(dict(unet.config), channels, context_dim)
+    except ValueError as e:
+        raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
+    if cfg.lora_rank:
+        from trainer.unet.lora import add_lora
+
+        add_lora(unet, cfg)
+    return unet
+
+
+def shapes_only(cfg, channels: int, size: int, context_dim: int):
+    """The job's UNet architecture without weights (call under torch.device('meta'))."""
+    if not cfg.pretrained:
+        return build_unet(cfg.model, channels, size, context_dim)
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(pipeline.unet_config(cfg.pretrained))
+
+
+def check_cache_encoders(cfg, manifest: Manifest, cache_url: str) -> None:
+    """The cache must have been made with the pretrained folder's VAE and text encoder."""
+    if not cfg.pretrained:
+        return
+    vae = load_autoencoder(pipeline.part_spec(cfg.pretrained, "vae"))
+    if autoencoder_identity(vae) != manifest.vae.identity:
+        raise ConfigError(f"the cache {cache_url} was made with the VAE {manifest.vae.source}, not pretrained="
+                          f"{cfg.pretrained}'s vae/: rebuild it with cache_latents pretrained={cfg.pretrained}")
+    text_encoder = load_pipeline_text_encoder(cfg.pretrained, manifest.text_encoder.layer)
+    if text_encoder.identity() != manifest.text_encoder.identity:
+        raise ConfigError(f"the cache {cache_url} was made with the text encoder {manifest.text_encoder.spec}, not "
+                          f"pretrained={cfg.pretrained}'s text_encoder/ and tokenizer/: rebuild it with "
+                          f"cache_latents pretrained={cfg.pretrained}")
