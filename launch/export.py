@@ -23,9 +23,11 @@ def main() -> None:
     p.add_argument("--format", choices=FORMATS, default="diffusers",
                    help="diffusers: a pipeline folder (default); single_file: OUT/model.safetensors in the original "
                    "Stable Diffusion layout (ComfyUI, A1111, from_single_file)")
+    p.add_argument("--vae", default="", help="ship this autoencoder folder instead of the cache's: a decoder-only "
+                   "fine-tune of it (train_autoencoder train_encoder=false; its encoder is checked)")
     args = p.parse_args()
     try:
-        out = export_run(args.run, args.out, args.weights, merge=args.merge, fmt=args.format)
+        out = export_run(args.run, args.out, args.weights, merge=args.merge, fmt=args.format, vae_source=args.vae)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {one_line(e)}")
     print(f"exported: {out}")

@@ -174,6 +174,22 @@ def autoencoder_identity(model) -> str:
     return model_identity(model, {k: v for k, v in model.config.items() if not k.startswith("_")})
 
 
+def encoder_identity(model) -> str:
+    """The identity of what makes the latents: the encoder and quant_conv with the config. A
+    decoder-only fine-tune keeps it, so a cache made with the original VAE stays valid."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "scaling_factor"}
+    halves = torch.nn.ModuleDict({"encoder": model.encoder, **({"quant_conv": model.quant_conv}
+                                                               if getattr(model, "quant_conv", None) is not None else {})})
+    return model_identity(halves, config)
+
+
+def freeze_encoder(model) -> None:
+    """Freeze what encoder_identity covers; the decoder (and a VQ codebook, used when decoding) trains."""
+    model.encoder.requires_grad_(False)
+    if getattr(model, "quant_conv", None) is not None:
+        model.quant_conv.requires_grad_(False)
+
+
 def downsample_factor(model) -> int:
     if isinstance(model, IdentityAutoencoder):
         return 1

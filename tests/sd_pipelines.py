@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILIES = ("sd15", "sd21")
 
 
-def build_pipeline(family: str, out: str, seed: int = 0, image_size: int = 32) -> str:
+def build_pipeline(family: str, out: str, seed: int | None = None, image_size: int = 32) -> str:
     from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -37,7 +37,7 @@ def build_pipeline(family: str, out: str, seed: int = 0, image_size: int = 32) -
         raise ValueError(f"family must be one of {FAMILIES}")
     sd2 = family == "sd21"
     width, context = 32, 77
-    torch.manual_seed(seed)
+    torch.manual_seed(FAMILIES.index(family) if seed is None else seed)  # each family its own weights
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=context, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=width,
@@ -73,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, default="sd15")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: 0 for sd15, 1 for sd21")
     args = p.parse_args()
     print(build_pipeline(args.family, args.out, args.seed))
 

@@ -120,5 +120,11 @@ def test_export_writes_a_folder_diffusers_loads(pipeline, tmp_path):
     assert not torch.allclose(outputs["ema_unet"], outputs["unet"])
     assert DDPMScheduler.from_pretrained(tmp_path / "export" / "scheduler").config.prediction_type == "epsilon"
     AutoencoderKL.from_pretrained(tmp_path / "export" / "vae")
+    # A complete pipeline: the OpenCLIP tower converted to a transformers CLIP text model, and the same
+    # images as sample.py for the same prompt, seed, initial latents, scheduler and guidance.
+    from test_pretrained import _same_pictures
+
+    ours, theirs = _same_pictures(root / "unet", tmp_path / "export")
+    assert ours.shape == theirs.shape == (2, 16, 16, 3) and abs(ours - theirs).max() <= 1.0
     again = run_cmd([PY, "launch/export.py", "--run", f"{root}/unet", "--out", str(tmp_path / "export")], check=False)
     assert again.returncode != 0 and "is not empty" in again.stderr and "Traceback" not in again.stderr

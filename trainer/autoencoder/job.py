@@ -11,6 +11,18 @@ from models.perceptual import BACKBONE_FILES
 from trainer.autoencoder.losses import OBJECTIVES
 from trainer.core import config as config_lib
 from trainer.core.data import ImageData
+from trainer.core.job_checks import check_vae_spec
+
+
+def pretrained_vae(pretrained: str) -> str:
+    """The autoencoder a `pretrained=` names: a pipeline folder's (or hub id's) vae/, or the folder itself."""
+    import os
+
+    from models.pipeline import part_spec
+
+    if os.path.isdir(pretrained) and not os.path.exists(os.path.join(pretrained, "model_index.json")):
+        return pretrained
+    return part_spec(pretrained, "vae")
 
 
 @dataclasses.dataclass
@@ -19,6 +31,10 @@ class AutoencoderJob:
     data: ImageData = dataclasses.field(default_factory=ImageData)  # the image shards and how they are decoded
     objective: str = "kl_plain"  # kl_plain (MSE + KL) | kl_gan (L1 + LPIPS + KL + PatchGAN) | vq_gan (VQModel)
     preset: str = "demo"  # architecture in models/autoencoder.py: tiny, demo (f4), f8, sd; vq_tiny, vq_f4, vq_f8, ...
+    pretrained: str = ""  # start from trained weights instead of preset's random ones: a diffusers SD pipeline
+    #   folder or hub id (its vae/), or an AutoencoderKL / VQModel folder; preset and latent_channels are then its own
+    train_encoder: bool = True  # false: encoder and quant_conv frozen, the decoder alone trains (as SD's improved
+    #   VAEs were made): latents, scaling_factor and every cache made with the pretrained VAE stay valid
     latent_channels: int = 4  # channels of the latent space
     codebook_size: int = 0  # VQ codes (vq_gan); 0: the preset's
     batch_per_rank: int = 32  # images per rank per optimizer step (global batch: x world size)
@@ -68,7 +84,15 @@ class AutoencoderJob:
                 raise bad(f"{key} must be >= 0, got {getattr(self, key)}")
         config_lib.check_choice("objective", self.objective, OBJECTIVES)
         self._validate_fields()
-        if (self.objective == "vq_gan") != is_vq_preset(self.preset):
+        if self.pretrained:
+            for key in ("preset", "latent_channels", "codebook_size"):
+                if getattr(self, key) != getattr(AutoencoderJob, key):
+                    raise bad(f"{key}={getattr(self, key)} and pretrained={self.pretrained} both set the architecture: "
+                              f"leave {key} out (the pretrained model's is used)")
+            check_vae_spec(pretrained_vae(self.pretrained), "pretrained")
+        elif not self.train_encoder:
+            raise bad("train_encoder=false needs pretrained=: a frozen random encoder gives the decoder nothing to learn")
+        elif (self.objective == "vq_gan") != is_vq_preset(self.preset):
             want = "a vq_* preset (VQModel)" if self.objective == "vq_gan" else "an AutoencoderKL preset (not vq_*)"
             raise bad(f"objective={self.objective} needs {want}; preset is {self.preset!r}")
         if self.precision not in ("fp32", "bf16"):

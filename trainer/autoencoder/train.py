@@ -26,16 +26,17 @@ import os
 import time
 
 import torch
+from diffusers import VQModel
 from tqdm import tqdm
 
 from data_pipeline import storage
 from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, image_and_caption
 from data_pipeline.storage import expand_shards
-from models.autoencoder import build_autoencoder, downsample_factor, encode_moments
+from models.autoencoder import build_autoencoder, downsample_factor, encode_moments, freeze_encoder, load_autoencoder
 from models.discriminator import build_discriminator
 from models.perceptual import RANDOM_NOTICE, load_lpips
 
-from trainer.autoencoder.job import AutoencoderJob
+from trainer.autoencoder.job import AutoencoderJob, pretrained_vae
 from trainer.autoencoder.losses import CodebookUsage, FirstStageLoss, restart_dead_codes
 from trainer.core import checkpoint, dist
 from trainer.core import config as config_lib
@@ -98,6 +99,21 @@ def _check_replicas(model: torch.nn.Module, step: int) -> None:
                             f"(parameter sums {prints}); a rank skipped or repeated a step")
 
 
+def build_model(cfg: AutoencoderJob):
+    """The autoencoder to train: a preset with random weights seeded by cfg.seed, or the
+    pretrained one (its encoder frozen with train_encoder=false)."""
+    if not cfg.pretrained:
+        return build_autoencoder(cfg.preset, cfg.latent_channels, seed=cfg.seed, num_vq_embeddings=cfg.codebook_size)
+    model = load_autoencoder(pretrained_vae(cfg.pretrained)).requires_grad_(True).train()
+    if isinstance(model, VQModel) != (cfg.objective == "vq_gan"):
+        fits = "vq_gan" if isinstance(model, VQModel) else "kl_plain or kl_gan"
+        raise config_lib.ConfigError(f"objective={cfg.objective} does not train a {type(model).__name__} "
+                                     f"(pretrained={cfg.pretrained}): use {fits}")
+    if not cfg.train_encoder:
+        freeze_encoder(model)
+    return model
+
+
 def build_objective(cfg: AutoencoderJob, device) -> FirstStageLoss:
     """The loss with its frozen LPIPS network and its discriminator (loaded first: a missing
     LPIPS backbone stops the run before any data is read)."""
@@ -138,15 +154,16 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
                 if cfg.precision == "bf16" and device.type == "cuda" else contextlib.nullcontext)
 
     # --- models, optimizers, resume -------------------------------------------------------
-    model = build_autoencoder(cfg.preset, cfg.latent_channels, seed=cfg.seed, num_vq_embeddings=cfg.codebook_size)
+    model = build_model(cfg)
     if cfg.data.resolution % downsample_factor(model):
-        raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of preset "
-                                     f"{cfg.preset}'s downsampling factor {downsample_factor(model)}")
+        raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of "
+                                     f"{cfg.pretrained or cfg.preset}'s downsampling factor {downsample_factor(model)}")
     model.to(device)
     objective = build_objective(cfg, device)
     disc = objective.discriminator
     # Adam with beta1 = 0.5, as in taming: GAN training is unstable with a long momentum.
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.5, 0.9),
+                            weight_decay=0.0)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     # The per-step decay as the common EMA's half-life in samples, ramp-up off: the same average.
     ema = (EMA(model, halflife_for_decay(cfg.ema_decay, batch), rampup_ratio=0.0, folder=EMA_FOLDER)
@@ -295,7 +312,10 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         current = model.state_dict()  # buffers, if a preset has any, keep their values
         current.update({k: v.to(current[k].dtype) for k, v in ema.full_state().items()})
         model.load_state_dict(current)
-    scaling = measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
+    # A pretrained VAE keeps its scaling factor: the UNets trained on its latents expect it (SD's
+    # fine-tuned VAEs kept 0.18215), and with train_encoder=false the latents are unchanged.
+    scaling = model.config.scaling_factor if cfg.pretrained else \
+        measure_scaling_factor(model, batches, cfg.scaling_samples, seed=cfg.seed)
     model.register_to_config(scaling_factor=scaling)
     model.save_pretrained(export, safe_serialization=True)
     plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),

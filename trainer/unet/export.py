@@ -29,6 +29,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from models.autoencoder import encoder_identity, load_autoencoder
 from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
 from models.diffusion import make_sampler
 from models.single_file import to_original
@@ -94,12 +95,26 @@ def pipeline_text_encoder(text_encoder):
     return model, tokenizer
 
 
-def build_pipeline(run_dir: str, weights: str = "ema", loaded=None):
+def swap_decoder(vae, source: str):
+    """The autoencoder at `source` in place of the cache's, allowed when its encoder is the same
+    (a decoder-only fine-tune, train_autoencoder train_encoder=false): the latents the UNet
+    learnt are exactly what it encodes, and its decoder is the improved one."""
+    other = load_autoencoder(source)
+    if encoder_identity(other) != encoder_identity(vae):
+        raise ConfigError(f"--vae {source} has another encoder than the VAE the cache was made with: only a VAE "
+                          "whose encoder was frozen (train_autoencoder train_encoder=false) decodes this run's latents")
+    return other
+
+
+def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: str = ""):
     """(StableDiffusionPipeline of the run's newest checkpoint, provenance dict for ldm.json).
-    A LoRA run's UNet has its adapters merged. `loaded`: load_run's result, if already at hand."""
+    A LoRA run's UNet has its adapters merged. `loaded`: load_run's result, if already at hand;
+    `vae_source`: a decoder fine-tune of the cache's VAE to ship instead (swap_decoder)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     unet, vae, text_encoder, cfg, manifest = loaded or load_run(run_dir, weights)
+    if vae_source:
+        vae = swap_decoder(vae, vae_source)
     if cfg.lora_rank:
         unet = merged(unet)
     if not isinstance(vae, AutoencoderKL):
@@ -120,7 +135,7 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None):
         "pretrained": cfg.pretrained,
         "latent_norm": {"kind": cfg.latent_norm, "shift": shift.flatten().tolist(), "scale": scale.flatten().tolist(),
                         "folded_into_vae": cfg.latent_norm == "per_channel"},
-        "vae": {**dataclasses.asdict(manifest.vae), "folder": "vae"},
+        "vae": {**dataclasses.asdict(manifest.vae), "folder": "vae", "decoder_from": vae_source or None},
         "text_encoder": dataclasses.asdict(manifest.text_encoder),
         "resolution": manifest.resolution,
     }
@@ -133,7 +148,8 @@ FORMATS = ("diffusers", "single_file")
 SINGLE_FILE = "model.safetensors"  # the single-file export's name inside OUT
 
 
-def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False, fmt: str = "diffusers") -> str:
+def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False, fmt: str = "diffusers",
+               vae_source: str = "") -> str:
     """Write the run into the new folder `out`: a complete pipeline; for a LoRA run its diffusers
     LoRA file (for the pretrained pipeline's load_lora_weights), or with `merge` a complete
     pipeline with the adapters folded into the UNet. fmt=single_file: OUT/model.safetensors in
@@ -146,8 +162,10 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     cfg = loaded[3]
     if merge and not cfg.lora_rank:
         raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
+    if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":
+        raise ConfigError("--vae ships a VAE in a pipeline; a LoRA file holds the adapters alone: add --merge")
     if fmt == "single_file":
-        pipe, info = build_pipeline(run_dir, weights, loaded)
+        pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
         os.makedirs(out, exist_ok=True)
         try:
             state = to_original(pipe.unet, pipe.vae, pipe.text_encoder)
@@ -161,7 +179,7 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
         info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                          "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights}
     else:
-        pipe, info = build_pipeline(run_dir, weights, loaded)
+        pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
         pipe.save_pretrained(out, safe_serialization=True)
     with open(os.path.join(out, "ldm.json"), "w") as f:
         json.dump(info, f, indent=1)

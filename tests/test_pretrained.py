@@ -1,0 +1,365 @@
+"""Starting from Stable Diffusion pipeline folders and handing back to them (#15), on tiny random-weight
+folders of the SD 1.x and SD 2.x architectures (tests/sd_pipelines.py): cache -> fine-tune on 2 ranks
+(ZeRO-2) -> export -> StableDiffusionPipeline; LoRA; single-file; the decoder-only VAE fine-tune."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PY, free_port, run_cmd
+from sd_pipelines import build_pipeline
+from trainer.core import checkpoint
+
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+PROMPT = "a red circle at the center on a white background"
+TRAIN = ("batch_per_rank=8", "warmup_samples=16", "log_every_samples=16", "checkpoint_every_samples=32",
+         "ema_halflife_samples=100", "ema_rampup_ratio=0")
+
+
+def _quiet(env=None):
+    return {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", **(env or {})}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {family: build_pipeline(family, str(root / family)) for family in ("sd15", "sd21")}
+
+
+@pytest.fixture(scope="module")
+def shards32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards32")
+    run_cmd([PY, "launch/make_synthetic.py", "--out", str(out), "--num", "64", "--per-shard", "16",
+             "--resolution", "32"])
+    return str(out)
+
+
+def _cache(shards, out, *args):
+    run_cmd([PY, "launch/cache_latents.py", f"data.urls={shards}", "data.resolution=32", f"out_url={out}",
+             "batch_size=16", *args], env=_quiet())
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def caches(folders, shards32, tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    return {family: _cache(shards32, root / family, f"pretrained={folder}") for family, folder in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def finetune(folders, caches, tmp_path_factory):
+    """SD 1.x fine-tuned on 2 ranks at ZeRO-2 under the DeepSpeed launcher."""
+    run = tmp_path_factory.mktemp("ft15") / "run"
+    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_unet.py",
+             f"run_dir={run}", f"data.urls={caches['sd15']}", f"pretrained={folders['sd15']}", "total_samples=32",
+             "zero_stage=2", "lr=1e-3", *TRAIN], env=_quiet())
+    return run
+
+
+def _lora_args(run, folders, caches, *extra):
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_unet.py", f"run_dir={run}",
+            f"data.urls={caches['sd15']}", f"pretrained={folders['sd15']}", "total_samples=64", "zero_stage=2",
+            "lr=1e-2", "lora_rank=4", *TRAIN, *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(folders, caches, tmp_path_factory):
+    """A LoRA run stopped after 32 samples and resumed, and the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("lora")
+    run_cmd(_lora_args(root / "split", folders, caches, "stop_after_samples=32"), env=_quiet())
+    resumed = run_cmd(_lora_args(root / "split", folders, caches), env=_quiet())
+    run_cmd(_lora_args(root / "whole", folders, caches), env=_quiet())
+    return root / "split", root / "whole", resumed
+
+
+def _export(run, out, *args):
+    result = run_cmd([PY, "launch/export.py", "--run", str(run), "--out", str(out), *args], env=_quiet())
+    assert f"exported: {out}" in result.stdout
+    return str(out)
+
+
+def _same_pictures(run, export, guidance=3.0, steps=4, seed=7):
+    """launch/sample.py's images and the exported pipeline's, for the same prompt, seed (hence
+    initial latents: sample_rows draws row i's noise from seed + i), scheduler and guidance."""
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.cache.manifest import Manifest
+    from trainer.core.config import load_config
+    from trainer.unet.job import UNetJob
+    from trainer.unet.sampling import generate
+
+    rows = generate(str(run), [PROMPT], per_prompt=2, guidance=guidance, steps=steps, seed=seed)
+    ours = np.stack([np.asarray(im) for im in rows[0]]).astype(np.float32)
+    cfg = load_config(UNetJob, os.path.join(run, "config.yaml"))
+    manifest = Manifest.read(cfg.data.urls)
+    c, h, w = manifest.latent_shape
+    noise = torch.randn((2, c, h, w), generator=torch.Generator().manual_seed(seed))
+    pipe = StableDiffusionPipeline.from_pretrained(export)
+    pipe.set_progress_bar_config(disable=True)
+    f = manifest.vae.downsample_factor
+    images = pipe([PROMPT] * 2, latents=noise, num_inference_steps=steps, guidance_scale=guidance, height=h * f,
+                  width=w * f, output_type="np").images
+    return ours, (images * 255).round().astype(np.float32)
+
+
+# --- the cache ------------------------------------------------------------------------------------------
+def test_cache_takes_the_vae_and_text_encoder_from_the_pipeline_folder(folders, caches):
+    from diffusers import StableDiffusionPipeline
+
+    from data_pipeline.latents import decode_sample, read_cached_shard
+    from trainer.cache.manifest import Manifest
+
+    for family, folder in folders.items():
+        manifest = Manifest.read(caches[family])
+        assert manifest.vae.source == os.path.join(folder, "vae") and manifest.text_encoder.spec == folder
+        assert manifest.vae.scaling_factor == 0.18215 and manifest.text_emb_shape == (77, 32)
+        assert manifest.latent_shape == (4, 4, 4)
+    # The cached embeddings are what the pipeline's own encode_prompt gives (fp16 storage).
+    pipe = StableDiffusionPipeline.from_pretrained(folders["sd21"])
+    manifest = Manifest.read(caches["sd21"])
+    raw = next(iter(read_cached_shard(manifest.shard_urls(caches["sd21"])[0])))
+    want, _ = pipe.encode_prompt(raw["txt"].decode(), "cpu", 1, False)
+    torch.testing.assert_close(decode_sample(raw)["text_emb"].float(), want[0].half().float())
+
+
+def test_bad_pipeline_folders_are_one_line_errors(folders, shards32, tmp_path):
+    from trainer.cache.job import CacheJob
+    from trainer.core.config import ConfigError, load_config
+    from trainer.unet.job import UNetJob
+
+    (tmp_path / "nofolder").mkdir()
+    broken = tmp_path / "broken"
+    os.makedirs(broken / "vae")
+    (broken / "model_index.json").write_text("{}")
+    cases = [
+        (CacheJob, [f"pretrained={tmp_path / 'missing'}"], "no such folder"),
+        (CacheJob, [f"pretrained={tmp_path / 'nofolder'}"], "has no model_index.json"),
+        (CacheJob, [f"pretrained={broken}"], "the pipeline folder has no vae/config.json"),
+        (CacheJob, [f"text_encoder={broken}", "vae=preset:tiny"], "has no text_encoder/config.json"),
+        (UNetJob, [f"pretrained={folders['sd15']}", "model=sd15"], "both name the UNet"),
+        (UNetJob, ["lora_rank=4"], "lora_rank > 0 needs pretrained="),
+        (UNetJob, [f"pretrained={folders['sd15']}", "lora_rank=4", "zero_stage=3"], "zero_stage 0-2"),
+        (UNetJob, [f"pretrained={folders['sd15']}", "prediction_type=x"], "prediction_type must be one of"),
+        (UNetJob, [f"pretrained={broken}"], "the pipeline folder has no unet/config.json"),
+    ]
+    for job, args, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+            load_config(job, None, [f"data.urls={shards32}", f"out_url={tmp_path / 'out'}" if job is CacheJob
+                                    else "run_dir=x", *args])
+        assert "\n" not in str(e.value)
+    # Through the command line: one line, no traceback, before anything is loaded.
+    proc = run_cmd([PY, "launch/train_unet.py", "--dry-run", "data.urls=/nowhere", f"pretrained={broken}"], check=False)
+    assert proc.returncode != 0 and "has no unet/config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cache_made_with_another_pipelines_encoders_is_refused(folders, caches, shards32, tmp_path):
+    proc = run_cmd([PY, "launch/train_unet.py", f"run_dir={tmp_path / 'run'}", f"data.urls={caches['sd15']}",
+                    f"pretrained={folders['sd21']}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"was made with the VAE {folders['sd15']}/vae, not pretrained={folders['sd21']}'s vae/" in proc.stderr
+    # The right VAE and another text encoder: refused for the text encoder.
+    mixed = _cache(shards32, tmp_path / "mixed", f"vae={folders['sd15']}/vae", f"text_encoder={folders['sd21']}")
+    proc = run_cmd([PY, "launch/train_unet.py", f"run_dir={tmp_path / 'run2'}", f"data.urls={mixed}",
+                    f"pretrained={folders['sd15']}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
+    assert proc.returncode != 0 and f"was made with the text encoder {folders['sd21']}" in proc.stderr
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------
+def test_a_finetune_starts_from_the_folders_weights(folders, caches):
+    from diffusers import UNet2DConditionModel
+
+    from trainer.core.ema import EMA
+    from trainer.unet.job import UNetJob
+    from trainer.unet.pretrained import build_model, resolve, training_schedule
+
+    for family in ("sd15", "sd21"):
+        cfg = resolve(UNetJob(data=UNetJob().data, pretrained=folders[family]))
+        unet = build_model(cfg, 4, 4, 32)
+        want = UNet2DConditionModel.from_pretrained(folders[family], subfolder="unet").state_dict()
+        got = EMA(unet, 100).full_state()
+        assert unet.state_dict().keys() == want.keys() and got.keys() == want.keys()
+        assert all(torch.equal(unet.state_dict()[k], want[k]) and torch.equal(got[k], want[k]) for k in want)
+        assert cfg.prediction_type == ("v_prediction" if family == "sd21" else "epsilon")
+        assert training_schedule(cfg).config.beta_schedule == "scaled_linear"
+
+
+def test_finetune_on_two_ranks_exports_a_pipeline_that_generates_the_same_pictures(finetune, folders, tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    rows = [json.loads(line) for line in open(finetune / "log.jsonl") if '"loss"' in line]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    out = _export(finetune, tmp_path / "export")
+    assert sorted(os.listdir(out)) == ["ldm.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet",
+                                       "vae"]
+    # The EMA weights, as the checkpoint holds them; the frozen parts as the folder has them.
+    ema = load_file(os.path.join(checkpoint.latest(str(finetune)), "ema_unet", "diffusion_pytorch_model.safetensors"))
+    exported = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    base = StableDiffusionPipeline.from_pretrained(folders["sd15"])
+    for part in ("vae", "text_encoder"):
+        a, b = getattr(pipe, part).state_dict(), getattr(base, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    ours, theirs = _same_pictures(finetune, out)
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    assert np.abs(ours - theirs).max() <= 1.0  # 8-bit rounding of the same float image
+
+
+def test_single_file_export_round_trips_through_from_single_file(finetune, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = _export(finetune, tmp_path / "export")
+    single = _export(finetune, tmp_path / "single", "--format", "single_file")
+    keys = load_file(os.path.join(single, "model.safetensors")).keys()
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    want = StableDiffusionPipeline.from_pretrained(folder)
+    got = StableDiffusionPipeline.from_single_file(os.path.join(single, "model.safetensors"), config=folder,
+                                                   safety_checker=None)
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(want, part).state_dict(), getattr(got, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_sd2_v_prediction_with_per_channel_latents_exports_the_same_pictures(folders, caches, tmp_path):
+    """An SD 2.x folder (v-prediction, linear projections) fine-tuned on per-channel normalised latents:
+    the statistics are folded into the exported VAE, and the pipeline decodes what sample.py decodes."""
+    run = tmp_path / "run"
+    run_cmd([PY, "launch/train_unet.py", f"run_dir={run}", f"data.urls={caches['sd21']}",
+             f"pretrained={folders['sd21']}", "total_samples=16", "latent_norm=per_channel", "lr=1e-3", *TRAIN],
+            env=_quiet())
+    assert "prediction_type: v_prediction" in (run / "config.yaml").read_text()  # auto, saved resolved
+    out = _export(run, tmp_path / "export")
+    info = json.load(open(os.path.join(out, "ldm.json")))
+    assert info["latent_norm"]["folded_into_vae"] and info["prediction_type"] == "v_prediction"
+    assert json.load(open(os.path.join(out, "vae", "config.json")))["scaling_factor"] == 1.0
+    ours, theirs = _same_pictures(run, out)
+    assert np.abs(ours - theirs).max() <= 2.0 and np.abs(ours - theirs).mean() < 0.1
+    # The SD 2.x architecture in one file too.
+    single = _export(run, tmp_path / "single", "--format", "single_file")
+    from diffusers import StableDiffusionPipeline
+
+    got = StableDiffusionPipeline.from_single_file(os.path.join(single, "model.safetensors"), config=out,
+                                                   safety_checker=None)
+    want = StableDiffusionPipeline.from_pretrained(out)
+    assert all(torch.equal(v, got.unet.state_dict()[k]) for k, v in want.unet.state_dict().items())
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------
+def test_lora_resumes_exactly_and_checkpoints_hold_only_the_adapter(lora_runs):
+    split, whole, resumed = lora_runs
+    assert "resuming from" in resumed.stdout
+    losses = [[json.loads(line)["loss"] for line in open(run / "log.jsonl") if '"loss"' in line] for run in lora_runs[:2]]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    last = [checkpoint.latest(str(run)) for run in (split, whole)]
+    for folder in ("unet", "ema_unet"):
+        a, b = (load_file(os.path.join(c, folder, "diffusion_pytorch_model.safetensors")) for c in last)
+        assert a.keys() == b.keys() and all(".lora_" in k for k in a) and len(a) == 64
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    model_states = os.path.getsize(os.path.join(last[0], "mp_rank_00_model_states.pt"))
+    assert model_states < 300_000  # the adapters alone: the UNet itself is 8 MB
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_lora_trains_only_the_adapter(stage, folders, caches, process_group):
+    """Under DeepSpeed the frozen base stays bit for bit the folder's while the adapters move."""
+    from diffusers import UNet2DConditionModel
+
+    from data_pipeline.latents import decode_sample, read_cached_shard
+    from trainer.cache.manifest import Manifest
+    from trainer.core import dist
+    from trainer.unet.job import UNetJob
+    from trainer.unet.step import build_unet_engine, step_setup, train_step, unet_ds_config
+
+    cfg = UNetJob(pretrained=folders["sd15"], lora_rank=4, zero_stage=stage, batch_per_rank=4, lr=1e-2,
+                  caption_dropout=0.0)
+    engine = build_unet_engine(cfg, 4, 4, 32, unet_ds_config(cfg, 1, "fp32"))
+    manifest = Manifest.read(caches["sd15"])
+    samples = [decode_sample(s) for s in read_cached_shard(manifest.shard_urls(caches["sd15"])[0])][:4]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("mean", "std", "text_emb")} | {"bytes": 0}
+    shift, scale = manifest.latent_affine("scaling_factor")
+    setup = step_setup(cfg, rank=0, device=dist.device(), dtype=torch.float32, shift=shift, scale=scale,
+                       empty=torch.zeros(77, 32))
+    before = {k: v.clone() for k, v in engine.module.named_parameters()}
+    for step in range(2):
+        assert train_step(engine, iter([batch]), step, setup).applied
+    base = UNet2DConditionModel.from_pretrained(folders["sd15"], subfolder="unet").state_dict()
+    after = dict(engine.module.named_parameters())
+    lora = [k for k in after if ".lora_" in k]
+    assert lora and all(not after[k].requires_grad for k in after if ".lora_" not in k)
+    assert any(not torch.equal(after[k], before[k]) for k in lora)
+    for name, tensor in after.items():
+        if ".lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base_layer", "")]), name
+
+
+def test_lora_exports_load_lora_weights_and_merge(lora_runs, folders, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from trainer.unet.sampling import load_run
+
+    split, *_ = lora_runs
+    lora = _export(split, tmp_path / "lora")
+    assert sorted(os.listdir(lora)) == ["ldm.json", "pytorch_lora_weights.safetensors"]
+    merged = _export(split, tmp_path / "merged", "--merge")
+    trained, *_ = load_run(str(split))  # the base with the EMA adapters, as sample.py samples
+    pipe = StableDiffusionPipeline.from_pretrained(folders["sd15"])
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    plain = pipe.unet(x, t, c).sample
+    pipe.load_lora_weights(lora)
+    with torch.no_grad():
+        want = trained(x, t, c).sample
+        loaded = pipe.unet(x, t, c).sample
+        folded = StableDiffusionPipeline.from_pretrained(merged).unet(x, t, c).sample
+    assert (want - plain).abs().max() > 1e-3  # the adapters do something
+    torch.testing.assert_close(loaded, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(folded, want, atol=1e-5, rtol=1e-4)
+    proc = run_cmd([PY, "launch/export.py", "--run", str(split), "--out", str(tmp_path / "x"), "--vae",
+                    f"{folders['sd15']}/vae"], check=False)
+    assert proc.returncode != 0 and "add --merge" in proc.stderr
+
+
+# --- OpenCLIP towers into transformers -------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["last", "penultimate"])
+def test_an_openclip_tower_converts_to_a_transformers_clip_text_model(layer, tmp_path):
+    from transformers import CLIPTokenizer
+
+    from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
+    from models.text_encoder import load_text_encoder
+
+    tower = load_text_encoder("tiny", layer)
+    model = openclip_to_transformers(tower.tower, layer)
+    captions = ["a red circle at the center on a white background", "", "a 3d cat, blue; ok? " * 8, "Ünïcode text"]
+    tokens = tower.tokenize(captions)
+    torch.testing.assert_close(model(tokens).last_hidden_state, tower(tokens), atol=1e-5, rtol=1e-5)
+    write_clip_tokenizer(str(tmp_path), tower.context_length, pad_token="!")
+    hf = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = hf(captions, padding="max_length", max_length=tower.context_length, truncation=True,
+             return_tensors="pt").input_ids
+    assert torch.equal(ids, tokens)  # the same ids, truncation and padding ("!" in a caption differs: see README)
+
+
+# --- the first stage ------------------------------------------------------------------------------------
+def test_a_decoder_only_vae_finetune_keeps_the_cache_valid(folders, shards32, finetune, tmp_path):
+    from models.autoencoder import encoder_identity, load_autoencoder
+
+    run = tmp_path / "ae"
+    run_cmd([PY, "launch/train_autoencoder.py", f"run_dir={run}", f"data.urls={shards32}", "data.resolution=32",
+             f"pretrained={folders['sd15']}", "train_encoder=false", "objective=kl_gan", "lpips_weights=random",
+             "batch_per_rank=8", "total_samples=32", "warmup_samples=8", "disc_start_samples=8", "disc_layers=2",
+             "log_every_samples=16", "checkpoint_every_samples=32"], env=_quiet())
+    before, after = load_autoencoder(f"{folders['sd15']}/vae"), load_autoencoder(str(run / "export"))
+    a, b = before.state_dict(), after.state_dict()
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    assert after.config.scaling_factor == 0.18215 and encoder_identity(before) == encoder_identity(after)
+    # The fine-tuned decoder ships with a UNet trained on the old cache; another encoder is refused.
+    out = _export(finetune, tmp_path / "export", "--vae", str(run / "export"))
+    assert json.load(open(os.path.join(out, "ldm.json")))["vae"]["decoder_from"] == str(run / "export")
+    proc = run_cmd([PY, "launch/export.py", "--run", str(finetune), "--out", str(tmp_path / "x"), "--vae",
+                    f"{folders['sd21']}/vae"], check=False)
+    assert proc.returncode != 0 and "has another encoder" in proc.stderr and "Traceback" not in proc.stderr
