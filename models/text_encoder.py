@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 
-import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -32,6 +31,8 @@ class TextEncoder(nn.Module):
         if layer not in ("last", "penultimate"):
             raise ValueError(f"text encoder layer must be 'last' or 'penultimate', got {layer!r}")
         self.tower, self.context_length, self.layer, self.name = tower, context_length, layer, name
+        import open_clip
+
         self.tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=context_length)
         self.width = tower.token_embedding.embedding_dim
 
@@ -58,6 +59,8 @@ class TextEncoder(nn.Module):
 
 
 def _tiny_tower(seed: int = 0) -> nn.Module:
+    import open_clip
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return open_clip.model._build_text_tower(TINY["width"], open_clip.model.CLIPTextCfg(**TINY))
@@ -163,6 +166,8 @@ def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextE
     id, whose text_encoder/ and tokenizer/ are loaded (load_pipeline_text_encoder)."""
     if is_pipeline_spec(spec):
         return load_pipeline_text_encoder(spec, layer)
+    import open_clip  # on first use: it imports torchvision and transformers (3 s), which a job without it skips
+
     name, _, pretrained = spec.partition(":")
     if name == "tiny":
         tower = _tiny_tower()

@@ -75,10 +75,11 @@ def lora_runs(folders, caches, tmp_path_factory):
     return root / "split", root / "whole", resumed
 
 
-def _export(run, out, *args):
-    result = run_cmd([PY, "launch/export.py", "--run", str(run), "--out", str(out), *args], env=_quiet())
-    assert f"exported: {out}" in result.stdout
-    return str(out)
+def _export(run, out, **kwargs):
+    """launch/export.py's function, in this process (each export command would spend 8 s importing)."""
+    from trainer.unet.export import export_run
+
+    return export_run(str(run), str(out), **kwargs)
 
 
 def _same_pictures(run, export, guidance=3.0, steps=4, seed=7):
@@ -143,6 +144,7 @@ def test_bad_pipeline_folders_are_one_line_errors(folders, shards32, tmp_path):
         (UNetJob, ["lora_rank=4"], "lora_rank > 0 needs pretrained="),
         (UNetJob, [f"pretrained={folders['sd15']}", "lora_rank=4", "zero_stage=3"], "zero_stage 0-2"),
         (UNetJob, [f"pretrained={folders['sd15']}", "prediction_type=x"], "prediction_type must be one of"),
+        (UNetJob, [f"pretrained={folders['sd15']}", "lora_rank=4", "elastic_resume=true"], "elastic_resume with lora"),
         (UNetJob, [f"pretrained={broken}"], "the pipeline folder has no unet/config.json"),
     ]
     for job, args, message in cases:
@@ -160,11 +162,15 @@ def test_a_cache_made_with_another_pipelines_encoders_is_refused(folders, caches
                     f"pretrained={folders['sd21']}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"was made with the VAE {folders['sd15']}/vae, not pretrained={folders['sd21']}'s vae/" in proc.stderr
-    # The right VAE and another text encoder: refused for the text encoder.
+    # The right VAE and another text encoder: refused for the text encoder (the job's check, in this process).
+    from trainer.cache.manifest import Manifest
+    from trainer.unet.job import UNetJob
+    from trainer.unet.pretrained import cache_mismatch
+
     mixed = _cache(shards32, tmp_path / "mixed", f"vae={folders['sd15']}/vae", f"text_encoder={folders['sd21']}")
-    proc = run_cmd([PY, "launch/train_unet.py", f"run_dir={tmp_path / 'run2'}", f"data.urls={mixed}",
-                    f"pretrained={folders['sd15']}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
-    assert proc.returncode != 0 and f"was made with the text encoder {folders['sd21']}" in proc.stderr
+    message = cache_mismatch(UNetJob(pretrained=folders["sd15"]), Manifest.read(mixed), mixed)
+    assert f"was made with the text encoder {folders['sd21']}" in message
+    assert cache_mismatch(UNetJob(pretrained=folders["sd15"]), Manifest.read(caches["sd15"]), caches["sd15"]) is None
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------------
@@ -191,7 +197,9 @@ def test_finetune_on_two_ranks_exports_a_pipeline_that_generates_the_same_pictur
 
     rows = [json.loads(line) for line in open(finetune / "log.jsonl") if '"loss"' in line]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
-    out = _export(finetune, tmp_path / "export")
+    result = run_cmd([PY, "launch/export.py", "--run", str(finetune), "--out", str(tmp_path / "export")], env=_quiet())
+    out = str(tmp_path / "export")
+    assert f"exported: {out}" in result.stdout
     assert sorted(os.listdir(out)) == ["ldm.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet",
                                        "vae"]
     # The EMA weights, as the checkpoint holds them; the frozen parts as the folder has them.
@@ -212,7 +220,7 @@ def test_single_file_export_round_trips_through_from_single_file(finetune, tmp_p
     from diffusers import StableDiffusionPipeline
 
     folder = _export(finetune, tmp_path / "export")
-    single = _export(finetune, tmp_path / "single", "--format", "single_file")
+    single = _export(finetune, tmp_path / "single", fmt="single_file")
     keys = load_file(os.path.join(single, "model.safetensors")).keys()
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
@@ -239,7 +247,7 @@ def test_sd2_v_prediction_with_per_channel_latents_exports_the_same_pictures(fol
     ours, theirs = _same_pictures(run, out)
     assert np.abs(ours - theirs).max() <= 2.0 and np.abs(ours - theirs).mean() < 0.1
     # The SD 2.x architecture in one file too.
-    single = _export(run, tmp_path / "single", "--format", "single_file")
+    single = _export(run, tmp_path / "single", fmt="single_file")
     from diffusers import StableDiffusionPipeline
 
     got = StableDiffusionPipeline.from_single_file(os.path.join(single, "model.safetensors"), config=out,
@@ -304,7 +312,7 @@ def test_lora_exports_load_lora_weights_and_merge(lora_runs, folders, tmp_path):
     split, *_ = lora_runs
     lora = _export(split, tmp_path / "lora")
     assert sorted(os.listdir(lora)) == ["ldm.json", "pytorch_lora_weights.safetensors"]
-    merged = _export(split, tmp_path / "merged", "--merge")
+    merged = _export(split, tmp_path / "merged", merge=True)
     trained, *_ = load_run(str(split))  # the base with the EMA adapters, as sample.py samples
     pipe = StableDiffusionPipeline.from_pretrained(folders["sd15"])
     x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
@@ -317,9 +325,10 @@ def test_lora_exports_load_lora_weights_and_merge(lora_runs, folders, tmp_path):
     assert (want - plain).abs().max() > 1e-3  # the adapters do something
     torch.testing.assert_close(loaded, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(folded, want, atol=1e-5, rtol=1e-4)
-    proc = run_cmd([PY, "launch/export.py", "--run", str(split), "--out", str(tmp_path / "x"), "--vae",
-                    f"{folders['sd15']}/vae"], check=False)
-    assert proc.returncode != 0 and "add --merge" in proc.stderr
+    from trainer.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="add --merge"):
+        _export(split, tmp_path / "x", vae_source=f"{folders['sd15']}/vae")
 
 
 # --- OpenCLIP towers into transformers -------------------------------------------------------------------
@@ -342,6 +351,17 @@ def test_an_openclip_tower_converts_to_a_transformers_clip_text_model(layer, tmp
     assert torch.equal(ids, tokens)  # the same ids, truncation and padding ("!" in a caption differs: see README)
 
 
+def test_a_pipeline_text_encoder_read_at_its_penultimate_layer_exports_as_the_last(folders):
+    from models.text_encoder import load_text_encoder
+    from trainer.unet.export import pipeline_text_encoder
+
+    encoder = load_text_encoder(folders["sd15"], "penultimate")
+    model, tokenizer = pipeline_text_encoder(encoder)
+    assert model.config.num_hidden_layers == 1 and encoder.model.config.num_hidden_layers == 2
+    tokens = encoder.tokenize([PROMPT, ""])
+    torch.testing.assert_close(model(tokens).last_hidden_state, encoder(tokens))
+
+
 # --- the first stage ------------------------------------------------------------------------------------
 def test_a_decoder_only_vae_finetune_keeps_the_cache_valid(folders, shards32, finetune, tmp_path):
     from models.autoencoder import encoder_identity, load_autoencoder
@@ -358,8 +378,9 @@ def test_a_decoder_only_vae_finetune_keeps_the_cache_valid(folders, shards32, fi
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     assert after.config.scaling_factor == 0.18215 and encoder_identity(before) == encoder_identity(after)
     # The fine-tuned decoder ships with a UNet trained on the old cache; another encoder is refused.
-    out = _export(finetune, tmp_path / "export", "--vae", str(run / "export"))
+    out = _export(finetune, tmp_path / "export", vae_source=str(run / "export"))
     assert json.load(open(os.path.join(out, "ldm.json")))["vae"]["decoder_from"] == str(run / "export")
-    proc = run_cmd([PY, "launch/export.py", "--run", str(finetune), "--out", str(tmp_path / "x"), "--vae",
-                    f"{folders['sd21']}/vae"], check=False)
-    assert proc.returncode != 0 and "has another encoder" in proc.stderr and "Traceback" not in proc.stderr
+    from trainer.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="has another encoder"):
+        _export(finetune, tmp_path / "x", vae_source=f"{folders['sd21']}/vae")

@@ -109,6 +109,10 @@ class UNetJob:
             if self.zero_stage == 3:
                 raise config_lib.ConfigError("lora_rank > 0 runs at zero_stage 0-2: the adapters are small, and "
                                              "ZeRO-3 would partition the frozen base for nothing")
+            if self.elastic_resume and self.zero_stage in (1, 2):
+                raise config_lib.ConfigError("elastic_resume with lora_rank > 0 is not supported at ZeRO-1/2 yet (the "
+                                             "universal conversion of adapter-only checkpoints is untested): use "
+                                             "zero_stage=0, whose checkpoints load at any world size")
             if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
                 raise config_lib.ConfigError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets}")
         check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",

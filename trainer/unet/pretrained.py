@@ -38,14 +38,15 @@ def prediction_type(cfg) -> str:
     return folder_prediction_type(cfg.pretrained) if cfg.pretrained else "epsilon"
 
 
-def resolve(cfg):
+def resolve(cfg, say=print):
     """The config with `auto` resolved, as it is saved in the run directory: sampling and export
-    then read what was trained, and a rerun of the same command compares equal."""
+    then read what was trained, and a rerun of the same command compares equal. `say`: where a
+    note goes (None: nowhere, e.g. on ranks other than 0)."""
     resolved = dataclasses.replace(cfg, prediction_type=prediction_type(cfg))
-    if cfg.pretrained and cfg.prediction_type != "auto":
+    if cfg.pretrained and cfg.prediction_type != "auto" and say is not None:
         folder = folder_prediction_type(cfg.pretrained)
         if folder != cfg.prediction_type:
-            print(f"note: prediction_type={cfg.prediction_type} is given explicitly and {cfg.pretrained} was trained "
+            say(f"note: prediction_type={cfg.prediction_type} is given explicitly and {cfg.pretrained} was trained "
                   f"with {folder}: the UNet is re-targeted, which takes many more samples than a fine-tune")
     return resolved
 
@@ -83,6 +84,18 @@ def shapes_only(cfg, channels: int, size: int, context_dim: int):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(pipeline.unet_config(cfg.pretrained))
+
+
+def cache_mismatch(cfg, manifest: Manifest, cache_url: str) -> str | None:
+    """Why the cache was not made with the pretrained folder's VAE and text encoder, or None.
+    (Hashing both models' weights takes seconds: one rank does it and tells the others.)"""
+    if not cfg.pretrained:
+        return None
+    try:
+        check_cache_encoders(cfg, manifest, cache_url)
+    except (ConfigError, FileNotFoundError) as e:
+        return str(e)
+    return None
 
 
 def check_cache_encoders(cfg, manifest: Manifest, cache_url: str) -> None:

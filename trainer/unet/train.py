@@ -41,7 +41,7 @@ def train_unet(cfg: UNetJob) -> str:
     # --- distributed set-up and the derived plan ---------------------------------------------
     preemption = Preemption()  # first: DataLoader workers forked later inherit its signal handler
     w = dist.init(cfg.dist_timeout_s)
-    cfg = pretrained.resolve(cfg)  # prediction_type=auto: the pretrained folder's (saved as resolved)
+    cfg = pretrained.resolve(cfg, say=print if w.is_main else None)  # prediction_type=auto: pretrained's
     plan = make_plan(cfg, w.size)
     if w.is_main:
         # These keys do not change what is trained, so a resumed run may set them differently.
@@ -57,7 +57,10 @@ def train_unet(cfg: UNetJob) -> str:
     # --- the cache this run trains on ----------------------------------------------------------
     manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
     trained_on = manifest.check_expected(cfg.data.urls, cfg.cache, None)
-    pretrained.check_cache_encoders(cfg, manifest, cfg.data.urls)
+    # A cache made with other encoders than pretrained's: every rank stops, with rank 0's reason.
+    mismatch = dist.all_gather_objects(pretrained.cache_mismatch(cfg, manifest, cfg.data.urls) if w.is_main else None)
+    if mismatch[0]:
+        raise config_lib.ConfigError(mismatch[0])
     if cfg.random_flip and not manifest.flip:
         raise config_lib.ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     channels, size, _ = manifest.latent_shape
