@@ -38,15 +38,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", default="off,on", help="torch.compile settings to try: off,on")
     p.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to try: off,on")
+    p.add_argument("--channels-last", default="on", help="NHWC input layout settings to try: off,on")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's dense bf16 peak")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the timed steps, profile this many more and print the top ops by CPU and GPU time")
     p.add_argument("--json", default="", help="also write the figures here")
     args = p.parse_args(argv)
-    for key in ("presets", "resolutions", "compile", "checkpointing"):
+    for key in ("presets", "resolutions", "compile", "checkpointing", "channels_last"):
         setattr(args, key, [v.strip() for v in getattr(args, key).split(",") if v.strip()])
     bad = [v for v in args.presets if v not in CONTEXT]
     if bad:
         p.error(f"--presets: unknown {bad[0]!r}; choose from {', '.join(CONTEXT)}")
-    for key in ("compile", "checkpointing"):
+    for key in ("compile", "checkpointing", "channels_last"):
         if any(v not in ("on", "off") for v in getattr(args, key)):
             p.error(f"--{key} takes on/off values, got {getattr(args, key)}")
     if any(not r.isdigit() or int(r) % 8 for r in args.resolutions):
@@ -54,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool, args, peak) -> dict:
+def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool, nhwc: bool, args, peak) -> dict:
     from common import Stepper  # benchmarks/common.py: imported here so tests can load this file by path
     from models.unet import build_unet
     from trainer.core.flops import Throughput, peak_memory_gb, unet_train_flops_per_sample
@@ -63,7 +66,7 @@ def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool,
     side, ctx = resolution // 8, CONTEXT[preset]
     with torch.device("meta"):
         flops = unet_train_flops_per_sample(build_unet(preset, 4, side, ctx), (4, side, side), (77, ctx), batch_size=1)
-    job = UNetJob(model=preset, batch_per_rank=args.batch, zero_stage=2, precision="bf16", lr=1e-5, channels_last=True,
+    job = UNetJob(model=preset, batch_per_rank=args.batch, zero_stage=2, precision="bf16", lr=1e-5, channels_last=nhwc,
                   attention="sdpa", gradient_checkpointing=checkpointing, compile=compiled)
     # Batches already on the GPU: the step's copies to the device are no-ops, nothing is read.
     stepper = Stepper(job, (4, side, side), (77, ctx))
@@ -77,14 +80,32 @@ def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool,
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    if args.profile:
+        profile_steps(stepper, args.profile)
     images_per_s, tp = args.batch / step_s, Throughput(flops, peak)
-    row = dict(preset=preset, resolution=resolution, compile=compiled, checkpointing=checkpointing, batch=args.batch,
+    row = dict(preset=preset, resolution=resolution, compile=compiled, checkpointing=checkpointing, channels_last=nhwc,
+               batch=args.batch,
                step_ms=step_s * 1e3, step_ms_spread=(max(times) - min(times)) / step_s, images_per_s=images_per_s,
                tflops=tp.tflops(images_per_s), mfu=tp.mfu(images_per_s), gflop_per_image=flops / 1e9,
                peak_memory_gb=peak_memory_gb())
     del stepper
     torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(stepper, steps: int) -> None:
+    """Where a step's time goes: host-bound (CPU total near the step time, GPU idle between kernels) or
+    device-bound. The first H200 run measured about 440 ms per step whatever the resolution and preset,
+    which only a host-side cost explains; this table is how to find it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            stepper.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(table.table(sort_by="self_device_time_total", row_limit=10))
 
 
 def main(argv=None) -> None:
@@ -101,19 +122,20 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name()
     print(f"device: {name}, dense bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}; batch {args.batch}")
     rows = []
-    for preset, res, comp, ckpt in itertools.product(args.presets, map(int, args.resolutions), args.compile,
-                                                     args.checkpointing):
+    for preset, res, comp, ckpt, nhwc in itertools.product(args.presets, map(int, args.resolutions), args.compile,
+                                                           args.checkpointing, args.channels_last):
         try:
-            row = bench_one(preset, res, comp == "on", ckpt == "on", args, peak)
+            row = bench_one(preset, res, comp == "on", ckpt == "on", nhwc == "on", args, peak)
         except torch.cuda.OutOfMemoryError:
-            row = dict(preset=preset, resolution=res, compile=comp == "on", checkpointing=ckpt == "on", error="OOM")
+            row = dict(preset=preset, resolution=res, compile=comp == "on", checkpointing=ckpt == "on",
+                       channels_last=nhwc == "on", error="OOM")
             torch.cuda.empty_cache()
         rows.append(row)
         if "error" in row:
-            print(f"{preset} {res}px compile={comp} ckpt={ckpt}: out of memory at batch {args.batch}")
+            print(f"{preset} {res}px compile={comp} ckpt={ckpt} nhwc={nhwc}: out of memory at batch {args.batch}")
         else:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] else "n/a"
-            print(f"{preset} {res}px compile={comp:3} ckpt={ckpt:3}: {row['images_per_s']:7.1f} img/s  "
+            print(f"{preset} {res}px compile={comp:3} ckpt={ckpt:3} nhwc={nhwc:3}: {row['images_per_s']:7.1f} img/s  "
                   f"{row['tflops']:6.1f} TFLOP/s  MFU {mfu:>6}  {row['step_ms']:.1f} ms/step "
                   f"(spread {row['step_ms_spread']:.0%})  peak {row['peak_memory_gb']:.1f} GB")
     print("published reference points:")

@@ -150,7 +150,11 @@ def load_pipeline_text_encoder(spec: str, layer: str = "last") -> CLIPTextEncode
                                 "download the pipeline where there is network and name the local folder") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return CLIPTextEncoder(model, tokenizer, layer, spec).eval().requires_grad_(False)
+    try:
+        encoder = CLIPTextEncoder(model, tokenizer, layer, spec)
+    except ValueError as e:  # a tokenizer whose length does not fit the model
+        raise FileNotFoundError(f"cannot use the text encoder of pipeline '{spec}': {e}") from None
+    return encoder.eval().requires_grad_(False)
 
 
 def is_pipeline_spec(spec: str) -> bool:

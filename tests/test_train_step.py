@@ -59,3 +59,21 @@ def test_train_step_reports_a_dropped_step(process_group):
     result = train_step(engine, itertools.repeat(bad), 0, setup)
     assert result.loss != result.loss and not result.applied
     assert all(torch.equal(p, q) for p, q in zip(before, engine.module.parameters()))
+
+
+def test_channels_last_engine_builds_and_matches_the_contiguous_one(process_group):
+    """channels_last=True builds under DeepSpeed (its initial broadcast views each parameter as bytes, which
+    failed on NHWC weights: seen on an H200 with benchmarks/gpu.py) and computes what the default layout does."""
+    from trainer.core import dist
+
+    dist.init()
+    losses = {}
+    for nhwc in (False, True):
+        job = UNetJob(model="tiny", batch_per_rank=2, zero_stage=0, precision="fp32", lr=1e-3, seed=3,
+                      channels_last=nhwc)
+        engine = build_unet_engine(job, 4, 8, 32, unet_ds_config(job, 1, "fp32"))
+        assert all(p.is_contiguous() for p in engine.module.parameters())
+        setup = step_setup(job, rank=0, device=torch.device("cpu"), dtype=torch.float32, shift=torch.tensor(0.0),
+                           scale=torch.tensor(1.0), empty=torch.zeros(8, 32))
+        losses[nhwc] = [train_step(engine, iter(_batches(1)), 0, setup).loss]
+    assert abs(losses[True][0] - losses[False][0]) < 1e-5

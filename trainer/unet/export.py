@@ -87,7 +87,10 @@ def pipeline_text_encoder(text_encoder):
             inner.encoder.layers = inner.encoder.layers[:-1]
             model.config.num_hidden_layers -= 1
         return model, text_encoder.tokenizer
-    model = openclip_to_transformers(text_encoder.tower, text_encoder.layer)
+    try:
+        model = openclip_to_transformers(text_encoder.tower, text_encoder.layer)
+    except ValueError as e:  # a tower transformers' CLIP cannot express (activation, layer scale)
+        raise ConfigError(f"cannot export the run's text encoder {text_encoder.name}: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         # OpenCLIP pads with id 0 ("!"), as SD 2.x's tokenizer does.
         write_clip_tokenizer(tmp, text_encoder.context_length, pad_token="!")

@@ -46,7 +46,7 @@ class UNetJob:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in host memory (stage 1-3)
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    channels_last: bool = False  # NHWC memory layout (faster convolutions on tensor-core GPUs)
+    channels_last: bool = False  # NHWC input to the convolutions (on one H200: no faster, 2.3x the memory; README)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels) | eager
     compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
     max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss (each is skipped)

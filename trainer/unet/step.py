@@ -116,8 +116,10 @@ def prepare_unet(unet, cfg: UNetJob):
     unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if cfg.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
+    # channels_last acts through the input alone (train_step makes z0 NHWC; cuDNN then runs a conv
+    # NHWC when its input is). The weights stay contiguous: DeepSpeed's initial broadcast views every
+    # parameter as bytes, which fails on an NHWC weight ("stride(-1) must be 1", seen on an H200),
+    # and ZeRO-1/2 flatten them into contiguous buffers anyway.
     return unet
 
 
