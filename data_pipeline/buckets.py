@@ -48,3 +48,22 @@ class ImageBucketer:
     @property
     def square(self) -> int:
         return nearest_bucket((1, 1), self.buckets)
+
+
+class LatentBucketer:
+    """Maps a raw latent-cache sample to its bucket: the index of the (w, h) its .json records as
+    `target_size` among the cache's bucket shapes (picklable). A sample whose .json is unreadable
+    or names another shape goes to bucket 0; decoding (CachedSampleDecoder) then quarantines it."""
+
+    def __init__(self, buckets: list[tuple[int, int]]):
+        self.buckets = [tuple(b) for b in buckets]
+        self._index = {b: i for i, b in enumerate(self.buckets)}
+
+    def __call__(self, sample: dict) -> int:
+        import json
+
+        try:
+            size = json.loads(bytes(sample["json"]))["target_size"]
+            return self._index.get((int(size[0]), int(size[1])), 0)
+        except Exception:  # hostile or missing .json: decoding names the problem
+            return 0

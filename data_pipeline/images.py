@@ -250,6 +250,13 @@ def original_crop_box(size: tuple[int, int], resolution) -> tuple[float, float, 
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
+def crop_top_left(size: tuple[int, int], resolution) -> tuple[int, int]:
+    """(top, left) pixels cut from the resized image (w, h) = `size` scaled to cover `resolution`:
+    SDXL's crop conditioning c_crop (Podell et al. 2023, sec. 2.2)."""
+    _, box = _crop_box(size, resolution)
+    return box[1], box[0]
+
+
 def header_size(data: bytes, formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[int, int] | None:
     """(w, h) after EXIF rotation from the header alone, or None if it cannot be read or is
     not one of `formats`. Cheap enough to run on every sample, also on samples a resume skips over."""

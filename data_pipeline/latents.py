@@ -78,6 +78,55 @@ def decode_sample(sample: dict) -> dict:
         raise DataError(f"latent sample {where} is damaged: {e}") from None
 
 
+def sample_meta(sample: dict) -> dict:
+    """A cached sample's KEY.json (what the cache recorded of its image), checked: a DataError
+    naming the sample when it is missing or not an object with the sizes SDXL conditions on."""
+    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+    try:
+        meta = json.loads(bytes(sample["json"]))
+    except (KeyError, ValueError, RecursionError):
+        raise DataError(f"latent sample {where} has no readable .json") from None
+    for key in ("original_size", "target_size", "crop_top_left"):
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**24 for v in value)):
+            raise DataError(f"latent sample {where}: .json key {key!r} must be two whole numbers, got "
+                            f"{str(value)[:40]} (a cache made before SDXL support: rebuild it)")
+    return meta
+
+
+def time_ids(meta: dict) -> torch.Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2) from a sample's meta: original
+    (height, width), crop (top, left) in the resized image, target (height, width), as float32."""
+    (ow, oh), (top, left), (tw, th) = meta["original_size"], meta["crop_top_left"], meta["target_size"]
+    return torch.tensor([oh, ow, top, left, th, tw], dtype=torch.float32)
+
+
+class CachedSampleDecoder:
+    """The UNet loader's decode: `decode_sample`, plus `time_ids` where the UNet takes SDXL's
+    conditioning, and, with several bucket shapes, a check that the latents have the shape of
+    the bucket the sample names (the loader batched it by that name). Picklable, for workers."""
+
+    def __init__(self, with_time_ids: bool, downsample_factor: int, check_shape: bool):
+        self.with_time_ids, self.factor, self.check_shape = with_time_ids, downsample_factor, check_shape
+
+    def __call__(self, sample: dict) -> dict:
+        tensors = decode_sample(sample)
+        if not (self.with_time_ids or self.check_shape):
+            return tensors
+        meta = sample_meta(sample)
+        if self.check_shape:
+            w, h = meta["target_size"]
+            want = (h // self.factor, w // self.factor)
+            got = tuple(tensors["mean"].shape[-2:]) if "mean" in tensors else None
+            if got != want:
+                raise DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')} holds {got} latents, "
+                                f"its .json names a {w}x{h} image (expected {want})")
+        if self.with_time_ids:
+            tensors["time_ids"] = time_ids(meta)
+        return tensors
+
+
 def keys_digest(keys) -> str:
     """sha256 of a shard's sample keys in order: what the shard-level check compares."""
     h = hashlib.sha256()

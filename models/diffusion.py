@@ -65,7 +65,8 @@ def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tens
 
 
 def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,
-                  generator, *, min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> torch.Tensor:
+                  generator, *, min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
+                  added_cond: dict | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's epsilon or v prediction at a random timestep.
 
     min_snr_gamma > 0 weights each sample by min(SNR, gamma) / SNR (epsilon) or
@@ -73,7 +74,8 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     steps stop dominating the gradient (Hang et al. 2023, "Efficient Diffusion Training
     via Min-SNR Weighting Strategy"; gamma = 5 there). offset_noise > 0 adds a per-image,
     per-channel constant to the noise so the model can change an image's mean brightness
-    (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual value).
+    (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual value). `added_cond`: SDXL's
+    {"text_embeds": pooled, "time_ids": [B, 6]} for a UNet with text_time conditioning.
     """
     b = z0.shape[0]
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
@@ -83,7 +85,8 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     t = torch.randint(0, schedule.config.num_train_timesteps, (b,), generator=generator, device=z0.device)
     zt = schedule.add_noise(z0, noise, t)
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(z0, noise, t)
-    pred = unet(zt.to(context.dtype), t, context).sample
+    extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
+    pred = unet(zt.to(context.dtype), t, context, **extra).sample
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma > 0:
         s = snr(schedule, t)

@@ -19,6 +19,9 @@ _PARTS = {
     "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
     "text_encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
     "tokenizer": (("tokenizer_config.json",),),
+    # SDXL's second text encoder (OpenCLIP bigG with its pooled projection) and its tokenizer.
+    "text_encoder_2": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
+    "tokenizer_2": (("tokenizer_config.json",),),
     "scheduler": (("scheduler_config.json",),),
 }
 
@@ -63,6 +66,26 @@ def _read_json(pretrained: str, rel: str) -> dict:
     if not isinstance(value, dict):
         raise FileNotFoundError(f"{path} must hold a JSON object")
     return value
+
+
+def model_index(pretrained: str) -> dict:
+    """The folder's model_index.json (which parts it has, and their classes)."""
+    if is_local(pretrained):
+        check_folder(pretrained, ())
+        return _read_json(pretrained, "model_index.json")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(pretrained))
+    except Exception as e:
+        raise FileNotFoundError(f"cannot read model_index.json of '{pretrained}' from the hub or its local cache "
+                                f"({type(e).__name__}); download the pipeline and name the local folder") from None
+
+
+def has_two_text_encoders(pretrained: str) -> bool:
+    """An SDXL-style pipeline: text_encoder_2/ beside text_encoder/ (model_index names a class for it)."""
+    entry = model_index(pretrained).get("text_encoder_2")
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
 def scheduler_config(pretrained: str) -> dict:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .identity import model_identity
+from .pipeline import check_folder, has_two_text_encoders, is_local
 
 # Random-weight towers for the demo and tests; OpenCLIP's BPE tokenizer ships with the
 # package, so tokenization is the real one. A frozen random tower is a fixed, injective-
@@ -50,9 +51,18 @@ class TextEncoder(nn.Module):
             x = block(x, attn_mask=mask)
         return t.ln_final(x)
 
+    pooled_dim = 0  # no pooled embedding: only SDXL's DualTextEncoder conditions on one
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+    def embed(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """What a cache stores per caption: {"text_emb": per-token hidden states}."""
+        return {"text_emb": self.encode(captions)}
+
+    def embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"text_emb": self(tokens)}
 
     def identity(self) -> str:
         return model_identity(self.tower, {"name": self.name, "layer": self.layer, "context": self.context_length})
@@ -99,9 +109,17 @@ class CLIPTextEncoder(nn.Module):
             return out.last_hidden_state
         return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
 
+    pooled_dim = 0
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
+
+    def embed(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"text_emb": self.encode(captions)}
+
+    def embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"text_emb": self(tokens)}
 
     def identity(self) -> str:
         """Weights, architecture, layer and what the tokenizer makes of text (its vocabulary,
@@ -163,12 +181,16 @@ def is_pipeline_spec(spec: str) -> bool:
     return os.path.isdir(spec) or (spec.count("/") == 1 and ":" not in spec and not spec.startswith((".", "/")))
 
 
-def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextEncoder:
+def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextEncoder | DualTextEncoder:
     """`tiny` (random), `tiny:FILE.safetensors`, `MODEL:PRETRAINED` where PRETRAINED is an
     OpenCLIP tag (e.g. `ViT-H-14:laion2b_s32b_b79k`, needs network or the hub cache) or a
     local checkpoint file (only the text tower is kept); or a diffusers pipeline folder or hub
-    id, whose text_encoder/ and tokenizer/ are loaded (load_pipeline_text_encoder)."""
+    id, whose text_encoder/ and tokenizer/ are loaded (load_pipeline_text_encoder); an SDXL pipeline's
+    two encoders are loaded together (load_dual_text_encoder; `layer` does not apply: SDXL reads both
+    at the penultimate layer)."""
     if is_pipeline_spec(spec):
+        if has_two_text_encoders(spec):
+            return load_dual_text_encoder(spec)
         return load_pipeline_text_encoder(spec, layer)
     import open_clip  # on first use: it imports torchvision and transformers (3 s), which a job without it skips
 
@@ -195,3 +217,97 @@ def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextE
     model.visual = None  # only the text tower is used; drop the image tower's memory
     ctx = model.context_length
     return TextEncoder(model, ctx, layer, spec).eval().requires_grad_(False)
+
+
+# --- SDXL: two text encoders -----------------------------------------------------------------------
+# SDXL's two text encoders, read as StableDiffusionXLPipeline reads them.
+#
+# SDXL conditions its UNet on two CLIP text models at once (Podell et al. 2023, sec. 2.1): CLIP
+# ViT-L (768-d) and OpenCLIP ViT-bigG (1280-d). Cross-attention reads both models' per-token
+# hidden states of the penultimate layer, taken *before* the final LayerNorm and concatenated
+# along the width (768 + 1280 = 2048); the second model's pooled, projected embedding (1280-d)
+# joins the timestep embedding with the size and crop numbers ("text_time"). Each model has its
+# own tokenizer: CLIP-L's pads with the end token, bigG's with "!".
+#
+# `embed(captions)` gives {"text_emb": [B, L, 2048], "pooled": [B, 1280]}, the two tensors a
+# latent cache stores per caption; `tokenize` gives both tokenizers' ids, [B, 2, L], for caches of
+# token ids (`text=tokens`), which `embed_tokens` turns into the same two tensors.
+
+
+
+class DualTextEncoder(nn.Module):
+    layer = "penultimate"  # SDXL reads hidden_states[-2] of both models, without the final LayerNorm
+
+    def __init__(self, first: CLIPTextEncoder, second: CLIPTextEncoder, name: str):
+        super().__init__()
+        if first.context_length != second.context_length:
+            raise ValueError(f"{name}: its two tokenizers have different lengths ({first.context_length} and "
+                             f"{second.context_length})")
+        if not hasattr(second.model, "text_projection"):
+            raise ValueError(f"{name}: text_encoder_2 has no pooled projection (expected "
+                             "CLIPTextModelWithProjection, as SDXL ships)")
+        self.first, self.second, self.name = first, second, name
+        self.context_length = first.context_length
+        self.width = first.width + second.width
+        self.pooled_dim = int(second.model.config.projection_dim)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """[B, 2, L] token ids: the first tokenizer's, then the second's."""
+        return torch.stack([self.first.tokenize(captions), self.second.tokenize(captions)], dim=1)
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"text_emb": [B, L, width], "pooled": [B, pooled_dim]} from [B, 2, L] token ids."""
+        a = self.first.model(tokens[:, 0], output_hidden_states=True)
+        b = self.second.model(tokens[:, 1], output_hidden_states=True)
+        return {"text_emb": torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1), "pooled": b.text_embeds}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)["text_emb"]
+
+    def embed(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        device = next(self.parameters()).device
+        return self.embed_tokens(self.tokenize(captions).to(device))
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        return self.embed(captions)["text_emb"]
+
+    def identity(self) -> str:
+        """Both models' identities (weights, configuration, tokenizer), and how they are read."""
+        return model_identity(nn.Module(), {"kind": "sdxl-dual-clip", "layer": "penultimate, no final LayerNorm",
+                                            "first": self.first.identity(), "second": self.second.identity()})
+
+
+def load_dual_text_encoder(spec: str) -> DualTextEncoder:
+    """text_encoder/ + tokenizer/ and text_encoder_2/ + tokenizer_2/ of an SDXL pipeline folder or hub id."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    local = is_local(spec)
+    if local:
+        check_folder(spec, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"), "text_encoder")
+    encoders = []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        for suffix, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
+            where = (lambda part: dict(pretrained_model_name_or_path=f"{spec}/{part}")) if local else \
+                (lambda part: dict(pretrained_model_name_or_path=spec, subfolder=part))
+            try:
+                model = cls.from_pretrained(**where(f"text_encoder{suffix}"), dtype=torch.float32)
+                tokenizer = CLIPTokenizer.from_pretrained(**where(f"tokenizer{suffix}"))
+            except Exception as e:  # OSError for missing weights; network errors for hub ids
+                detail = str(e).splitlines()[0][:160] if local else f"the hub or its local cache ({type(e).__name__})"
+                raise FileNotFoundError(f"cannot load text_encoder{suffix}/ and tokenizer{suffix}/ of pipeline "
+                                        f"'{spec}': {detail}") from None
+            try:
+                encoders.append(CLIPTextEncoder(model, tokenizer, "penultimate", f"{spec}#text_encoder{suffix}"))
+            except ValueError as e:
+                raise FileNotFoundError(f"cannot use text_encoder{suffix}/ of pipeline '{spec}': {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    try:
+        dual = DualTextEncoder(*encoders, name=spec)
+    except ValueError as e:
+        raise FileNotFoundError(f"cannot use the text encoders of pipeline '{spec}': {e}") from None
+    return dual.eval().requires_grad_(False)

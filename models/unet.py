@@ -32,25 +32,56 @@ PRESETS = {
     "sd15": dict(_SD_BLOCKS, attention_head_dim=8, cross_attention_dim=768),
     "sd21": dict(_SD_BLOCKS, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                  use_linear_projection=True),
+    # SDXL base (2.6B; Podell et al. 2023): three levels, no attention at the first, 2 and 10
+    # transformer blocks at the others, 2048-d context (CLIP-L + bigG), and "text_time": bigG's
+    # pooled embedding (1280) with the six size/crop numbers, 256-d each, added to the time embedding.
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+                 addition_embed_type="text_time", addition_time_embed_dim=256),
+    # SDXL's layout at CPU-test size (any context width and pooled width).
+    "tiny_sdxl": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8),
 }
+TIME_IDS = 6  # SDXL's micro-conditioning: original (h, w), crop (top, left), target (h, w)
 
 
-def check_unet_fits(config: dict, latent_channels: int, context_dim: int) -> None:
-    """A pretrained UNet's config must take the cache's latents and text embeddings as they are."""
+def needs_time_ids(config) -> bool:
+    """The UNet takes SDXL's added conditioning (pooled text embedding and time_ids)."""
+    return config.get("addition_embed_type") == "text_time"
+
+
+def check_unet_fits(config: dict, latent_channels: int, context_dim: int, pooled_dim: int = 0) -> None:
+    """A pretrained UNet's config must take the cache's latents and text embeddings as they are
+    (with SDXL's text_time conditioning: the cache's pooled embedding too)."""
     if config.get("in_channels") != latent_channels or config.get("out_channels") != latent_channels:
         raise ValueError(f"its UNet takes {config.get('in_channels')}-channel latents, the cache holds "
                          f"{latent_channels}-channel ones")
     if config.get("cross_attention_dim") != context_dim:
         raise ValueError(f"its UNet expects {config.get('cross_attention_dim')}-d text embeddings, the cache holds "
                          f"{context_dim}-d ones")
+    if needs_time_ids(config):
+        if not pooled_dim:
+            raise ValueError("its UNet is SDXL's (text_time conditioning on a pooled text embedding), and the cache "
+                             "holds no pooled embedding: cache with an SDXL pipeline's two text encoders")
+        want = TIME_IDS * int(config.get("addition_time_embed_dim") or 0) + pooled_dim
+        if config.get("projection_class_embeddings_input_dim") != want:
+            raise ValueError(f"its UNet's text_time projection takes {config.get('projection_class_embeddings_input_dim')} "
+                             f"numbers, the cache's {pooled_dim}-d pooled embedding and 6 time ids make {want}")
+        return
     extra = config.get("addition_embed_type") or config.get("class_embed_type")
     if extra:
-        raise ValueError(f"its UNet needs extra conditioning ({extra}), which the SD trainer does not give "
-                         "(SDXL is not supported yet)")
+        raise ValueError(f"its UNet needs extra conditioning ({extra}), which the trainer does not give")
+    if pooled_dim:
+        raise ValueError("the cache holds SDXL's pooled text embeddings, and the UNet has no text_time conditioning "
+                         "to take them: use an SDXL UNet (model=sdxl or tiny_sdxl, or an SDXL pipeline)")
 
 
 def build_unet(preset: str, latent_channels: int, latent_size: int, context_dim: int,
-               seed: int = 0) -> UNet2DConditionModel:
+               seed: int = 0, pooled_dim: int = 0) -> UNet2DConditionModel:
     """A freshly initialised UNet. `preset` is a name above or a diffusers config.json path.
 
     The tiny/demo presets take their cross-attention width from the text encoder; for
@@ -68,6 +99,9 @@ def build_unet(preset: str, latent_channels: int, latent_size: int, context_dim:
         raise ValueError(f"UNet '{preset}' expects {fixed}-d text embeddings, the text encoder gives {context_dim}")
     cfg.update(in_channels=latent_channels, out_channels=latent_channels, sample_size=latent_size,
                cross_attention_dim=context_dim)
+    if needs_time_ids(cfg):
+        cfg["projection_class_embeddings_input_dim"] = TIME_IDS * cfg["addition_time_embed_dim"] + pooled_dim
+    check_unet_fits(cfg, latent_channels, context_dim, pooled_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(**cfg)

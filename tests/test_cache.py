@@ -38,7 +38,8 @@ def test_cached_moments_and_embeddings_equal_direct_encoder_calls(tiny_shards, t
         torch.testing.assert_close(t["std"].float(), posterior.std[0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(t["text_emb"].float(), te.encode([caption])[0], atol=5e-3, rtol=2e-3)
         assert s["txt"].decode() == caption
-        assert json.loads(s["json"]) == {"original_size": [16, 16], "crop_box": [0, 0, 16, 16]}
+        assert json.loads(s["json"]) == {"original_size": [16, 16], "crop_box": [0, 0, 16, 16], "target_size": [16, 16],
+                                         "crop_top_left": [0, 0]}
 
 
 def test_two_ranks_write_the_same_cache_as_one(tiny_shards, tiny_cache, tmp_path):

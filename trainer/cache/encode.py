@@ -7,7 +7,7 @@ import copy
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.images import image_and_caption, original_crop_box
+from data_pipeline.images import crop_top_left, image_and_caption, original_crop_box
 from data_pipeline.shards import iter_samples
 from data_pipeline.storage import DataError
 from models.autoencoder import encode_moments
@@ -23,32 +23,49 @@ class ShardImages(IterableDataset):
     Workers take whole shards (job j goes to worker j % workers), so the samples of one
     output shard keep their input order whatever the number of workers. Each shard ends
     with an item marked `last`, carrying the samples that failed to decode.
+
+    With a `bucketer` (data_pipeline.buckets.ImageBucketer) each image is resized and cropped to
+    its aspect-ratio bucket, read from its header, and a batch holds one bucket: a sample waits
+    until its bucket's batch is full, and the partial batches go at the end of the shard, in
+    bucket order. The output order is then a function of the shard alone, as without buckets.
     """
 
     def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int,
-                 endpoint_url: str | None, max_member_bytes: int):
+                 endpoint_url: str | None, max_member_bytes: int, bucketer=None):
         self.jobs, self.options, self.batch_size = jobs, decode_options, batch_size
-        self.endpoint_url, self.max_member_bytes = endpoint_url, max_member_bytes
+        self.endpoint_url, self.max_member_bytes, self.bucketer = endpoint_url, max_member_bytes, bucketer
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for shard, url in self.jobs[worker::workers]:
-            failed, batch = [], []
+            failed, pending = [], {}  # bucket -> samples waiting for a full batch
             report = lambda _url, key, message: failed.append({"key": key, "error": message})  # noqa: E731
             for sample in iter_samples(url, self.endpoint_url, on_error=report, max_member_bytes=self.max_member_bytes):
+                bucket = self.bucketer(sample) if self.bucketer is not None else 0
+                target = self.bucketer.buckets[bucket] if self.bucketer is not None else self.options["resolution"]
                 try:
-                    x, caption, size = image_and_caption(sample, **self.options)
+                    x, caption, size = image_and_caption(sample, **{**self.options, "resolution": target})
                 except DataError as e:
                     failed.append({"key": sample["__key__"], "error": str(e)})
                     continue
-                meta = {"original_size": list(size),
-                        "crop_box": [round(v, 2) for v in original_crop_box(size, self.options["resolution"])]}
-                batch.append((sample["__key__"], x, caption, meta))
+                batch = pending.setdefault(bucket, [])
+                batch.append((sample["__key__"], x, caption, sample_meta(size, target)))
                 if len(batch) == self.batch_size:
-                    yield _item(shard, batch, False, [])
-                    batch = []
-            yield _item(shard, batch, True, failed)
+                    yield _item(shard, pending.pop(bucket), False, [])
+            rest = [pending[b] for b in sorted(pending)]
+            for batch in rest[:-1]:
+                yield _item(shard, batch, False, [])
+            yield _item(shard, rest[-1] if rest else [], True, failed)
+
+
+def sample_meta(size: tuple[int, int], target) -> dict:
+    """What a cached sample records of its image (KEY.json): the original (w, h), the crop box in the
+    original's pixels, the encoded (w, h), and (top, left) cut from the resized image. The last
+    three are SDXL's micro-conditioning (original size, crop, target size)."""
+    target = (target, target) if isinstance(target, int) else tuple(target)
+    return {"original_size": list(size), "crop_box": [round(v, 2) for v in original_crop_box(size, target)],
+            "target_size": list(target), "crop_top_left": list(crop_top_left(size, target))}
 
 
 def _item(shard: int, batch: list, last: bool, failed: list) -> dict:

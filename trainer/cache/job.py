@@ -37,7 +37,7 @@ from models.text_encoder import load_text_encoder
 
 from trainer.cache.checks import output_over_input, settings_mismatch
 from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader
-from trainer.cache.manifest import ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
+from trainer.cache.manifest import BucketCount, ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
 from trainer.core import config as config_lib
 from trainer.core import dist
 from trainer.core.data import ImageData
@@ -45,7 +45,8 @@ from trainer.core.data import ImageData
 
 @dataclasses.dataclass
 class CacheJob:
-    data: ImageData = dataclasses.field(default_factory=ImageData)  # image shards in (resolution: crop size)
+    data: ImageData = dataclasses.field(default_factory=ImageData)  # image shards in (resolution: crop size;
+    #   data.buckets=true: each image at its aspect-ratio bucket of about resolution**2 pixels)
     out_url: str = ""  # where latent shards and manifest.json go (local path or s3://...)
     out_endpoint_url: str | None = None  # S3-compatible endpoint for out_url; default AWS_ENDPOINT_URL
     pretrained: str = ""  # a diffusers Stable Diffusion pipeline folder (model_index.json) or hub id: the VAE
@@ -54,7 +55,8 @@ class CacheJob:
     #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline); "": pretrained's
     text_encoder: str = ""  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k) |
     #   a diffusers pipeline folder or hub id (its text_encoder/ and tokenizer/); "": pretrained's, else tiny
-    text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer
+    text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer (an SDXL pipeline's
+    #   two encoders are always read at the penultimate layer, as SDXL reads them)
     batch_size: int = 64  # images per encoder call
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 for the encoders
     flip: bool = False  # also cache the moments of the mirrored image (for random flips in training)
@@ -93,14 +95,18 @@ class CacheJob:
         from trainer.core.job_checks import check_pretrained, check_text_encoder_spec, check_vae_spec
 
         self.data.validate("data.")
-        # The cache encodes every image once, in order, as a square crop of data.resolution: the
-        # training loader's settings would be accepted and silently do nothing.
+        # The cache encodes every image once, in order: the training loader's settings would be
+        # accepted and silently do nothing.
         defaults = ImageData()
-        for key in ("shuffle_buffer", "virtual_ranks", "resampled", "buckets", "bucket_step", "bucket_max_aspect"):
+        for key in ("shuffle_buffer", "virtual_ranks", "resampled"):
             if getattr(self.data, key) != getattr(defaults, key):
                 raise config_lib.ConfigError(f"data.{key}={getattr(self.data, key)} is not used by the cache job "
-                                             "(it encodes each image once, as a square crop of data.resolution); "
-                                             "leave it out")
+                                             "(it encodes each image once, in order); leave it out")
+        if not self.data.buckets:
+            for key in ("bucket_step", "bucket_max_aspect"):
+                if getattr(self.data, key) != getattr(defaults, key):
+                    raise config_lib.ConfigError(f"data.{key} is set but data.buckets is false: set data.buckets=true "
+                                                 "or leave it out")
         config_lib.check_endpoint("out_endpoint_url", self.out_endpoint_url)
         if self.pretrained:
             check_pretrained(self.pretrained, ("vae",) * (not self.vae) + ("text_encoder", "tokenizer") *
@@ -127,7 +133,7 @@ class _ShardOut:
     def __init__(self, cfg: CacheJob, out: str, source: str, settings: dict):
         self.cfg, self.out, self.source, self.cfg_settings = cfg, out, source, settings
         self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
-        self.count, self.failed, self.stats, self.keys = 0, [], None, []
+        self.count, self.failed, self.stats, self.keys, self.buckets = 0, [], None, [], {}
 
     def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
         self.failed += item["failed"]
@@ -144,8 +150,8 @@ class _ShardOut:
         ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
         if self.cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
             text = {"tokens": text_encoder.tokenize(captions).int()}
-        else:
-            text = {"text_emb": text_encoder.encode(captions).float().cpu()}
+        else:  # text_emb, and SDXL's pooled embedding
+            text = {k: v.float().cpu() for k, v in text_encoder.embed(captions).items()}
         if self.stats is None:
             self.stats = ChannelStats(mean.shape[1])
         for i, key in enumerate(keys):
@@ -155,6 +161,8 @@ class _ShardOut:
             self.stats.add(mean[i:i + 1], std[i:i + 1])
             tensors = {k: v[i] for k, v in {**moments, **text}.items()}
             self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
+            shape = "x".join(map(str, item["metas"][i]["target_size"]))
+            self.buckets[shape] = self.buckets.get(shape, 0) + 1
             self.keys.append(key)
             self.count += 1
 
@@ -165,6 +173,7 @@ class _ShardOut:
             print(f"quarantined {self.source}:{f['key']}: {f['error']}")
         return {"shard": os.path.basename(self.out), "count": self.count, "source": self.source,
                 "keys_sha256": keys_digest(self.keys), "settings": self.cfg_settings, "quarantined": self.failed,
+                "buckets": self.buckets,
                 "stats": (self.stats or ChannelStats(0)).to_json()}
 
 
@@ -207,8 +216,14 @@ def cache_latents(cfg: CacheJob) -> str:
 
     # What a shard's contents depend on: recorded with every shard, and a finished shard is
     # only reused when its record matches (a rerun with other settings would mix two caches).
+    bucketer = cfg.data.bucketer()  # None: square crops
     settings = {"format_version": FORMAT_VERSION, "resolution": cfg.data.resolution, "vae": identity,
-                "text_encoder": text_encoder.identity(), "flip": cfg.flip, "text": cfg.text}
+                "text_encoder": text_encoder.identity(), "flip": cfg.flip, "text": cfg.text,
+                "buckets": [list(b) for b in bucketer.buckets] if bucketer else None,
+                "sample_meta": "original_size crop_box target_size crop_top_left"}
+    if bucketer and any(w % factor or h % factor for w, h in bucketer.buckets):
+        raise config_lib.ConfigError(f"data.bucket_step={cfg.data.bucket_step} is not a multiple of the autoencoder's "
+                                     f"downsampling factor {factor}")
 
     # --- this rank's shards that are not done yet -------------------------------------------
     inputs, names, mine = _my_shards(cfg, w)
@@ -230,7 +245,7 @@ def cache_latents(cfg: CacheJob) -> str:
     t0, written, failed = time.time(), 0, 0
     bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
     loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size,
-                                                  cfg.data.endpoint_url, cfg.data.max_member_bytes),
+                                                  cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer),
                                       cfg.data.num_workers))
     outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
     for item in loader:
@@ -268,9 +283,12 @@ def cache_latents(cfg: CacheJob) -> str:
                     raise config_lib.ConfigError(message)  # another slice of this job ran with other settings
     all_entries = [found[n] for n in sorted(found)]
     if w.is_main and len(found) == len(names):
-        empty = text_encoder.encode([""])[0].float().cpu().half()
-        storage.write_bytes_atomic(storage.join(cfg.out_url, EMPTY_CAPTION), st_save({"text_emb": empty}),
-                                   cfg.out_endpoint_url)
+        empty = {k: v[0].float().cpu().half().contiguous() for k, v in text_encoder.embed([""]).items()}
+        storage.write_bytes_atomic(storage.join(cfg.out_url, EMPTY_CAPTION), st_save(empty), cfg.out_endpoint_url)
+        counts = {}
+        for e in all_entries:
+            for shape, n in e.get("buckets", {}).items():
+                counts[shape] = counts.get(shape, 0) + n
         size = cfg.data.resolution // factor
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -291,14 +309,20 @@ def cache_latents(cfg: CacheJob) -> str:
                           identity=identity, scaling_factor=float(vae.config.scaling_factor),
                           downsample_factor=factor),
             text_encoder=TextEncoderRecord(spec=os.path.abspath(text_spec) if os.path.isdir(text_spec) else text_spec,
-                                           layer=cfg.text_layer,
+                                           layer=text_encoder.layer,
                                            identity=text_encoder.identity()),
+            pooled_dim=text_encoder.pooled_dim,
+            buckets=tuple(BucketCount(w_, h_, counts.get(f"{w_}x{h_}", 0)) for w_, h_ in bucketer.buckets)
+            if bucketer else (),
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), cfg.out_endpoint_url)
         print(f"cached {manifest.num_samples} samples in {len(all_entries)} shards at {cfg.out_url}; "
               f"{manifest.num_quarantined} quarantined, {encoder.rescued} re-encoded in fp32, "
               f"{len(entries) - len(todo)} shards skipped as done before; "
               f"rank 0 encoded {written} now at {rate:.0f} img/s")
+        if manifest.buckets:
+            print("buckets (w x h px: share of samples): " + ", ".join(
+                f"{b.width}x{b.height}: {b.count / max(1, manifest.num_samples):.1%}" for b in manifest.buckets if b.count))
     elif w.is_main:
         print(f"{len(found)} of {len(names)} shards are done; the job that finishes the last writes the manifest")
     dist.barrier()

@@ -47,6 +47,13 @@ class LatentStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class BucketCount:
+    width: int  # bucket shape in pixels (the latents are width/f x height/f)
+    height: int
+    count: int  # samples of the cache encoded at this shape
+
+
+@dataclasses.dataclass(frozen=True)
 class VaeRecord:
     source: str  # what the cache job's `vae` named (a local folder made absolute), to load it again
     identity: str  # autoencoder_identity of the model: what a reader checks the loaded model against
@@ -56,8 +63,8 @@ class VaeRecord:
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderRecord:
-    spec: str  # the cache job's text_encoder (tiny | tiny:FILE | MODEL:PRETRAINED)
-    layer: str  # last | penultimate: the hidden states cached
+    spec: str  # the cache job's text_encoder (tiny | tiny:FILE | MODEL:PRETRAINED | pipeline folder or hub id)
+    layer: str  # last | penultimate: the hidden states cached (SDXL's two encoders: always penultimate)
     identity: str  # the encoder's identity(): what a reader checks the loaded encoder against
 
     def load(self):
@@ -85,11 +92,20 @@ class Manifest:
     latent_channel_stats: LatentStats  # per-channel statistics of the latents, for latent_norm=per_channel
     vae: VaeRecord  # the frozen first stage that made the latents
     text_encoder: TextEncoderRecord  # the frozen text encoder that made the embeddings (or reads the tokens)
+    pooled_dim: int = 0  # width of the pooled text embedding each sample also holds (SDXL: 1280); 0: none
+    buckets: tuple[BucketCount, ...] = ()  # aspect-ratio buckets the images were encoded at, with their counts
+    #   (sorted by aspect ratio); (): every image a square of `resolution` (then latent_shape holds for all)
 
     # --- the one writer and the one reader ---------------------------------------------------------
     def to_json(self) -> str:
-        """The text of manifest.json: the keys in the fields' order, indent 1 (the format since v1)."""
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        """The text of manifest.json: the keys in the fields' order, indent 1 (the format since v1). Fields
+        added later (those with a default) are left out at their default, so a cache without pooled
+        embeddings or buckets has the manifest it had before they existed."""
+        raw = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING and getattr(self, f.name) == f.default:
+                del raw[f.name]
+        return json.dumps(raw, indent=1)
 
     @classmethod
     def read(cls, cache_url: str, endpoint_url: str | None = None) -> Manifest:
@@ -155,8 +171,22 @@ class Manifest:
                       f"channel), got {len(stats.mean)} and {len(stats.std)}")
         if any(v < 0 for v in stats.std):
             raise bad("latent_channel_stats.std", "must be >= 0")
+        if self.pooled_dim < 0:
+            raise bad("pooled_dim", f"must be >= 0, got {self.pooled_dim}")
+        f = self.vae.downsample_factor
+        for i, b in enumerate(self.buckets):
+            if b.width <= 0 or b.height <= 0 or b.width % f or b.height % f or b.count < 0:
+                raise bad(f"buckets[{i}]", f"must be a positive multiple of the downsample factor {f} in each side "
+                          f"with a count >= 0, got {b.width}x{b.height} ({b.count})")
+        if self.buckets and sum(b.count for b in self.buckets) != self.num_samples:
+            raise bad("buckets", f"counts add up to {sum(b.count for b in self.buckets)}, not num_samples "
+                      f"{self.num_samples}")
 
     # --- what readers derive from it ---------------------------------------------------------------
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """(w, h) in pixels of every shape a sample may have: the buckets, or the one square."""
+        return [(b.width, b.height) for b in self.buckets] or [(self.resolution, self.resolution)]
+
     def shard_urls(self, cache_url: str) -> list[str]:
         """The URLs of the cache's shards, in the manifest's order."""
         return [storage.join(cache_url, s.shard) for s in self.shards]
@@ -266,11 +296,12 @@ def _parse(cls, raw, where: str, url: str):
     unknown = sorted(str(k) for k in set(raw) - set(fields))
     if unknown:
         raise DataError(f"{url}: unknown key '{where}{unknown[0]}' (valid: {', '.join(fields)}); {REBUILD}")
-    missing = [name for name in fields if name not in raw]
+    # Fields with a default were added later (pooled_dim, buckets): an older manifest means the default.
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw and f.default is dataclasses.MISSING]
     if missing:
         raise DataError(f"{url}: key '{where}{missing[0]}' is missing; {REBUILD}")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: _value(raw[name], hints[name], where + name, url) for name in fields})
+    return cls(**{name: _value(raw[name], hints[name], where + name, url) for name in fields if name in raw})
 
 
 def _value(value, tp, key: str, url: str):

@@ -122,17 +122,19 @@ def _not_yet(url, key, message) -> None:
 
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
                  run_dir: str, counts: list[int] | None = None, checksums: list[str] | None = None,
-                 state: dict | None = None, read_shard=None) -> Loader:
+                 state: dict | None = None, read_shard=None, bucketer=None) -> Loader:
     """The rank's loader; `state` (a Loader.state_dict() from a checkpoint) continues a run.
 
     A resumed run keeps the stream count it started with, so that a different world size
-    continues the same epochs.
+    continues the same epochs. `bucketer`: batches of one shape by it (a latent cache's buckets),
+    else data.bucketer() (an image job's data.buckets).
     """
     data.configure_storage()
     virtual_ranks = state["virtual_ranks"] if state else data.virtual_ranks
     dataset = ShardBatches(urls, decode, batch_per_rank, seed=seed, rank=world.rank, world_size=world.size,
                            num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
-                           shuffle_buffer=data.shuffle_buffer, resampled=data.resampled, bucketer=data.bucketer(),
+                           shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+                           bucketer=bucketer if bucketer is not None else data.bucketer(),
                            quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),
                            endpoint_url=data.endpoint_url, checksums=checksums, read_shard=read_shard,
                            max_member_bytes=data.max_member_bytes)

@@ -71,9 +71,16 @@ def unet_train_flops_per_sample(unet: torch.nn.Module, latent_shape: tuple[int, 
             context = torch.randn((batch_size, *context_shape), device=device, dtype=dtype)
             t = torch.randint(0, 1000, (batch_size,), device=device)
             target = torch.randn_like(z, dtype=torch.float32)
+            added = None
+            if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 time ids
+                cfg = unet.config
+                pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+                added = {"text_embeds": torch.randn((batch_size, pooled), device=device, dtype=dtype),
+                         "time_ids": torch.full((batch_size, 6), float(latent_shape[-1] * 8), device=device, dtype=dtype)}
             unet.train()
             return train_flops_per_sample(
-                lambda: torch.nn.functional.mse_loss(unet(z, t, context).sample.float(), target), batch_size)
+                lambda: torch.nn.functional.mse_loss(unet(z, t, context, added_cond_kwargs=added).sample.float(),
+                                                     target), batch_size)
     finally:
         unet.train(was_training)
         for p, flag, grad in zip(params, flags, grads):

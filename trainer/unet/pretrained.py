@@ -14,7 +14,7 @@ import dataclasses
 from models import pipeline
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule
-from models.text_encoder import load_pipeline_text_encoder
+from models.text_encoder import load_text_encoder
 from models.unet import build_unet, check_unet_fits
 
 from trainer.cache.manifest import Manifest
@@ -60,14 +60,17 @@ def training_schedule(cfg):
         raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
 
 
-def build_model(cfg, channels: int, size: int, context_dim: int):
+def build_model(cfg, channels: int, size: int, context_dim: int, pooled_dim: int = 0):
     """The job's UNet before any training: the folder's weights (frozen, with LoRA adapters where
-    lora_rank > 0), or a preset seeded by cfg.seed."""
+    lora_rank > 0), or a preset seeded by cfg.seed. `pooled_dim`: the cache's pooled text width (SDXL)."""
     if not cfg.pretrained:
-        return build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed)
+        try:
+            return build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed, pooled_dim=pooled_dim)
+        except ValueError as e:
+            raise ConfigError(f"model={cfg.model}: {e}") from None
     unet = pipeline.load_unet(cfg.pretrained)
     try:
-        check_unet_fits(dict(unet.config), channels, context_dim)
+        check_unet_fits(dict(unet.config), channels, context_dim, pooled_dim)
     except ValueError as e:
         raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
     if cfg.lora_rank:
@@ -77,10 +80,10 @@ def build_model(cfg, channels: int, size: int, context_dim: int):
     return unet
 
 
-def shapes_only(cfg, channels: int, size: int, context_dim: int):
+def shapes_only(cfg, channels: int, size: int, context_dim: int, pooled_dim: int = 0):
     """The job's UNet architecture without weights (call under torch.device('meta'))."""
     if not cfg.pretrained:
-        return build_unet(cfg.model, channels, size, context_dim)
+        return build_unet(cfg.model, channels, size, context_dim, pooled_dim=pooled_dim)
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(pipeline.unet_config(cfg.pretrained))
@@ -106,7 +109,7 @@ def check_cache_encoders(cfg, manifest: Manifest, cache_url: str) -> None:
     if autoencoder_identity(vae) != manifest.vae.identity:
         raise ConfigError(f"the cache {cache_url} was made with the VAE {manifest.vae.source}, not pretrained="
                           f"{cfg.pretrained}'s vae/: rebuild it with cache_latents pretrained={cfg.pretrained}")
-    text_encoder = load_pipeline_text_encoder(cfg.pretrained, manifest.text_encoder.layer)
+    text_encoder = load_text_encoder(cfg.pretrained, manifest.text_encoder.layer)
     if text_encoder.identity() != manifest.text_encoder.identity:
         raise ConfigError(f"the cache {cache_url} was made with the text encoder {manifest.text_encoder.spec}, not "
                           f"pretrained={cfg.pretrained}'s text_encoder/ and tokenizer/: rebuild it with "

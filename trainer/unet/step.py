@@ -40,6 +40,8 @@ class StepSetup:
     dtype: torch.dtype  # the UNet's input dtype (DTYPES of the resolved precision)
     device: torch.device  # where the engine runs; the generators live here too
     empty: torch.Tensor  # the empty caption's embedding, on `device` in `dtype` (caption dropout's target)
+    empty_pooled: torch.Tensor | None = None  # SDXL: the pooled embedding dropout puts in its place; None: no
+    #   pooled embedding (the UNet has no text_time conditioning)
     text_encoder: Any = None  # frozen text encoder on `device` for a cache of token ids; None: cached embeddings
     caption_dropout: float = 0.1  # share of captions replaced by the empty one
     random_flip: bool = False  # use the mirrored image's moments for a random half of each batch
@@ -60,10 +62,11 @@ class StepResult:
 
 
 def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor,
-               scale: torch.Tensor, empty: torch.Tensor, text_encoder=None) -> StepSetup:
-    """The job's step settings; shift, scale, empty and text_encoder come from the cache (or a benchmark)."""
+               scale: torch.Tensor, empty: torch.Tensor, text_encoder=None,
+               empty_pooled: torch.Tensor | None = None) -> StepSetup:
+    """The job's step settings; shift, scale, empty(_pooled) and text_encoder come from the cache (or a benchmark)."""
     return StepSetup(
-        schedule=training_schedule(cfg), shift=shift,
+        schedule=training_schedule(cfg), shift=shift, empty_pooled=empty_pooled,
         scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
         caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
         offset_noise=cfg.offset_noise, channels_last=cfg.channels_last, seed=cfg.seed, rank=rank,
@@ -91,14 +94,20 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
             z0 = z0.contiguous(memory_format=torch.channels_last)
         if s.text_encoder is not None:
             with torch.no_grad():
-                context = s.text_encoder(batch["tokens"].long().to(device)).to(s.dtype)
+                text = s.text_encoder.embed_tokens(batch["tokens"].long().to(device))
         else:
-            context = batch["text_emb"].to(device, s.dtype)
-        # Classifier-free guidance needs an unconditional model: some captions become "".
+            text = {k: batch[k] for k in ("text_emb", "pooled") if k in batch}
+        context = text["text_emb"].to(device, s.dtype)
+        # Classifier-free guidance needs an unconditional model: some captions become "". With
+        # SDXL's two encoders, both encoders' outputs (context and pooled) are dropped together.
         drop = torch.rand(context.shape[0], generator=gen, device=device) < s.caption_dropout
         context = torch.where(drop[:, None, None], s.empty, context)
+        added = None
+        if s.empty_pooled is not None:
+            pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype))
+            added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, s.dtype)}
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
-                             offset_noise=s.offset_noise)
+                             offset_noise=s.offset_noise, added_cond=added)
         engine.backward(loss)
         if micro == s.grad_accum - 1:
             dropped = drop_nonfinite_grads(engine)
@@ -131,10 +140,10 @@ def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
         offload_optimizer=cfg.offload_optimizer)
 
 
-def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict):
+def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict, pooled_dim: int = 0):
     """The job's UNet (seeded by cfg.seed, or the pretrained folder's; with cfg's speed options) in a DeepSpeed
     engine of `ds_config`."""
-    unet = prepare_unet(build_model(cfg, channels, size, context_dim), cfg)
+    unet = prepare_unet(build_model(cfg, channels, size, context_dim, pooled_dim), cfg)
     engine = build_engine(unet, ds_config)
     if cfg.compile:
         engine.compile()

@@ -17,7 +17,9 @@ from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.latents import EMPTY_CAPTION, decode_sample, read_cached_shard
+from data_pipeline.buckets import LatentBucketer
+from data_pipeline.latents import EMPTY_CAPTION, CachedSampleDecoder, read_cached_shard
+from models.unet import needs_time_ids
 
 from trainer.cache.manifest import Manifest
 from trainer.core import checkpoint, dist
@@ -70,22 +72,25 @@ def train_unet(cfg: UNetJob) -> str:
     text_encoder = manifest.text_encoder.load().to(device) if manifest.text == "tokens" else None
     empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
     empty = empty.to(device, dtype)
+    pooled_dim, empty_pooled = manifest.pooled_dim, None
+    if pooled_dim:  # SDXL: dropout zeroes both encoders' outputs, as its pipelines' force_zeros_for_empty_prompt
+        empty, empty_pooled = torch.zeros_like(empty), torch.zeros(pooled_dim, device=device, dtype=dtype)
 
     # --- model, optimizer, EMA, resume -----------------------------------------------------------
     # Model FLOPs, the MFU convention: counted on a weightless copy on the meta device (shapes
     # only, instant at any size), without gradient checkpointing's recomputation.
     with torch.device("meta"):
-        shapes_only = pretrained.shapes_only(cfg, channels, size, context_dim)
+        shapes_only = pretrained.shapes_only(cfg, channels, size, context_dim, pooled_dim)
     flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
     peak = device_peak_tflops(precision, cfg.peak_tflops)
-    engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision))
+    engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim)
     unet = engine.module
     # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
     ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio, trainable_only=cfg.lora_rank > 0) \
         if cfg.ema_halflife_samples else None
     lora = cfg.lora_rank > 0  # checkpoints hold the adapters alone; the frozen base is pretrained's
     step_cfg = step_setup(cfg, rank=w.rank, device=device, dtype=dtype, shift=shift, scale=scale, empty=empty,
-                          text_encoder=text_encoder)
+                          text_encoder=text_encoder, empty_pooled=empty_pooled)
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
     step, samples, nonfinite_steps, loader_state, log_from = 0, 0, 0, None, 0
     resume = checkpoint.latest(root, endpoint)
@@ -110,11 +115,13 @@ def train_unet(cfg: UNetJob) -> str:
                   (f" (elastic: written by {written_by} ranks, {state['samples']} samples)" if elastic else ""))
 
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
-    urls = manifest.shard_urls(cfg.data.urls)
-    loader = build_loader(cfg.data, urls, decode_sample, cfg.batch_per_rank, w, seed=cfg.seed,
+    # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it).
+    urls, bucketed = manifest.shard_urls(cfg.data.urls), len(manifest.buckets) > 1
+    decode = CachedSampleDecoder(needs_time_ids(unet.config), manifest.vae.downsample_factor, bucketed)
+    loader = build_loader(cfg.data, urls, decode, cfg.batch_per_rank, w, seed=cfg.seed,
                           run_dir=cfg.run_dir, counts=[s.count for s in manifest.shards],
                           checksums=[s.keys_sha256 for s in manifest.shards], read_shard=read_cached_shard,
-                          state=loader_state)
+                          state=loader_state, bucketer=LatentBucketer(manifest.bucket_shapes()) if bucketed else None)
     batches, dataset = iter(loader), loader.dataset
     samples_per_epoch = dataset.samples_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, resume_samples=samples, wandb_mode=cfg.wandb,
