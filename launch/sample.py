@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="", help="WIDTHxHEIGHT in pixels, e.g. 1152x896 (an aspect-ratio bucket; SDXL "
+                   "runs are conditioned on it as original and target size); default the cache's square resolution")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (default, where the run kept an EMA) or the trained ones")
     args = p.parse_args()
@@ -37,7 +39,8 @@ def main() -> None:
     try:
         check_guidance(args.guidance, args.negative_prompt, "--guidance", "--negative-prompt")
         rows = generate(args.run, args.prompt, weights=args.weights, per_prompt=args.per_prompt, guidance=args.guidance,
-                        steps=args.steps, sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt)
+                        steps=args.steps, sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt,
+                        size=args.size)
     except (ConfigError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {one_line(e)}")
     save_grid(rows, args.prompt, out)

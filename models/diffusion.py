@@ -110,11 +110,13 @@ def make_sampler(name: str, schedule_config: dict):
 def sample_latents(unet, context: torch.Tensor, uncond: torch.Tensor, schedule_config: dict, *,
                    steps: int = 50, guidance: float = 5.0, sampler: str = "ddim",
                    generator: torch.Generator | None = None, size: tuple[int, int] | None = None,
-                   noise: torch.Tensor | None = None) -> torch.Tensor:
+                   noise: torch.Tensor | None = None, added: dict | None = None,
+                   added_uncond: dict | None = None) -> torch.Tensor:
     """Classifier-free guided sampling (Ho & Salimans 2022): eps = u + g * (c - u).
 
     `size`: latent (height, width), default the UNet's sample_size; `noise`: the initial
-    latents (unscaled standard normal), else drawn from `generator`."""
+    latents (unscaled standard normal), else drawn from `generator`. `added`, `added_uncond`:
+    SDXL's {"text_embeds", "time_ids"} of the prompts and of the unconditional side."""
     scheduler = make_sampler(sampler, schedule_config)
     scheduler.set_timesteps(steps)
     cfg = unet.config
@@ -124,8 +126,12 @@ def sample_latents(unet, context: torch.Tensor, uncond: torch.Tensor, schedule_c
         noise = torch.randn((b, cfg.in_channels, h, w), generator=generator, device=context.device)
     z = noise.to(context.device, torch.float32) * scheduler.init_noise_sigma
     both = torch.cat([uncond.expand(b, -1, -1), context])
+    extra = {}
+    if added is not None:
+        extra["added_cond_kwargs"] = {k: torch.cat([added_uncond[k].expand_as(v), v]).to(context.dtype)
+                                      for k, v in added.items()}
     for t in scheduler.timesteps:
         zin = scheduler.scale_model_input(torch.cat([z, z]), t)
-        out_u, out_c = unet(zin.to(context.dtype), t, both).sample.float().chunk(2)
+        out_u, out_c = unet(zin.to(context.dtype), t, both, **extra).sample.float().chunk(2)
         z = scheduler.step(out_u + guidance * (out_c - out_u), t, z).prev_sample
     return z

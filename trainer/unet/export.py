@@ -1,4 +1,4 @@
-"""Export a trained run as a complete diffusers Stable Diffusion pipeline folder.
+"""Export a trained run as a complete diffusers Stable Diffusion (or SDXL) pipeline folder.
 
     OUT/model_index.json  what StableDiffusionPipeline.from_pretrained(OUT) reads: no other input needed
     OUT/unet/             the newest complete checkpoint's UNet: its EMA weights where the run kept an
@@ -9,6 +9,10 @@
     OUT/scheduler/        DDIM over the training noise schedule (what launch/sample.py samples with)
     OUT/ldm.json          provenance: checkpoint, weights, prediction type, latent normalisation,
                           the cache's encoders
+
+A run on a cache of SDXL's two text encoders becomes a StableDiffusionXLPipeline: text_encoder/ +
+tokenizer/ and text_encoder_2/ + tokenizer_2/ as the pipeline folder had them, and
+force_zeros_for_empty_prompt set, since caption dropout trained the unconditional side on zeros.
 
 A LoRA run exports its adapters as diffusers' `pytorch_lora_weights.safetensors` (for
 `pipe.load_lora_weights(OUT)` on the pretrained pipeline), or with `merge` the complete
@@ -33,7 +37,7 @@ from models.autoencoder import encoder_identity, load_autoencoder
 from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
 from models.diffusion import make_sampler
 from models.single_file import to_original
-from models.text_encoder import CLIPTextEncoder
+from models.text_encoder import CLIPTextEncoder, DualTextEncoder
 
 from trainer.core.checkpoint import default_root, latest
 from trainer.core.config import ConfigError
@@ -110,10 +114,10 @@ def swap_decoder(vae, source: str):
 
 
 def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: str = ""):
-    """(StableDiffusionPipeline of the run's newest checkpoint, provenance dict for ldm.json).
+    """(StableDiffusion(XL)Pipeline of the run's newest checkpoint, provenance dict for ldm.json).
     A LoRA run's UNet has its adapters merged. `loaded`: load_run's result, if already at hand;
     `vae_source`: a decoder fine-tune of the cache's VAE to ship instead (swap_decoder)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     unet, vae, text_encoder, cfg, manifest = loaded or load_run(run_dir, weights)
     if vae_source:
@@ -126,11 +130,18 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
     shift, scale = manifest.latent_affine(cfg.latent_norm)
     if cfg.latent_norm == "per_channel":
         vae = fold_latent_affine(vae, shift, scale)
-    model, tokenizer = pipeline_text_encoder(text_encoder)
     schedule = training_schedule(cfg)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=model, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_sampler("ddim", schedule.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = make_sampler("ddim", schedule.config)
+    if isinstance(text_encoder, DualTextEncoder):  # SDXL: both encoders as the pipeline folder had them
+        first, second = text_encoder.first, text_encoder.second
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first.model, text_encoder_2=second.model,
+                                         tokenizer=first.tokenizer, tokenizer_2=second.tokenizer, unet=unet,
+                                         scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    else:
+        model, tokenizer = pipeline_text_encoder(text_encoder)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=model, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     info = {
         "checkpoint": latest(cfg.checkpoint_url or default_root(run_dir), cfg.checkpoint_endpoint_url),
         "weights": "ema" if weights == "ema" and cfg.ema_halflife_samples else "raw",
@@ -168,6 +179,10 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":
         raise ConfigError("--vae ships a VAE in a pipeline; a LoRA file holds the adapters alone: add --merge")
     if fmt == "single_file":
+        if loaded[4].pooled_dim:
+            raise ConfigError("--format single_file is not written for SDXL runs yet (its original layout keeps the "
+                              "second text encoder in OpenCLIP's names); export the diffusers folder, which "
+                              "ComfyUI's diffusers loader and StableDiffusionXLPipeline read")
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
         os.makedirs(out, exist_ok=True)
         try:

@@ -53,7 +53,35 @@ def load_run(run_dir: str, weights: str = "ema"):
 
 def lora_unet(cfg: UNetJob, manifest: Manifest):
     """A LoRA run's UNet before training: pretrained's weights with fresh adapters."""
-    return build_model(cfg, manifest.latent_shape[0], manifest.latent_shape[1], manifest.text_emb_shape[1])
+    return build_model(cfg, manifest.latent_shape[0], manifest.latent_shape[1], manifest.text_emb_shape[1],
+                       manifest.pooled_dim)
+
+
+def parse_size(text: str, factor: int) -> tuple[int, int]:
+    """`WxH` pixels -> (w, h), both positive multiples of the autoencoder's factor `factor`."""
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()) or int(w) <= 0 or int(h) <= 0 or int(w) % factor or int(h) % factor:
+        raise config_lib.ConfigError(f"size must be WIDTHxHEIGHT in pixels, multiples of {factor} (the autoencoder's "
+                                     f"factor), e.g. 1152x896; got {text!r}")
+    return int(w), int(h)
+
+
+def condition(text_encoder, prompts: list[str], negative_prompt: str, size: tuple[int, int], device) -> tuple:
+    """(context, uncond, added, added_uncond) for sample_latents. With SDXL's two encoders the
+    unconditional side is zeros where there is no negative prompt (what caption dropout trained and
+    SDXL pipelines use: force_zeros_for_empty_prompt), and the size conditioning is original = target
+    = `size` (w, h), crop (0, 0)."""
+    text = {k: v.to(device) for k, v in text_encoder.embed(prompts).items()}
+    if "pooled" not in text:
+        return text["text_emb"], text_encoder.encode([negative_prompt]).to(device), None, None
+    if negative_prompt:
+        neg = {k: v.to(device) for k, v in text_encoder.embed([negative_prompt]).items()}
+    else:
+        neg = {k: torch.zeros_like(v[:1]) for k, v in text.items()}
+    w, h = size
+    ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prompts), -1)
+    return (text["text_emb"], neg["text_emb"], {"text_embeds": text["pooled"], "time_ids": ids},
+            {"text_embeds": neg["pooled"], "time_ids": ids[:1]})
 
 
 def load_frozen(manifest: Manifest, cache_url: str):
@@ -69,33 +97,40 @@ def load_frozen(manifest: Manifest, cache_url: str):
 @torch.no_grad()
 def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
                 guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-                negative_prompt: str = "") -> list[list[Image.Image]]:
+                negative_prompt: str = "", size: tuple[int, int] | None = None) -> list[list[Image.Image]]:
     """One row of images per prompt; row i's noise is seeded by seed + i, so a fixed prompt
     list gives comparable grids across checkpoints.
 
     Classifier-free guidance extrapolates from the output for `negative_prompt` towards the
     prompt's: eps = n + guidance * (c - n). With "" (the default) n is the unconditional
     model (the empty caption it was trained on under caption_dropout); a negative prompt
-    replaces it, so guidance > 1 also pushes away from what it describes.
+    replaces it, so guidance > 1 also pushes away from what it describes. `size`: (w, h) in pixels
+    (any bucket shape), default the cache's square resolution.
     """
     device = next(unet.parameters()).device
     shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))  # model latents: (z - shift) * scale
     schedule = training_schedule(cfg)
-    uncond = text_encoder.encode([negative_prompt]).to(device)
+    f = manifest.vae.downsample_factor
+    size = size or (manifest.resolution, manifest.resolution)
     rows = []
     for i, prompt in enumerate(prompts):
-        context = text_encoder.encode([prompt] * per_prompt).to(device)
+        context, uncond, added, added_uncond = condition(text_encoder, [prompt] * per_prompt, negative_prompt, size,
+                                                         device)
         gen = torch.Generator(device).manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
-                           sampler=sampler, generator=gen, size=tuple(manifest.latent_shape[1:]))
+                           sampler=sampler, generator=gen, size=(size[1] // f, size[0] // f), added=added,
+                           added_uncond=added_uncond)
         images = vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).sample
         rows.append([to_pil(x.float().cpu()) for x in images])
     return rows
 
 
-def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", **kwargs) -> list[list[Image.Image]]:
+def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", size: str = "",
+             **kwargs) -> list[list[Image.Image]]:
+    """`size`: "WxH" pixels ("" the cache's square resolution)."""
     unet, vae, text_encoder, cfg, manifest = load_run(run_dir, weights)
-    return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, **kwargs)
+    wh = parse_size(size, manifest.vae.downsample_factor) if size else None
+    return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, size=wh, **kwargs)
 
 
 def _tile(im: Image.Image, tile: int) -> Image.Image:

@@ -1,0 +1,246 @@
+"""SDXL-class training (#16) on a tiny random-weight SDXL pipeline folder (tests/sd_pipelines.py): two text
+encoders in the cache, aspect-ratio buckets through the cache and the UNet loader, size and crop conditioning
+(time_ids), caption dropout of both encoders, 2-rank ZeRO-2 training with exact and elastic resume, and the
+exported StableDiffusionXLPipeline drawing sample.py's non-square picture."""
+import io
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PY, free_port, run_cmd
+from sd_pipelines import build_pipeline
+
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+# (w, h) of the source images: wide, tall, square and in between, so that four of the five buckets of
+# 64 px at step 16 (48x96, 48x80, 64x64, 80x48, 96x48) fill.
+SIZES = [(100, 40), (40, 90), (64, 64), (80, 60), (96, 48), (50, 100), (70, 70), (120, 60)]
+TRAIN = ("batch_per_rank=2", "warmup_samples=4", "log_every_samples=4", "checkpoint_every_samples=16",
+         "ema_halflife_samples=50", "ema_rampup_ratio=0", "lr=1e-3", "zero_stage=2", "data.shuffle_buffer=8",
+         "keep_last=3")
+ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    return build_pipeline("sdxl", str(tmp_path_factory.mktemp("xl") / "sdxl"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """40 flat-colour images of the eight SIZES in 5 shards, captioned by colour."""
+    from data_pipeline.shards import write_shards
+
+    out = tmp_path_factory.mktemp("xl_shards")
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250)}
+
+    def samples():
+        for i in range(40):
+            name = list(colours)[i % 4]
+            b = io.BytesIO()
+            Image.new("RGB", SIZES[i % len(SIZES)], colours[name]).save(b, "PNG")
+            yield {"__key__": f"{i:08d}", "png": b.getvalue(), "txt": f"a {name} picture".encode()}
+    write_shards(samples(), str(out), 8, prefix="img")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def cache(xl, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("xl_cache") / "latents"
+    run_cmd([PY, "launch/cache_latents.py", f"pretrained={xl}", f"data.urls={shards}", f"out_url={out}",
+             "data.resolution=64", "data.buckets=true", "data.bucket_step=16", "batch_size=4"], env=ENV)
+    return str(out)
+
+
+def _train(run, xl, cache, ranks, *extra):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "launch/train_unet.py",
+           f"run_dir={run}", f"data.urls={cache}", f"pretrained={xl}", *TRAIN, *extra]
+    return run_cmd(cmd, env=ENV, check=False)
+
+
+@pytest.fixture(scope="module")
+def runs(xl, cache, tmp_path_factory):
+    """2 ranks, ZeRO-2: 48 samples uninterrupted; the same stopped after 16 and resumed."""
+    root = tmp_path_factory.mktemp("xl_runs")
+    for name, stops in (("whole", ()), ("split", ("stop_after_samples=16",))):
+        for extra in (stops, ()) if stops else ((),):
+            out = _train(root / name, xl, cache, 2, "total_samples=48", *extra)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return root
+
+
+def _losses(run) -> dict:
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+# --- the two text encoders and the bucketed cache --------------------------------------------------------
+def test_the_cache_holds_both_encoders_outputs_as_the_sdxl_pipeline_encodes_them(xl, cache):
+    from diffusers import StableDiffusionXLPipeline
+
+    from data_pipeline.latents import decode_sample
+    from data_pipeline.shards import iter_samples
+    from data_pipeline.storage import expand_shards
+    from trainer.cache.manifest import Manifest
+
+    manifest = Manifest.read(cache)
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl)
+    context, _, pooled, _ = pipe.encode_prompt(["a red picture"], device="cpu", do_classifier_free_guidance=False)
+    assert manifest.text_emb_shape == (77, 32 + 48) and manifest.pooled_dim == 40
+    assert manifest.text_encoder.layer == "penultimate" and manifest.text_encoder.identity
+    sample = next(s for s in iter_samples(expand_shards(cache)[0]) if s["txt"] == b"a red picture")
+    t = decode_sample(sample)
+    torch.testing.assert_close(t["text_emb"].float(), context[0], atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(t["pooled"].float(), pooled[0], atol=2e-3, rtol=2e-3)
+
+
+def test_a_bucketed_cache_encodes_each_image_at_its_bucket_and_counts_them(cache):
+    from data_pipeline.latents import CachedSampleDecoder
+    from data_pipeline.shards import iter_samples
+    from data_pipeline.storage import expand_shards
+    from trainer.cache.manifest import Manifest
+
+    manifest = Manifest.read(cache)
+    counts = {(b.width, b.height): b.count for b in manifest.buckets if b.count}
+    # Nearest aspect ratio: 100x40, 96x48 and 120x60 -> 96x48; 40x90 and 50x100 -> 48x96; 64x64 and 70x70 ->
+    # 64x64; 80x60 (4:3) -> 80x48 (5:3), nearer in log ratio than the square.
+    assert counts == {(96, 48): 15, (48, 96): 10, (64, 64): 10, (80, 48): 5}
+    decode = CachedSampleDecoder(with_time_ids=True, downsample_factor=8, check_shape=True)
+    seen = {}
+    for url in expand_shards(cache):
+        for s in iter_samples(url):
+            meta, t = json.loads(s["json"]), decode(s)
+            w, h = meta["target_size"]
+            assert t["mean"].shape == (4, h // 8, w // 8)
+            seen[tuple(meta["original_size"])] = t["time_ids"].tolist()
+    # By hand: 100x40 covers 96x48 at scale 1.2 -> 120x48, 12 px cut at the left; SDXL's order is
+    # original (h, w), crop (top, left), target (h, w).
+    assert seen[(100, 40)] == [40, 100, 0, 12, 48, 96]
+    assert seen[(40, 90)] == [90, 40, 6, 0, 96, 48]  # 40x90 -> 48x108: 6 px cut at the top
+    assert seen[(80, 60)] == [60, 80, 6, 0, 48, 80]  # 80x60 already covers 80x48: 6 px cut at the top
+    assert seen[(64, 64)] == [64, 64, 0, 0, 64, 64]
+
+
+def test_the_unet_loader_batches_a_bucketed_cache_by_shape(cache):
+    from data_pipeline.buckets import LatentBucketer
+    from data_pipeline.latents import CachedSampleDecoder, read_cached_shard
+    from data_pipeline.loader import ShardBatches, make_loader
+    from trainer.cache.manifest import Manifest
+
+    manifest = Manifest.read(cache)
+    ds = ShardBatches(manifest.shard_urls(cache), CachedSampleDecoder(True, 8, True), 4, seed=1,
+                      counts=[s.count for s in manifest.shards], read_shard=read_cached_shard,
+                      checksums=[s.keys_sha256 for s in manifest.shards],
+                      bucketer=LatentBucketer(manifest.bucket_shapes()), num_workers=0, shuffle_buffer=8)
+    shapes = set()
+    for batch in itertools.islice(make_loader(ds), 12):
+        assert batch["mean"].ndim == 4 and batch["time_ids"].shape == (4, 6)  # stacked: one shape per batch
+        h, w = batch["mean"].shape[2:]
+        assert (batch["time_ids"][:, 4:] == torch.tensor([h * 8, w * 8])).all()
+        shapes.add((h, w))
+    assert len(shapes) >= 3
+
+
+# --- the step: time_ids and pooled embeddings reach the UNet; dropout takes both encoders ---------------
+def test_time_ids_reach_the_unet_and_dropout_zeroes_both_encoders(xl, cache, process_group):
+    from data_pipeline.latents import CachedSampleDecoder
+    from data_pipeline.shards import iter_samples
+    from data_pipeline.storage import expand_shards
+    from trainer.cache.manifest import Manifest
+    from trainer.core import dist
+    from trainer.unet.job import UNetJob
+    from trainer.unet.step import build_unet_engine, step_setup, train_step, unet_ds_config
+
+    dist.init()
+    manifest = Manifest.read(cache)
+    decode = CachedSampleDecoder(True, 8, True)
+    samples = [decode(s) for url in expand_shards(cache) for s in iter_samples(url)]
+    samples = [s for s in samples if s["mean"].shape == (4, 6, 12)][:8]  # the 96x48 bucket
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]} | {"bytes": 0}
+    job = UNetJob(pretrained=xl, batch_per_rank=len(samples), zero_stage=0, precision="fp32", caption_dropout=0.5,
+                  seed=5)
+    engine = build_unet_engine(job, 4, 8, 80, unet_ds_config(job, 1, "fp32"), pooled_dim=40)
+    seen = []
+    engine.module.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)), with_kwargs=True)
+    setup = step_setup(job, rank=0, device=torch.device("cpu"), dtype=torch.float32, shift=torch.tensor(0.0),
+                       scale=torch.tensor(manifest.vae.scaling_factor), empty=torch.zeros(77, 80),
+                       empty_pooled=torch.zeros(40))
+    train_step(engine, iter([batch]), 0, setup)
+    (args, kwargs), = seen
+    context, added = args[2], kwargs["added_cond_kwargs"]
+    torch.testing.assert_close(added["time_ids"], batch["time_ids"])
+    dropped = (context.abs().sum((1, 2)) == 0)
+    assert 0 < int(dropped.sum()) < len(samples)  # seed 5 drops some captions and keeps some
+    assert torch.equal(added["text_embeds"].abs().sum(1) == 0, dropped)  # the pooled embedding goes with them
+    kept = ~dropped
+    torch.testing.assert_close(added["text_embeds"][kept], batch["pooled"][kept].float())
+    torch.testing.assert_close(context[kept], batch["text_emb"][kept].float())
+
+
+# --- training on 2 ranks: exact resume, elastic resume --------------------------------------------------
+def test_two_rank_bucketed_training_resumes_exactly(runs):
+    whole, split = _losses(runs / "whole"), _losses(runs / "split")
+    assert len(whole) == 12 and whole.keys() == split.keys()
+    for step in whole:
+        assert split[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
+
+
+def test_elastic_resume_of_a_bucketed_run_onto_one_rank(runs, xl, cache, tmp_path):
+    import shutil
+
+    # The 2-rank run as it was after its first leg (16 samples), moved to a new run_dir.
+    run = tmp_path / "elastic"
+    shutil.copytree(runs / "split", run)
+    for name in os.listdir(run / "checkpoints"):
+        if name.startswith("samples_") and int(name.split("_")[1]) > 16:
+            shutil.rmtree(run / "checkpoints" / name)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace(str(runs / "split"), str(run)))
+    refused = _train(run, xl, cache, 1, "total_samples=48")
+    assert refused.returncode != 0 and "elastic_resume=true" in refused.stderr + refused.stdout
+    out = _train(run, xl, cache, 1, "total_samples=48", "elastic_resume=true")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "elastic: written by 2 ranks, 16 samples" in out.stdout
+    losses = _losses(run)  # 4 steps of 4 samples on 2 ranks, then 16 of 2 on one rank
+    assert max(losses) == 24 and all(np.isfinite(v) for v in losses.values())
+
+
+# --- sampling and export --------------------------------------------------------------------------------
+def test_the_exported_sdxl_pipeline_draws_sample_pys_non_square_picture(runs, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.unet import sampling
+    from trainer.unet.export import export_run
+
+    out = export_run(str(runs / "whole"), str(tmp_path / "export"))
+    assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == "StableDiffusionXLPipeline"
+    w, h, steps, guidance = 96, 48, 4, 3.0
+    noise = torch.randn((1, 4, h // 8, w // 8), generator=torch.Generator().manual_seed(3))
+    unet, vae, te, cfg, manifest = sampling.load_run(str(runs / "whole"))
+    original = sampling.sample_latents
+    sampling.sample_latents = lambda *a, generator=None, **k: original(*a, **k, noise=noise)
+    try:
+        rows = sampling.sample_rows(unet, vae, te, manifest, cfg, ["a red picture"], per_prompt=1, guidance=guidance,
+                                    steps=steps, size=(w, h))
+    finally:
+        sampling.sample_latents = original
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red picture", height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                  latents=noise * pipe.scheduler.init_noise_sigma, output_type="np").images[0]
+    ours = np.asarray(rows[0][0]).astype(np.float32)
+    assert ours.shape == (h, w, 3)
+    assert np.abs(ours - (theirs * 255).round()).max() <= 1
+
+
+def test_sample_py_takes_a_bucket_size_and_refuses_a_bad_one(runs, tmp_path):
+    out = run_cmd([PY, "launch/sample.py", "--run", str(runs / "whole"), "--prompt", "a blue picture",
+                   "--per-prompt", "1", "--steps", "2", "--size", "48x96", "--out", str(tmp_path / "s.png")], env=ENV)
+    assert Image.open(tmp_path / "s" / "p000_000.png").size == (48, 96)
+    bad = run_cmd([PY, "launch/sample.py", "--run", str(runs / "whole"), "--prompt", "x", "--size", "50x96",
+                   "--out", str(tmp_path / "t.png")], env=ENV, check=False)
+    assert bad.returncode != 0 and "multiples of 8" in bad.stderr
