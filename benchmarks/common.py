@@ -185,20 +185,29 @@ def latent_shards(out: str, num: int, per_shard: int, latent_shape, text_emb_sha
 
 
 # --- the UNet job's training step, on batches held in memory ------------------------------------
-def cache_batches(count: int, batch: int, latent_shape, text_emb_shape, *, seed: int = 0, device="cpu") -> list[dict]:
+def cache_batches(count: int, batch: int, latent_shape, text_emb_shape, *, seed: int = 0, device="cpu",
+                  pooled_dim: int = 0) -> list[dict]:
     """`count` batches shaped as the UNet job's loader hands them over from a latent cache: fp16
-    posterior moments `mean`, `std` and text embeddings `text_emb`, random; `bytes` 0 (nothing read)."""
+    posterior moments `mean`, `std` and text embeddings `text_emb`, random; `bytes` 0 (nothing read).
+    With `pooled_dim` (SDXL) also the pooled embedding and time_ids of square, uncropped images."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [{"mean": torch.randn((batch, *latent_shape), generator=g).half().to(device),
+    side = latent_shape[-1] * 8
+    out = []
+    for _ in range(count):
+        b = {"mean": torch.randn((batch, *latent_shape), generator=g).half().to(device),
              "std": (torch.rand((batch, *latent_shape), generator=g) * 0.1 + 0.01).half().to(device),
              "text_emb": torch.randn((batch, *text_emb_shape), generator=g).half().to(device), "bytes": 0}
-            for _ in range(count)]
+        if pooled_dim:
+            b["pooled"] = torch.randn((batch, pooled_dim), generator=g).half().to(device)
+            b["time_ids"] = torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32, device=device)
+        out.append(b)
+    return out
 
 
 def unet_trainer(job, latent_shape, text_emb_shape, *, world_size: int = 1, rank: int = 0, scale: float = 1.0,
-                 text_encoder=None, ds_config: dict | None = None):
+                 text_encoder=None, ds_config: dict | None = None, pooled_dim: int = 0):
     """(engine, step set-up) of the UNet job `job` (a trainer.unet.job.UNetJob) on `latent_shape` latents
     with `text_emb_shape` context, built by the trainer's own functions: pass them to
     trainer.unet.step.train_step. The normalisation is shift 0 and `scale` (the VAE's factor where
@@ -212,11 +221,12 @@ def unet_trainer(job, latent_shape, text_emb_shape, *, world_size: int = 1, rank
     precision = resolve_precision(job.precision)
     channels, size, _ = latent_shape
     engine = build_unet_engine(job, channels, size, text_emb_shape[-1],
-                               ds_config or unet_ds_config(job, world_size, precision))
+                               ds_config or unet_ds_config(job, world_size, precision), pooled_dim)
     device, dtype = dist.device(), DTYPES[precision]
     setup = step_setup(job, rank=rank, device=device, dtype=dtype, shift=torch.zeros((), device=device),
                        scale=torch.tensor(scale, device=device),
-                       empty=torch.zeros(text_emb_shape, device=device, dtype=dtype), text_encoder=text_encoder)
+                       empty=torch.zeros(text_emb_shape, device=device, dtype=dtype), text_encoder=text_encoder,
+                       empty_pooled=torch.zeros(pooled_dim, device=device, dtype=dtype) if pooled_dim else None)
     return engine, setup
 
 
@@ -234,7 +244,8 @@ class Stepper:
         self.batch, self.i = job.batch_per_rank, 0
         self.params = sum(p.numel() for p in self.engine.module.parameters())
         self.batches = itertools.cycle(cache_batches(count, self.batch, latent_shape, text_emb_shape, seed=seed,
-                                                     device=self.setup.device))
+                                                     device=self.setup.device,
+                                                     pooled_dim=trainer.get("pooled_dim", 0)))
 
     def step(self, n: int = 1) -> None:
         for _ in range(n):

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py                          # sd15 and sd21 at 256 and 512 px, every option
     python benchmarks/gpu.py --presets sd21 --resolutions 512 --batch 32 --json gpu.json
+    python benchmarks/gpu.py --presets sdxl --resolutions 1024 --batch 4 --checkpointing on
 
 Each configuration builds the UNet job's engine (trainer.unet.step.build_unet_engine: SDPA attention,
 channels-last, gradient checkpointing, torch.compile; bf16, ZeRO-2, one process) and steps it with
@@ -26,7 +27,8 @@ REFERENCES = [
     ("MLPerf Training v4.0 SD, H100, 512 px", "about 110 images/s per GPU, about 23% MFU"),
     ("mosaicml/diffusion SD2, 8x A100, 512 px", "290 images/s in all (36 per GPU)"),
 ]
-CONTEXT = {"sd15": 768, "sd21": 1024}
+CONTEXT = {"sd15": 768, "sd21": 1024, "sdxl": 2048}  # cross-attention width
+POOLED = {"sdxl": 1280}  # SDXL's pooled text embedding (with the six size/crop numbers: text_time)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,13 +65,14 @@ def bench_one(preset: str, resolution: int, compiled: bool, checkpointing: bool,
     from trainer.core.flops import Throughput, peak_memory_gb, unet_train_flops_per_sample
     from trainer.unet.job import UNetJob
 
-    side, ctx = resolution // 8, CONTEXT[preset]
+    side, ctx, pooled = resolution // 8, CONTEXT[preset], POOLED.get(preset, 0)
     with torch.device("meta"):
-        flops = unet_train_flops_per_sample(build_unet(preset, 4, side, ctx), (4, side, side), (77, ctx), batch_size=1)
+        flops = unet_train_flops_per_sample(build_unet(preset, 4, side, ctx, pooled_dim=pooled), (4, side, side),
+                                            (77, ctx), batch_size=1)
     job = UNetJob(model=preset, batch_per_rank=args.batch, zero_stage=2, precision="bf16", lr=1e-5, channels_last=nhwc,
                   attention="sdpa", gradient_checkpointing=checkpointing, compile=compiled)
     # Batches already on the GPU: the step's copies to the device are no-ops, nothing is read.
-    stepper = Stepper(job, (4, side, side), (77, ctx))
+    stepper = Stepper(job, (4, side, side), (77, ctx), pooled_dim=pooled)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup + args.steps):

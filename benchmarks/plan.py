@@ -23,9 +23,11 @@ from models.autoencoder import build_autoencoder  # noqa: E402
 from models.unet import build_unet  # noqa: E402
 from trainer.core.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_key, unet_train_flops_per_sample  # noqa: E402
 
-# UNet preset -> (OpenCLIP/CLIP text tower config name, context width); SD 1.5 uses OpenAI's
-# CLIP ViT-L/14 text tower, SD 2.x OpenCLIP ViT-H/14's.
-TEXT = {"sd15": ("ViT-L-14", 768), "sd21": ("ViT-H-14", 1024)}
+# UNet preset -> (OpenCLIP/CLIP text tower config names, context width, pooled width); SD 1.5 uses
+# OpenAI's CLIP ViT-L/14 text tower, SD 2.x OpenCLIP ViT-H/14's, SDXL both ViT-L/14 and bigG/14 (their
+# penultimate layers concatenated, 768 + 1280, and bigG's 1280-d pooled embedding).
+TEXT = {"sd15": (("ViT-L-14",), 768, 0), "sd21": (("ViT-H-14",), 1024, 0),
+        "sdxl": (("ViT-L-14", "ViT-bigG-14"), 2048, 1280)}
 CONTEXT_TOKENS = 77
 TAR_HEADER_BYTES = 512 * 4 * 2  # four members (.safetensors, .txt, .json, .sha256): header + padding, roughly
 
@@ -40,13 +42,33 @@ def text_tower_flops(name: str) -> float:
     return forward_flops_per_sample(lambda: tower(tokens), 2)
 
 
-def sample_bytes(latent_shape: tuple[int, int, int], context_dim: int, flip: bool, caption_bytes: int) -> int:
+def sample_bytes(latent_shape: tuple[int, int, int], context_dim: int, flip: bool, caption_bytes: int,
+                 pooled_dim: int = 0) -> int:
     z = torch.zeros(latent_shape)
     tensors = {"mean": z, "std": z, "text_emb": torch.zeros(CONTEXT_TOKENS, context_dim)}
+    if pooled_dim:
+        tensors["pooled"] = torch.zeros(pooled_dim)
     if flip:
         tensors.update(mean_flip=z, std_flip=z)
-    sample = encode_sample("k" * 16, tensors, "x" * caption_bytes, {"size": [512, 512], "crop": [0, 0, 512, 512]})
+    side = latent_shape[-1] * 8
+    meta = {"original_size": [side, side], "crop_box": [0, 0, side, side], "target_size": [side, side],
+            "crop_top_left": [0, 0]}
+    sample = encode_sample("k" * 16, tensors, "x" * caption_bytes, meta)
     return sum(len(v) for k, v in sample.items() if k != "__key__") + TAR_HEADER_BYTES
+
+
+def zero_model_states_gb(params: int, ranks: int) -> list[tuple[str, str]]:
+    """Model-state memory per rank in bf16 mixed precision (Rajbhandari et al. 2019, sec. 5: 2 B parameter +
+    2 B gradient + 12 B fp32 master and Adam m, v per parameter), stage by stage, and with the optimizer state
+    offloaded to host memory (ZeRO-Offload: master, Adam and the gradient partition leave the GPU).
+    Activations come on top and at 1024 px dominate: gradient checkpointing is what bounds them."""
+    gb, n = params / 1e9, ranks
+    rows = [(f"ZeRO-{stage}", f"{gpu * gb:,.1f} GB on the GPU" + (f" + {host * gb:,.1f} GB host ({label})" if host else ""))
+            for stage, gpu, host, label in (
+                (0, 16, 0, ""), (1, 4 + 12 / n, 0, ""), (2, 2 + 14 / n, 0, ""), (3, 16 / n, 0, ""),
+                ("2 + offload", 2, 14 / n, "fp32 master, Adam, gradient partition"),
+                ("3 + offload", 2 / n, 14 / n, "fp32 master, Adam, gradient partition"))]
+    return rows
 
 
 def main() -> None:
@@ -72,15 +94,16 @@ def main() -> None:
 
     # --- FLOPs per image, counted on shape-only models -----------------------------------------
     side = args.resolution // 8
-    text_name, context_dim = TEXT[args.model]
+    text_names, context_dim, pooled_dim = TEXT[args.model]
     with torch.device("meta"):
-        unet = build_unet(args.model, 4, side, context_dim)
+        unet = build_unet(args.model, 4, side, context_dim, pooled_dim=pooled_dim)
         vae = build_autoencoder("sd")
         pixels = torch.zeros(1, 3, args.resolution, args.resolution)
     unet_flops = unet_train_flops_per_sample(unet, (4, side, side), (CONTEXT_TOKENS, context_dim), batch_size=1)
     vae_flops = forward_flops_per_sample(lambda: vae.encode(pixels), 1)
-    text_flops = text_tower_flops(text_name)
-    per_sample = sample_bytes((4, side, side), context_dim, args.flip, args.caption_bytes)
+    text_flops = sum(text_tower_flops(name) for name in text_names)
+    per_sample = sample_bytes((4, side, side), context_dim, args.flip, args.caption_bytes, pooled_dim)
+    params = sum(p.numel() for p in unet.parameters())
 
     # --- the plan ---------------------------------------------------------------------------------
     images = args.images
@@ -91,9 +114,11 @@ def main() -> None:
     read_gb_s_node = train_rate / nodes * per_sample / 1e9
     rows = [
         ("GPU", f"{key}: {peak / 1e12:.0f} TFLOP/s dense bf16 peak"),
-        ("UNet forward + backward", f"{unet_flops / 1e12:.2f} TFLOP per image ({args.model}, {side}x{side}x4 latents)"),
+        ("UNet forward + backward", f"{unet_flops / 1e12:.2f} TFLOP per image ({args.model}, {params / 1e9:.2f}B "
+                                    f"parameters, {side}x{side}x4 latents)"),
         ("VAE encoder forward", f"{vae_flops / 1e12:.2f} TFLOP per image ({args.resolution} px)"),
-        ("text encoder forward", f"{text_flops / 1e9:.1f} GFLOP per caption ({text_name}, {CONTEXT_TOKENS} tokens)"),
+        ("text encoder forward", f"{text_flops / 1e9:.1f} GFLOP per caption ({' + '.join(text_names)}, "
+                                 f"{CONTEXT_TOKENS} tokens)"),
         ("precompute", f"{encode_s / 3600:,.0f} GPU-hours at {args.encode_mfu:.0%} MFU "
                        f"({encode_s / 3600 / args.gpus:,.1f} h on {args.gpus} GPUs)"),
         ("cache on disk", f"{per_sample / 1e3:.0f} KB per sample, {images * per_sample / 1e12:,.0f} TB in all"),
@@ -103,9 +128,14 @@ def main() -> None:
         ("on the fly instead", f"each step would cost {(unet_flops + vae_flops + text_flops) / unet_flops:.2f}x "
                                "the cached step's FLOPs"),
     ]
-    width = max(len(k) for k, _ in rows)
+    zero = zero_model_states_gb(params, args.gpus)
+    width = max(len(k) for k, _ in rows + zero)
     print(f"plan: {images:,.0f} images at {args.resolution} px, {args.gpus} x {key}")
     for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"model states per rank at {args.gpus} ranks (bf16 + fp32 Adam, 16 B/param before partitioning; "
+          "activations not included):")
+    for k, v in zero:
         print(f"  {k:<{width}}  {v}")
 
 

@@ -1,16 +1,40 @@
 """The benchmark scripts run and refuse bad arguments in one line (their figures are not tests)."""
 import os
+import sys
 
 from conftest import PY, ROOT, run_cmd
 
 
 def test_plan_sizes_a_run_from_counted_flops():
     out = run_cmd([PY, "benchmarks/plan.py", "--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"])
-    assert "2.41 TFLOP per image (sd21, 64x64x4 latents)" in out.stdout
+    assert "2.41 TFLOP per image (sd21, 0.87B parameters, 64x64x4 latents)" in out.stdout
     assert "VAE encoder forward      1.12 TFLOP per image" in out.stdout
     assert "cache on disk" in out.stdout and "S3 read per node" in out.stdout
     bad = run_cmd([PY, "benchmarks/plan.py", "--images", "1e6", "--gpus", "8", "--gpu", "tpu"], check=False)
     assert bad.returncode != 0 and "error: unknown --gpu 'tpu'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plan_sizes_sdxl_at_1024_with_both_text_encoders_and_zero_memory():
+    out = run_cmd([PY, "benchmarks/plan.py", "--model", "sdxl", "--resolution", "1024", "--images", "1e9", "--gpus",
+                   "256", "--gpu", "h100"]).stdout
+    assert "20.23 TFLOP per image (sdxl, 2.57B parameters, 128x128x4 latents)" in out
+    assert "ViT-L-14 + ViT-bigG-14" in out and "585 KB per sample" in out
+    # 16 B/param unpartitioned; ZeRO-2: 2 + 14/256 B/param of 2.57B parameters.
+    assert "ZeRO-0                   41.1 GB" in out and "ZeRO-2                   5.3 GB" in out
+
+
+def test_the_benchmark_stepper_steps_an_sdxl_unet(process_group):
+    """benchmarks/common.py's Stepper (what gpu.py times) on the tiny SDXL layout: pooled + time_ids batches."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from common import Stepper
+    from trainer.core import dist
+    from trainer.unet.job import UNetJob
+
+    dist.init()
+    stepper = Stepper(UNetJob(model="tiny_sdxl", batch_per_rank=2, zero_stage=0, precision="fp32"), (4, 8, 8),
+                      (77, 80), pooled_dim=40)
+    stepper.step(2)
+    assert stepper.i == 2
 
 
 def test_gpu_benchmark_parses_its_arguments_and_needs_cuda():
@@ -21,7 +45,7 @@ def test_gpu_benchmark_parses_its_arguments_and_needs_cuda():
     spec.loader.exec_module(gpu)
     args = gpu.parse_args(["--presets", "sd21", "--resolutions", "512", "--compile", "on"])
     assert args.presets == ["sd21"] and args.resolutions == ["512"] and args.compile == ["on"]
-    for bad, says in ((["--presets", "sdxl"], "unknown 'sdxl'"), (["--resolutions", "500"], "multiples of 8"),
+    for bad, says in ((["--presets", "sd3"], "unknown 'sd3'"), (["--resolutions", "500"], "multiples of 8"),
                       (["--compile", "maybe"], "on/off")):
         out = run_cmd([PY, "benchmarks/gpu.py", *bad], check=False)
         assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -50,7 +50,8 @@ class CacheJob:
     out_url: str = ""  # where latent shards and manifest.json go (local path or s3://...)
     out_endpoint_url: str | None = None  # S3-compatible endpoint for out_url; default AWS_ENDPOINT_URL
     pretrained: str = ""  # a diffusers Stable Diffusion pipeline folder (model_index.json) or hub id: the VAE
-    #   and text encoder default to its vae/ and text_encoder/ + tokenizer/; "": name them with vae= and text_encoder=
+    #   and text encoder default to its vae/ and text_encoder/ + tokenizer/ (SDXL: also text_encoder_2/ +
+    #   tokenizer_2/, both cached with the pooled embedding); "": name them with vae= and text_encoder=
     vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, preset:NAME (random, tests only),
     #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline); "": pretrained's
     text_encoder: str = ""  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k) |

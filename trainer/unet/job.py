@@ -18,9 +18,10 @@ class UNetJob:
     cache: CacheExpect = dataclasses.field(default_factory=CacheExpect)  # what the cache must have been made with
     latent_norm: str = "scaling_factor"  # scaling_factor (the VAE's) | per_channel (the cache's measured mean/std)
     random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)
-    pretrained: str = ""  # a diffusers SD pipeline folder or hub id to fine-tune: its unet/ (architecture and
-    #   weights), its scheduler's betas and prediction type; the cache must be made with its vae/ and text encoder
-    model: str = "demo"  # UNet preset (tiny, demo, sd15, sd21) or a diffusers config.json; with pretrained: leave it
+    pretrained: str = ""  # a diffusers SD or SDXL pipeline folder or hub id to fine-tune: its unet/ (architecture and
+    #   weights), its scheduler's betas and prediction type; the cache must be made with its vae/ and text encoder(s)
+    model: str = "demo"  # UNet preset (tiny, demo, lab, sd15, sd21, sdxl, tiny_sdxl) or a diffusers config.json; with
+    #   pretrained: leave it. sdxl/tiny_sdxl need a cache of SDXL's two text encoders (their pooled embedding)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on pretrained's frozen UNet (Hu et al. 2021); 0: all weights
     lora_alpha: float = 0.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A; 0: lora_rank (scale 1)
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # layers

@@ -83,7 +83,10 @@ def build_model(cfg, channels: int, size: int, context_dim: int, pooled_dim: int
 def shapes_only(cfg, channels: int, size: int, context_dim: int, pooled_dim: int = 0):
     """The job's UNet architecture without weights (call under torch.device('meta'))."""
     if not cfg.pretrained:
-        return build_unet(cfg.model, channels, size, context_dim, pooled_dim=pooled_dim)
+        try:
+            return build_unet(cfg.model, channels, size, context_dim, pooled_dim=pooled_dim)
+        except ValueError as e:
+            raise ConfigError(f"model={cfg.model}: {e}") from None
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(pipeline.unet_config(cfg.pretrained))
