@@ -244,3 +244,44 @@ def test_sample_py_takes_a_bucket_size_and_refuses_a_bad_one(runs, tmp_path):
     bad = run_cmd([PY, "launch/sample.py", "--run", str(runs / "whole"), "--prompt", "x", "--size", "50x96",
                    "--out", str(tmp_path / "t.png")], env=ENV, check=False)
     assert bad.returncode != 0 and "multiples of 8" in bad.stderr
+
+
+def test_single_file_export_round_trips_through_from_single_file(runs, tmp_path):
+    """--format single_file in SDXL's original layout (bigG in OpenCLIP's names): from_single_file gives back
+    every weight of the exported pipeline exactly."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.unet.export import export_run
+
+    folder = export_run(str(runs / "whole"), str(tmp_path / "folder"))
+    single = export_run(str(runs / "whole"), str(tmp_path / "single"), fmt="single_file")
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    got = StableDiffusionXLPipeline.from_single_file(os.path.join(single, "model.safetensors"), config=folder)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, have = getattr(ref, part).state_dict(), getattr(got, part).state_dict()
+        for key, value in want.items():
+            if not key.endswith("position_ids"):
+                assert torch.equal(value, have[key]), f"{part}.{key}"
+
+
+def test_an_sdxl_lora_loads_with_load_lora_weights_and_equals_merge(xl, cache, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.unet.export import export_run
+
+    run = tmp_path / "lora"
+    out = run_cmd([PY, "launch/train_unet.py", f"run_dir={run}", f"data.urls={cache}", f"pretrained={xl}",
+                   "batch_per_rank=2", "total_samples=8", "zero_stage=0", "precision=fp32", "lr=1e-2", "lora_rank=4",
+                   "data.num_workers=0", "wandb=disabled"], env=ENV)
+    assert out.returncode == 0
+    lora = export_run(str(run), str(tmp_path / "lora_export"))
+    merged = export_run(str(run), str(tmp_path / "merged"), merge=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused, want = pipe.unet.state_dict(), StableDiffusionXLPipeline.from_pretrained(merged).unet.state_dict()
+    assert any(not torch.equal(base[k], fused[k]) for k in base)  # the adapters changed something
+    for key, value in want.items():
+        torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-5)

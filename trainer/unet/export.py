@@ -179,14 +179,10 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":
         raise ConfigError("--vae ships a VAE in a pipeline; a LoRA file holds the adapters alone: add --merge")
     if fmt == "single_file":
-        if loaded[4].pooled_dim:
-            raise ConfigError("--format single_file is not written for SDXL runs yet (its original layout keeps the "
-                              "second text encoder in OpenCLIP's names); export the diffusers folder, which "
-                              "ComfyUI's diffusers loader and StableDiffusionXLPipeline read")
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
         os.makedirs(out, exist_ok=True)
         try:
-            state = to_original(pipe.unet, pipe.vae, pipe.text_encoder)
+            state = to_original(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         save_file(state, os.path.join(out, SINGLE_FILE), metadata={"format": "pt"})
