@@ -202,12 +202,13 @@ EXAMPLES = [
     ("unet", ["precision=bf32"], "precision must be one of auto, fp32, bf16, fp16, got 'bf32'"),
     ("unet", ["latent_norm=perchannel"], "latent_norm must be one of scaling_factor, per_channel, got 'perchannel' "
                                          "(did you mean 'per_channel'?)"),
-    ("unet", ["model=sdxl"], "model must be a UNet preset (tiny, demo, lab, sd15, sd21) or a diffusers config.json"),
+    ("unet", ["model=sd3"], "model must be a UNet preset (tiny, demo, lab, sd15, sd21, sdxl, tiny_sdxl) or a diffusers "
+                            "config.json"),
     ("unet", ["wandb=tensorboard"], "wandb must be one of offline, online, disabled, got 'tensorboard'"),
     ("unet", ["lr=-1"], "lr must be positive, got -1.0"),
     ("unet", ["data.num_workers=-3"], "data.num_workers must be >= 0, got -3"),
     ("cache", ["text_layer=second_last"], "text_layer must be one of last, penultimate, got 'second_last'"),
-    ("cache", ["data.buckets=true"], "data.buckets=True is not used by the cache job"),
+    ("cache", ["data.bucket_step=32"], "data.bucket_step is set but data.buckets is false"),
     ("cache", ["vae=/does/not/exist"], "vae=/does/not/exist: autoencoder path does not exist"),
     ("unet", ["lr_schedul=linear"], "unknown config key 'lr_schedul' (did you mean 'lr_schedule'?)"),
     ("autoencoder", ["presett=demo"], "unknown config key 'presett' (did you mean 'preset'?)"),
