@@ -320,7 +320,7 @@ def cache_latents(cfg: CacheJob) -> str:
         print(f"cached {manifest.num_samples} samples in {len(all_entries)} shards at {cfg.out_url}; "
               f"{manifest.num_quarantined} quarantined, {encoder.rescued} re-encoded in fp32, "
               f"{len(entries) - len(todo)} shards skipped as done before; "
-              f"rank 0 encoded {written} now at {rate:.0f} img/s")
+              f"rank 0 encoded {written} now at {rate:.3g} img/s")
         if manifest.buckets:
             print("buckets (w x h px: share of samples): " + ", ".join(
                 f"{b.width}x{b.height}: {b.count / max(1, manifest.num_samples):.1%}" for b in manifest.buckets if b.count))
