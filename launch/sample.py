@@ -27,6 +27,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="", help="WIDTHxHEIGHT in pixels, e.g. 1152x896 (an aspect-ratio bucket; SDXL "
                    "runs are conditioned on it as original and target size); default the cache's square resolution")
+    p.add_argument("--original-size", default="", help="SDXL: the original WIDTHxHEIGHT to condition on (default "
+                   "--size); small values ask for the look of an upscaled small image")
+    p.add_argument("--crop", default="", help="SDXL: crop TOP,LEFT in pixels to condition on (default 0,0: uncropped)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="the EMA weights (default, where the run kept an EMA) or the trained ones")
     args = p.parse_args()
@@ -40,7 +43,7 @@ def main() -> None:
         check_guidance(args.guidance, args.negative_prompt, "--guidance", "--negative-prompt")
         rows = generate(args.run, args.prompt, weights=args.weights, per_prompt=args.per_prompt, guidance=args.guidance,
                         steps=args.steps, sampler=args.sampler, seed=args.seed, negative_prompt=args.negative_prompt,
-                        size=args.size)
+                        size=args.size, original_size=args.original_size, crop=args.crop)
     except (ConfigError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {one_line(e)}")
     save_grid(rows, args.prompt, out)

@@ -285,3 +285,19 @@ def test_an_sdxl_lora_loads_with_load_lora_weights_and_equals_merge(xl, cache, t
     assert any(not torch.equal(base[k], fused[k]) for k in base)  # the adapters changed something
     for key, value in want.items():
         torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_conditions_on_the_original_size_and_crop_given(runs):
+    """--original-size and --crop reach the UNet: the same seed draws another image; they are refused in one
+    line where they would mean nothing (malformed)."""
+    from trainer.core.config import ConfigError
+    from trainer.unet.sampling import generate
+
+    kw = dict(per_prompt=1, steps=2, size="96x48", seed=1)
+    plain = np.asarray(generate(str(runs / "whole"), ["a red picture"], **kw)[0][0]).astype(int)
+    again = np.asarray(generate(str(runs / "whole"), ["a red picture"], **kw)[0][0]).astype(int)
+    small = np.asarray(generate(str(runs / "whole"), ["a red picture"], original_size="48x24", crop="4,8",
+                                **kw)[0][0]).astype(int)
+    assert np.array_equal(plain, again) and not np.array_equal(plain, small)
+    with pytest.raises(ConfigError, match="crop must be TOP,LEFT"):
+        generate(str(runs / "whole"), ["x"], crop="4", **kw)

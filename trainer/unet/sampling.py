@@ -66,11 +66,12 @@ def parse_size(text: str, factor: int) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def condition(text_encoder, prompts: list[str], negative_prompt: str, size: tuple[int, int], device) -> tuple:
+def condition(text_encoder, prompts: list[str], negative_prompt: str, size: tuple[int, int], device,
+              original: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> tuple:
     """(context, uncond, added, added_uncond) for sample_latents. With SDXL's two encoders the
     unconditional side is zeros where there is no negative prompt (what caption dropout trained and
-    SDXL pipelines use: force_zeros_for_empty_prompt), and the size conditioning is original = target
-    = `size` (w, h), crop (0, 0)."""
+    SDXL pipelines use: force_zeros_for_empty_prompt), and the size conditioning is original size
+    `original` (w, h; default the sampled `size`), crop (top, left) `crop`, target `size`."""
     text = {k: v.to(device) for k, v in text_encoder.embed(prompts).items()}
     if "pooled" not in text:
         return text["text_emb"], text_encoder.encode([negative_prompt]).to(device), None, None
@@ -78,8 +79,8 @@ def condition(text_encoder, prompts: list[str], negative_prompt: str, size: tupl
         neg = {k: v.to(device) for k, v in text_encoder.embed([negative_prompt]).items()}
     else:
         neg = {k: torch.zeros_like(v[:1]) for k, v in text.items()}
-    w, h = size
-    ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=device).expand(len(prompts), -1)
+    (w, h), (ow, oh) = size, original or size
+    ids = torch.tensor([[oh, ow, crop[0], crop[1], h, w]], dtype=torch.float32, device=device).expand(len(prompts), -1)
     return (text["text_emb"], neg["text_emb"], {"text_embeds": text["pooled"], "time_ids": ids},
             {"text_embeds": neg["pooled"], "time_ids": ids[:1]})
 
@@ -97,7 +98,8 @@ def load_frozen(manifest: Manifest, cache_url: str):
 @torch.no_grad()
 def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, prompts: list[str], *, per_prompt: int = 4,
                 guidance: float = 5.0, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-                negative_prompt: str = "", size: tuple[int, int] | None = None) -> list[list[Image.Image]]:
+                negative_prompt: str = "", size: tuple[int, int] | None = None,
+                original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> list[list[Image.Image]]:
     """One row of images per prompt; row i's noise is seeded by seed + i, so a fixed prompt
     list gives comparable grids across checkpoints.
 
@@ -105,7 +107,8 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     prompt's: eps = n + guidance * (c - n). With "" (the default) n is the unconditional
     model (the empty caption it was trained on under caption_dropout); a negative prompt
     replaces it, so guidance > 1 also pushes away from what it describes. `size`: (w, h) in pixels
-    (any bucket shape), default the cache's square resolution.
+    (any bucket shape), default the cache's square resolution; `original_size` (w, h) and `crop`
+    (top, left): SDXL's micro-conditioning, default `size` and (0, 0) (an uncropped image of that size).
     """
     device = next(unet.parameters()).device
     shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))  # model latents: (z - shift) * scale
@@ -115,7 +118,7 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     rows = []
     for i, prompt in enumerate(prompts):
         context, uncond, added, added_uncond = condition(text_encoder, [prompt] * per_prompt, negative_prompt, size,
-                                                         device)
+                                                         device, original_size, crop)
         gen = torch.Generator(device).manual_seed(seed + i)
         z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
                            sampler=sampler, generator=gen, size=(size[1] // f, size[0] // f), added=added,
@@ -125,12 +128,24 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     return rows
 
 
-def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", size: str = "",
-             **kwargs) -> list[list[Image.Image]]:
-    """`size`: "WxH" pixels ("" the cache's square resolution)."""
+def generate(run_dir: str, prompts: list[str], *, weights: str = "ema", size: str = "", original_size: str = "",
+             crop: str = "", **kwargs) -> list[list[Image.Image]]:
+    """`size`, `original_size`: "WxH" pixels ("" the cache's square resolution; the size); `crop`: "TOP,LEFT"
+    pixels (SDXL runs only, like original_size)."""
     unet, vae, text_encoder, cfg, manifest = load_run(run_dir, weights)
     wh = parse_size(size, manifest.vae.downsample_factor) if size else None
-    return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, size=wh, **kwargs)
+    if (original_size or crop) and not manifest.pooled_dim:
+        raise config_lib.ConfigError("original size and crop condition SDXL runs (a cache of two text encoders); "
+                                     f"{run_dir} has no such conditioning")
+    original = parse_size(original_size, 1) if original_size else None
+    top_left = (0, 0)
+    if crop:
+        top, _, left = crop.partition(",")
+        if not (top.strip().isdigit() and left.strip().isdigit()):
+            raise config_lib.ConfigError(f"crop must be TOP,LEFT in pixels, e.g. 0,128; got {crop!r}")
+        top_left = (int(top), int(left))
+    return sample_rows(unet, vae, text_encoder, manifest, cfg, prompts, size=wh, original_size=original, crop=top_left,
+                       **kwargs)
 
 
 def _tile(im: Image.Image, tile: int) -> Image.Image:
