@@ -46,10 +46,12 @@ def write_clip_tokenizer(folder: str, context_length: int = 77, pad_token: str =
     tokenizer.save_pretrained(folder)
 
 
-def openclip_to_transformers(tower: torch.nn.Module, layer: str = "last"):
+def openclip_to_transformers(tower: torch.nn.Module, layer: str = "last", with_projection: bool = False):
     """A transformers `CLIPTextModel` whose `last_hidden_state` equals TextEncoder's output
-    (models/text_encoder.py) for the same OpenCLIP text tower and `layer`."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    (models/text_encoder.py) for the same OpenCLIP text tower and `layer`; with `with_projection`, a
+    `CLIPTextModelWithProjection` whose `text_embeds` is the tower's pooled, projected output too
+    (SDXL's second text encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     blocks = tower.transformer.resblocks
     keep = len(blocks) - 1 if layer == "penultimate" else len(blocks)
@@ -66,7 +68,8 @@ def openclip_to_transformers(tower: torch.nn.Module, layer: str = "last"):
         vocab_size=tower.token_embedding.num_embeddings, hidden_size=width,
         intermediate_size=blocks[0].mlp.c_fc.out_features, num_hidden_layers=keep,
         num_attention_heads=blocks[0].attn.num_heads, max_position_embeddings=tower.positional_embedding.shape[0],
-        hidden_act="gelu", layer_norm_eps=tower.ln_final.eps, projection_dim=width,
+        hidden_act="gelu", layer_norm_eps=tower.ln_final.eps, projection_dim=_projection(tower).shape[1]
+        if with_projection else width,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
     sd = {"embeddings.token_embedding.weight": tower.token_embedding.weight,
           "embeddings.position_embedding.weight": tower.positional_embedding,
@@ -82,10 +85,24 @@ def openclip_to_transformers(tower: torch.nn.Module, layer: str = "last"):
                  "mlp.fc1": b.mlp.c_fc, "mlp.fc2": b.mlp.c_proj}
         for name, module in pairs.items():
             sd[pre + name + ".weight"], sd[pre + name + ".bias"] = module.weight, module.bias
-    model = CLIPTextModel(config)  # transformers 5 has no `text_model` level any more; 4.x has
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    # transformers 5's CLIPTextModel has no `text_model` level any more; 4.x's has, and WithProjection's has.
     missing, unexpected = getattr(model, "text_model", model).load_state_dict({k: v.detach().float().clone() for k, v in sd.items()}, strict=False)
+    if with_projection:
+        with torch.no_grad():
+            model.text_projection.weight.copy_(_projection(tower).T.float())
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"OpenCLIP -> CLIP conversion left keys unmatched: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def _projection(tower) -> torch.Tensor:
+    """The tower's text projection as a [width, out] matrix (a parameter, or a bias-free Linear)."""
+    proj = tower.text_projection
+    if isinstance(proj, torch.nn.Linear):
+        if proj.bias is not None:
+            raise ValueError("cannot convert an OpenCLIP text projection with a bias: CLIP's has none")
+        return proj.weight.T
+    return proj

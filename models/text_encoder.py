@@ -53,6 +53,26 @@ class TextEncoder(nn.Module):
 
     pooled_dim = 0  # no pooled embedding: only SDXL's DualTextEncoder conditions on one
 
+    @torch.no_grad()
+    def sdxl_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states after the penultimate block, before ln_final; the pooled embedding: ln_final at
+        the end token, which has the largest id, times the text projection), as SDXL reads its towers."""
+        t = self.tower
+        x = t.token_embedding(tokens) + t.positional_embedding[: tokens.shape[1]]
+        mask = t.attn_mask[: tokens.shape[1], : tokens.shape[1]] if t.attn_mask is not None else None
+        *head, last = t.transformer.resblocks
+        for block in head:
+            x = block(x, attn_mask=mask)
+        penultimate = x
+        x = t.ln_final(last(x, attn_mask=mask))[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+        proj = t.text_projection
+        return penultimate, (proj(x) if isinstance(proj, nn.Linear) else x @ proj)
+
+    @property
+    def pooled_width(self) -> int:
+        proj = self.tower.text_projection
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device
         return self(self.tokenize(captions).to(device))
@@ -110,6 +130,16 @@ class CLIPTextEncoder(nn.Module):
         return getattr(self.model, "text_model", self.model).final_layer_norm(out.hidden_states[-2])
 
     pooled_dim = 0
+
+    @torch.no_grad()
+    def sdxl_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden_states[-2], before the final LayerNorm; text_embeds where the model has a projection)."""
+        out = self.model(tokens, output_hidden_states=True)
+        return out.hidden_states[-2], getattr(out, "text_embeds", None)
+
+    @property
+    def pooled_width(self) -> int:
+        return int(self.model.config.projection_dim) if hasattr(self.model, "text_projection") else 0
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device
@@ -192,6 +222,12 @@ def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextE
         if has_two_text_encoders(spec):
             return load_dual_text_encoder(spec)
         return load_pipeline_text_encoder(spec, layer)
+    if "+" in spec:  # SDXL from scratch: two OpenCLIP towers, e.g. ViT-L-14:CKPT+ViT-bigG-14:CKPT
+        parts = spec.split("+")
+        if len(parts) != 2 or any(is_pipeline_spec(p) or "+" in p or not p for p in parts):
+            raise ValueError(f"text encoder {spec!r}: a pair is two OpenCLIP specs joined by '+' (e.g. "
+                             "ViT-L-14:CKPT+ViT-bigG-14:CKPT)")
+        return DualTextEncoder(*(load_text_encoder(p, "penultimate") for p in parts), name=spec).eval()
     import open_clip  # on first use: it imports torchvision and transformers (3 s), which a job without it skips
 
     name, _, pretrained = spec.partition(":")
@@ -238,18 +274,19 @@ def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextE
 class DualTextEncoder(nn.Module):
     layer = "penultimate"  # SDXL reads hidden_states[-2] of both models, without the final LayerNorm
 
-    def __init__(self, first: CLIPTextEncoder, second: CLIPTextEncoder, name: str):
+    def __init__(self, first, second, name: str):
+        """`first`, `second`: CLIPTextEncoders (a pipeline folder's) or OpenCLIP TextEncoders (from scratch)."""
         super().__init__()
         if first.context_length != second.context_length:
             raise ValueError(f"{name}: its two tokenizers have different lengths ({first.context_length} and "
                              f"{second.context_length})")
-        if not hasattr(second.model, "text_projection"):
-            raise ValueError(f"{name}: text_encoder_2 has no pooled projection (expected "
-                             "CLIPTextModelWithProjection, as SDXL ships)")
+        if not second.pooled_width:
+            raise ValueError(f"{name}: the second text encoder has no pooled projection (expected "
+                             "CLIPTextModelWithProjection, as SDXL ships, or an OpenCLIP tower)")
         self.first, self.second, self.name = first, second, name
         self.context_length = first.context_length
         self.width = first.width + second.width
-        self.pooled_dim = int(second.model.config.projection_dim)
+        self.pooled_dim = second.pooled_width
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """[B, 2, L] token ids: the first tokenizer's, then the second's."""
@@ -258,9 +295,9 @@ class DualTextEncoder(nn.Module):
     @torch.no_grad()
     def embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"text_emb": [B, L, width], "pooled": [B, pooled_dim]} from [B, 2, L] token ids."""
-        a = self.first.model(tokens[:, 0], output_hidden_states=True)
-        b = self.second.model(tokens[:, 1], output_hidden_states=True)
-        return {"text_emb": torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1), "pooled": b.text_embeds}
+        a, _ = self.first.sdxl_states(tokens[:, 0])
+        b, pooled = self.second.sdxl_states(tokens[:, 1])
+        return {"text_emb": torch.cat([a, b], dim=-1), "pooled": pooled}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens)["text_emb"]

@@ -301,3 +301,36 @@ def test_sampling_conditions_on_the_original_size_and_crop_given(runs):
     assert np.array_equal(plain, again) and not np.array_equal(plain, small)
     with pytest.raises(ConfigError, match="crop must be TOP,LEFT"):
         generate(str(runs / "whole"), ["x"], crop="4", **kw)
+
+
+# --- from scratch: a pair of OpenCLIP towers --------------------------------------------------------------
+def test_an_openclip_pair_reads_as_sdxl_and_exports_to_the_pipelines_encoders():
+    """text_encoder=A+B (SDXL from scratch): both towers' penultimate states before ln_final, concatenated, and
+    the second's pooled projection; exported as CLIPTextModel + CLIPTextModelWithProjection that give the same
+    (what StableDiffusionXLPipeline reads: hidden_states[-2] of both, text_embeds of the second)."""
+    from models.text_encoder import DualTextEncoder, load_text_encoder
+    from trainer.unet.export import sdxl_text_encoders
+
+    pair = load_text_encoder("tiny+tiny")
+    assert isinstance(pair, DualTextEncoder) and pair.width == 128 and pair.pooled_dim == 64
+    captions = ["a red circle at the top left", ""]
+    ours = pair.embed(captions)
+    (first, tok), (second, tok_2) = sdxl_text_encoders(pair)
+    ids = [t(captions, padding="max_length", max_length=pair.context_length, truncation=True,
+             return_tensors="pt").input_ids for t in (tok, tok_2)]
+    assert torch.equal(torch.stack(ids, 1), pair.tokenize(captions).long())
+    a, b = first(ids[0], output_hidden_states=True), second(ids[1], output_hidden_states=True)
+    torch.testing.assert_close(torch.cat([a.hidden_states[-2], b.hidden_states[-2]], -1), ours["text_emb"],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.text_embeds, ours["pooled"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec, says", [("tiny+", "two OpenCLIP specs joined by '+'"),
+                                        ("tiny+tiny+tiny", "two OpenCLIP specs joined by '+'"),
+                                        ("tiny+ViT-H-15", "unknown text encoder 'ViT-H-15'")])
+def test_a_bad_text_encoder_pair_is_refused_in_one_line(spec, says):
+    from trainer.core.config import ConfigError
+    from trainer.core.job_checks import check_text_encoder_spec
+
+    with pytest.raises(ConfigError, match=says.replace("+", r"\+")):
+        check_text_encoder_spec(spec)

@@ -55,7 +55,8 @@ class CacheJob:
     vae: str = ""  # diffusers AutoencoderKL or VQModel folder, hub id, preset:NAME (random, tests only),
     #   or identity: pixels as the latent (f = 1, 3 channels, scaling_factor 1; the LDM-1 baseline); "": pretrained's
     text_encoder: str = ""  # tiny | tiny:FILE | OpenCLIP MODEL:PRETRAINED (e.g. ViT-H-14:laion2b_s32b_b79k) |
-    #   a diffusers pipeline folder or hub id (its text_encoder/ and tokenizer/); "": pretrained's, else tiny
+    #   a diffusers pipeline folder or hub id (its text_encoder/ and tokenizer/) | SPEC+SPEC: SDXL's pair from
+    #   scratch (ViT-L-14:CKPT+ViT-bigG-14:CKPT, both penultimate, the second's pooled); "": pretrained's, else tiny
     text_layer: str = "last"  # hidden states of the last or penultimate (SD 2.x) text layer (an SDXL pipeline's
     #   two encoders are always read at the penultimate layer, as SDXL reads them)
     batch_size: int = 64  # images per encoder call

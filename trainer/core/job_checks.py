@@ -59,11 +59,20 @@ def check_pretrained(spec: str, parts: tuple[str, ...], key: str = "pretrained")
 def check_text_encoder_spec(spec: str, key: str = "text_encoder") -> None:
     """tiny | tiny:FILE (must exist) | OpenCLIP MODEL[:PRETRAINED], PRETRAINED a tag OpenCLIP
     knows for MODEL or a checkpoint file that exists | a diffusers pipeline folder with
-    text_encoder/ and tokenizer/, or a hub id ORG/NAME (models.text_encoder.load_text_encoder)."""
+    text_encoder/ and tokenizer/, or a hub id ORG/NAME (models.text_encoder.load_text_encoder) | two
+    OpenCLIP specs joined by '+' (SDXL's pair, from scratch)."""
     from models.text_encoder import is_pipeline_spec
 
     if is_pipeline_spec(spec):
         check_pretrained(spec, ("text_encoder", "tokenizer"), key)
+        return
+    if "+" in spec:
+        parts = spec.split("+")
+        if len(parts) != 2 or any(not p or is_pipeline_spec(p) for p in parts):
+            raise ConfigError(f"{key}={spec}: a pair of text encoders is two OpenCLIP specs joined by '+', e.g. "
+                              "ViT-L-14:/ckpt/l.bin+ViT-bigG-14:/ckpt/g.bin (an SDXL pipeline folder brings its own)")
+        for part in parts:
+            check_text_encoder_spec(part, key)
         return
     name, _, pretrained = spec.partition(":")
     if name == "tiny":

@@ -102,6 +102,29 @@ def pipeline_text_encoder(text_encoder):
     return model, tokenizer
 
 
+def sdxl_text_encoders(dual: DualTextEncoder) -> list[tuple]:
+    """[(CLIPTextModel, tokenizer), (CLIPTextModelWithProjection, tokenizer)] whose hidden_states[-2] (and the
+    second's text_embeds) are what the cache stored: a pipeline folder's as they were; OpenCLIP towers (a
+    from-scratch pair) converted whole, with CLIP tokenizers padding with "!" as OpenCLIP does."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    out = []
+    for part, projection in ((dual.first, False), (dual.second, True)):
+        if isinstance(part, CLIPTextEncoder):
+            out.append((part.model, part.tokenizer))
+            continue
+        try:
+            model = openclip_to_transformers(part.tower, "last", with_projection=projection)
+        except ValueError as e:
+            raise ConfigError(f"cannot export the run's text encoder {part.name}: {e}") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            write_clip_tokenizer(tmp, part.context_length, pad_token="!")
+            out.append((model, CLIPTokenizer.from_pretrained(tmp)))
+    return out
+
+
 def swap_decoder(vae, source: str):
     """The autoencoder at `source` in place of the cache's, allowed when its encoder is the same
     (a decoder-only fine-tune, train_autoencoder train_encoder=false): the latents the UNet
@@ -133,10 +156,10 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
     schedule = training_schedule(cfg)
     scheduler = make_sampler("ddim", schedule.config)
     if isinstance(text_encoder, DualTextEncoder):  # SDXL: both encoders as the pipeline folder had them
-        first, second = text_encoder.first, text_encoder.second
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=first.model, text_encoder_2=second.model,
-                                         tokenizer=first.tokenizer, tokenizer_2=second.tokenizer, unet=unet,
-                                         scheduler=scheduler, force_zeros_for_empty_prompt=True)
+        (model, tokenizer), (model_2, tokenizer_2) = sdxl_text_encoders(text_encoder)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=model, text_encoder_2=model_2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                         force_zeros_for_empty_prompt=True)
     else:
         model, tokenizer = pipeline_text_encoder(text_encoder)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=model, tokenizer=tokenizer, unet=unet,
