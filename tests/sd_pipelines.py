@@ -31,9 +31,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAMILIES = ("sd15", "sd21", "sdxl")
 
 
+def _tiny_vae(image_size: int, scaling_factor: float):
+    """An f = 8 AutoencoderKL of SD's layout (four levels) at tiny widths."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=scaling_factor)
+
+
+def _tiny_unet(image_size: int) -> dict:
+    """The UNet2DConditionModel settings the tiny families share (two levels of 32 and 64 channels)."""
+    return dict(sample_size=image_size // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, norm_num_groups=8)
+
+
 def build_pipeline(family: str, out: str, seed: int | None = None, image_size: int = 32) -> str:
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from models.clip_convert import EOS, write_clip_tokenizer
@@ -52,12 +66,9 @@ def build_pipeline(family: str, out: str, seed: int | None = None, image_size: i
     tok_dir = os.path.join(out, ".tokenizer-src")
     write_clip_tokenizer(tok_dir, context, pad_token="!" if sd2 else EOS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=0.18215)
+    vae = _tiny_vae(image_size, scaling_factor=0.18215)
     unet = UNet2DConditionModel(
-        sample_size=image_size // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        **_tiny_unet(image_size), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width,
         attention_head_dim=(4, 8) if sd2 else 8, use_linear_projection=sd2)
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -81,7 +92,7 @@ def build_sdxl_pipeline(out: str, seed: int = 2, image_size: int = 32) -> str:
     context, the second's 40-d projection pooled), time embedding 8 per number (6 x 8 + 40 = 88)."""
     import shutil
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from models.clip_convert import EOS, write_clip_tokenizer
@@ -100,12 +111,9 @@ def build_sdxl_pipeline(out: str, seed: int = 2, image_size: int = 32) -> str:
         write_clip_tokenizer(tok_dir, context, pad_token=pad)
         tokenizers.append(CLIPTokenizer.from_pretrained(tok_dir))
         shutil.rmtree(tok_dir)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=0.13025)
+    vae = _tiny_vae(image_size, scaling_factor=0.13025)
     unet = UNet2DConditionModel(
-        sample_size=image_size // 8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        **_tiny_unet(image_size), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=80, attention_head_dim=(4, 8),
         transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 40)
