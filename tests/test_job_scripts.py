@@ -320,7 +320,7 @@ def test_script_quoting_round_trips_through_the_shell():
     ("sampling.guidance=-1", "sampling.guidance must be >= 0"),
     ("cache.text_layer=last", "unknown config key 'cache.text_layer'"),
     ("cache.precision=fp8", "cache: precision must be one of auto, fp32, fp16, bf16"),
-    ("unet.model=sdxl", "unet.overrides: model must be a UNet preset"),
+    ("unet.model=sd3", "unet.overrides: model must be a UNet preset"),
 ])
 def test_the_lab_config_is_checked_too(override, message):
     from lab.config import LabJob
