@@ -13,6 +13,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+# The tiny UNet at ZeRO-2, 60 steps of a global batch of 16 (2 ranks x 8), a log row every step
+# and a checkpoint every 10: the one config that single-node runs (test_train_unet.py) and
+# multi-node ones (test_slurm.py, test_multinode.py) train, so that their losses compare.
+UNET_TWO_RANKS = ("model=tiny", "batch_per_rank=8", "lr=0.002", "warmup_samples=32", "zero_stage=2",
+                  "total_samples=960", "log_every_samples=16", "checkpoint_every_samples=160", "keep_last=2",
+                  "ema_halflife_samples=320", "ema_rampup_ratio=0")
 
 
 LEFT_BEHIND: list[str] = []  # commands whose processes outlived them (reported at the end of the run)
@@ -127,6 +134,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_cache, tmp_path_factory):
+    """UNET_TWO_RANKS on 2 ranks of this host under the deepspeed launcher: (run_dir, port)."""
+    run_dir = tmp_path_factory.mktemp("zero2") / "run"
+    port = free_port()
+    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "launch/train_unet.py", f"run_dir={run_dir}",
+             f"data.urls={tiny_cache}", *UNET_TWO_RANKS])
+    return run_dir, port
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    """A SLURM cluster of two nodes, each its own host (tests/slurm_cluster.py), for the session:
+    slurmd per node in a network namespace, slurmctld and munged here."""
+    import shutil
+
+    import netns_hosts
+    import slurm_cluster
+
+    try:
+        netns_hosts.check_available()
+        slurm_cluster.ensure_installed()
+    except (netns_hosts.Unavailable, slurm_cluster.Unavailable) as e:
+        pytest.skip(f"no multi-node cluster: {e}")
+    c = slurm_cluster.Cluster(nodes=2, cpus_per_node=2).start()
+    try:
+        yield c
+    finally:
+        c.cancel_all()
+        c.stop()
+        shutil.rmtree(c.base, ignore_errors=True)
+
+
+def unet_losses(run_dir) -> list[dict]:
+    from trainer.core.metrics import read_log
+
+    return [r for r in read_log(os.path.join(run_dir, "log.jsonl")) if "loss" in r]
+
+
+def assert_same_losses(reference, run_dir, tol: float = 1e-5) -> None:
+    a, b = unet_losses(reference), unet_losses(run_dir)
+    assert [r["step"] for r in b] == [r["step"] for r in a], (len(a), len(b))
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= tol, (ra, rb)
 
 
 @pytest.fixture(scope="session")

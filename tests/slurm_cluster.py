@@ -1,17 +1,25 @@
-"""A real one-node SLURM cluster on 127.0.0.1 for the tests: munged, slurmctld and slurmd
-with a generated slurm.conf, every file in one temporary directory.
+"""A real SLURM cluster for the tests: munged, slurmctld and slurmd with a generated
+slurm.conf, every file in one temporary directory.
+
+- `Cluster()`: one node, `localhost`, on 127.0.0.1.
+- `Cluster(nodes=3)`: nodes `node1`..`node3`, each a host of its own (tests/netns_hosts.py:
+  a network namespace with its own address, host name and hosts file) running its own
+  slurmd; slurmctld and munged run in this (the root) namespace and are reached from the
+  nodes at the bridge's address, under the name `ldmctl`.
 
 Debian's packages (`slurmctld slurmd slurm-client munge`) are installed when missing and
-this process is root; nothing outside the temporary directory is written except by apt.
-Every daemon started here is stopped by `stop()`, by the pid in its pid file.
+this process is root; nothing outside the temporary directory (and, for nodes, what
+netns_hosts creates and removes) is written except by apt. Every daemon started here is
+stopped by `stop()`, by the pid in its pid file.
 
-    python tests/slurm_cluster.py   # start one, print `export SLURM_CONF=...`, stop on Enter
+    python tests/slurm_cluster.py [--nodes 3]   # start one, print how to use it, stop on Enter
 """
 from __future__ import annotations
 
 import os
 import pwd
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -19,9 +27,12 @@ import subprocess
 import tempfile
 import time
 
+import netns_hosts
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "munged", "mungekey")
-NODE = "localhost"  # node name = the first host of every job's node list: resolves to 127.0.0.1 everywhere
+NODE = "localhost"  # the one-node cluster's node: the first host of every job's node list, 127.0.0.1 everywhere
+CONTROLLER = "ldmctl"  # slurmctld's (and the root namespace's) name on the nodes of a multi-node cluster
 
 
 class Unavailable(RuntimeError):
@@ -79,9 +90,14 @@ def _sbin(name: str) -> str:
 
 
 class Cluster:
-    """`start()` brings the daemons up (about 2 s); `env` is what a client needs (SLURM_CONF)."""
+    """`start()` brings the daemons up (about 2 s); `env` is what a client needs (SLURM_CONF).
+    With `nodes`, `net` holds the hosts and `node_names` their names, in node-list order."""
 
-    def __init__(self, base: str | None = None):
+    def __init__(self, base: str | None = None, nodes: int = 0, cpus_per_node: int = 0):
+        self.nodes = nodes
+        self.cpus_per_node = cpus_per_node or os.cpu_count() or 1
+        self.node_names = [f"node{i + 1}" for i in range(nodes)] if nodes else [NODE]
+        self.net: netns_hosts.Hosts | None = None
         # Not under pytest's tmp dir: munged refuses a socket whose parent directories other
         # users cannot traverse, and pytest's are 0700.
         self.base = base or tempfile.mkdtemp(prefix="ldm-slurm-")
@@ -96,11 +112,25 @@ class Cluster:
         for d in ("state", "spool", "log"):
             os.makedirs(os.path.join(self.base, d), exist_ok=True)
         b = self.base
+        if self.net:
+            # slurmctld accepts only a controller name that is its own host name or "localhost";
+            # the nodes reach it at the address in parentheses, the bridge's.
+            controller = f"localhost({self.net.gateway})"
+            # Gres=gpu:1 without a device file: `--gpus-per-node=1` is accepted as on a GPU cluster,
+            # and the job's CPU rank stands in for the GPU.
+            nodes = "\n".join(f"NodeName={n} NodeHostname={n} NodeAddr={self.net.hosts[n].addr} "
+                              f"CPUs={self.cpus_per_node} Gres=gpu:1 State=UNKNOWN" for n in self.node_names)
+            with open(os.path.join(b, "gres.conf"), "w") as f:
+                f.write("AutoDetect=off\nName=gpu File=/dev/null\n")  # no device is bound (task/none)
+        else:
+            controller = f"{NODE}(127.0.0.1)"
+            nodes = f"NodeName={NODE} NodeHostname={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus_per_node} State=UNKNOWN"
         conf = f"""\
 ClusterName=ldmtest
+{"GresTypes=gpu" if self.net else ""}
 # Job ids set the rendezvous port (trainer/core/dist.py): another test cluster on this machine starts elsewhere.
 FirstJobId={random.randrange(1000, 9000)}
-SlurmctldHost={NODE}(127.0.0.1)
+SlurmctldHost={controller}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -110,11 +140,12 @@ CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
 AuthInfo=socket={self.socket},cred_expire=10
 StateSaveLocation={b}/state
-SlurmdSpoolDir={b}/spool
+# One slurmd per node on this machine: %n is the node's name.
+SlurmdSpoolDir={b}/spool/%n
 SlurmctldPidFile={b}/slurmctld.pid
-SlurmdPidFile={b}/slurmd.pid
+SlurmdPidFile={b}/slurmd-%n.pid
 SlurmctldLogFile={b}/log/slurmctld.log
-SlurmdLogFile={b}/log/slurmd.log
+SlurmdLogFile={b}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -129,13 +160,17 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={b}/log/jobcomp.txt
 MpiDefault=none
+# A lost node comes back into service when its slurmd registers again.
 ReturnToService=2
+# A node whose slurmd does not answer for this long is DOWN, and its jobs end (and requeue);
+# the default, 300 s, would hold a test that loses a node for five minutes.
+SlurmdTimeout=10
 # Finished jobs stay visible to `scontrol show job` for the tests' assertions.
 MinJobAge=3600
 KillWait=10
 InactiveLimit=0
-NodeName={NODE} NodeHostname={NODE} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
-PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{nodes}
+PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
         with open(self.conf, "w") as f:
             f.write(conf)
@@ -157,30 +192,53 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
     def start(self) -> "Cluster":
         ensure_installed()
-        self.write_conf()
         try:
+            if self.nodes:
+                self.net = netns_hosts.Hosts(self.node_names, extra_names={CONTROLLER: "gateway"}).create()
+            self.write_conf()
             self._start_munge()
-            for daemon, args in (("slurmctld", ["-i"]), ("slurmd", ["-N", NODE])):
-                subprocess.run([_sbin(daemon), "-f", self.conf, *args], check=True, env=self.env,
-                               capture_output=True, text=True)
-                self.pid_files.append(os.path.join(self.base, f"{daemon}.pid"))
+            subprocess.run([_sbin("slurmctld"), "-f", self.conf, "-i"], check=True, env=self.env,
+                           capture_output=True, text=True)
+            self.pid_files.append(os.path.join(self.base, "slurmctld.pid"))
+            for node in self.node_names:
+                self.start_node(node)
             self._wait_idle()
         except Exception:
             self.stop()
             raise
         return self
 
-    def _wait_idle(self, timeout: float = 60) -> None:
+    def start_node(self, node: str) -> None:
+        """Start the node's slurmd (again, after `kill_node`), on its own host where there are several."""
+        os.makedirs(os.path.join(self.base, "spool", node), exist_ok=True)
+        argv = [_sbin("slurmd"), "-f", self.conf, "-N", node]
+        subprocess.run(self.net.argv(node, argv) if self.net else argv, check=True, env=self.env,
+                       capture_output=True, text=True)
+        pid_file = os.path.join(self.base, f"slurmd-{node}.pid")
+        if pid_file not in self.pid_files:
+            self.pid_files.append(pid_file)
+
+    def kill_node(self, node: str) -> int:
+        """A node lost: SIGKILL every process on it, its slurmd and the job's tasks; how many."""
+        assert self.net, "kill_node needs a multi-node cluster"
+        return self.net.kill(node)
+
+    def node_states(self) -> dict[str, str]:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True)
+        return dict(line.split() for line in proc.stdout.splitlines() if len(line.split()) == 2)
+
+    def _wait_idle(self, timeout: float = 60, nodes: list[str] | None = None) -> None:
         deadline = time.time() + timeout
-        out = ""
+        states: dict[str, str] = {}
         while time.time() < deadline:
-            proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            out = (proc.stdout + proc.stderr).strip()
-            if proc.returncode == 0 and out in ("idle", "mix", "alloc"):
+            states = self.node_states()
+            if all(states.get(n) in ("idle", "mix", "alloc") for n in nodes or self.node_names):
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"the SLURM node did not come up within {timeout:.0f} s (sinfo: {out!r}); logs in "
+        raise RuntimeError(f"the SLURM nodes did not come up within {timeout:.0f} s (sinfo: {states}); logs in "
                            f"{self.base}/log")
+
+    wait_idle = _wait_idle
 
     def cancel_all(self, timeout: float = 60) -> None:
         """Cancel every job of this cluster and wait until their processes are gone: slurmd's
@@ -194,7 +252,8 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop every daemon this cluster started (slurmd, then slurmctld, then munged)."""
+        """Stop every daemon this cluster started (slurmds, then slurmctld, then munged) and
+        remove the nodes' hosts."""
         for pid_file in reversed(self.pid_files):
             try:
                 with open(pid_file) as f:
@@ -211,12 +270,25 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubsc
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.pid_files = []
+        if self.net:
+            self.net.destroy()
+            self.net = None
 
 
 if __name__ == "__main__":
-    c = Cluster().start()
-    print(f"export SLURM_CONF={c.conf}")
+    import argparse
+
+    p = argparse.ArgumentParser(description="Start a test SLURM cluster; Enter stops it.")
+    p.add_argument("--nodes", type=int, default=0, help="nodes, each a network namespace (0: one node on 127.0.0.1)")
+    args = p.parse_args()
+    c = Cluster(nodes=args.nodes).start()
+    print(f"export SLURM_CONF={c.conf}    # then: sinfo; srun -N {max(args.nodes, 1)} hostname; launch/submit.py ...")
+    if c.net:
+        for name, h in c.net.hosts.items():
+            print(f"{name}: {h.addr}, a shell on it: {shlex.join(c.net.argv(name, ['bash']))}")
     try:
         input("cluster up; Enter stops it\n")
     finally:
+        c.cancel_all()
         c.stop()
+        shutil.rmtree(c.base, ignore_errors=True)

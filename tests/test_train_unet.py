@@ -7,11 +7,10 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import PY, ROOT, free_port, run_cmd
+from conftest import DEEPSPEED, PY, ROOT, UNET_TWO_RANKS, free_port, run_cmd
 from trainer.core import checkpoint
 from trainer.core.metrics import read_log
 
-DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 
 
 def _args(run_dir, cache, *extra):
@@ -19,9 +18,9 @@ def _args(run_dir, cache, *extra):
             "lr=0.002", "warmup_samples=32", *extra]
 
 
-# One run per ZeRO stage, 2 ranks under the deepspeed launcher, otherwise the same config.
-STAGE_ARGS = ("total_samples=960", "log_every_samples=16", "checkpoint_every_samples=160", "keep_last=2",
-              "ema_halflife_samples=320", "ema_rampup_ratio=0")
+# One run per ZeRO stage, 2 ranks under the deepspeed launcher, otherwise the same config
+# (ZeRO-2's is conftest's two_rank_run, shared with the multi-node tests).
+STAGE_ARGS = tuple(a for a in UNET_TWO_RANKS if a not in _args("", "")[1:] and not a.startswith("zero_stage="))
 STAGE_EXTRA = {1: ("offload_optimizer=true",),  # ZeRO-Offload: optimizer state in host memory
                3: ("validate_every_samples=480", "validation_prompts=[a red circle]", "validation_steps=2",
                    "validation_guidance=3", "validation_negative_prompt=a blue square")}
@@ -37,9 +36,9 @@ def _weights(run_dir, folder="unet", ckpt=None):
 
 
 @pytest.fixture(scope="module")
-def stage_runs(tiny_cache, tmp_path_factory):
-    runs, ports = {}, []
-    for stage in (0, 1, 2, 3):
+def stage_runs(tiny_cache, two_rank_run, tmp_path_factory):
+    runs, ports = {2: two_rank_run[0]}, [two_rank_run[1]]
+    for stage in (0, 1, 3):
         runs[stage] = tmp_path_factory.mktemp(f"zero{stage}") / "run"
         ports.append(free_port())
         run_cmd(_launch(runs[stage], tiny_cache, f"zero_stage={stage}", *STAGE_ARGS, *STAGE_EXTRA.get(stage, ()),

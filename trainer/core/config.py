@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from trainer.core.errors import CheckpointError, ConfigError, TrainingError
+from trainer.core.errors import CheckpointError, ConfigError, LaunchError, TrainingError
 
 
 def did_you_mean(word: str, options) -> str:
@@ -344,5 +344,5 @@ def run(cls, job, description: str = ""):
     cfg = parse_cli(cls, description=description)
     try:
         return job(cfg)
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError, LaunchError) as e:
         sys.exit(f"error: {one_line(e)}")

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
 import itertools
 import os
 import re
 import socket
+import struct
+import time
 
 import torch
 import torch.distributed as dist
+
+from trainer.core.errors import LaunchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,12 +32,30 @@ class World:
         return self.rank == 0
 
 
+def _int_var(name: str, lo: int, hi: int | None = None, default: int | None = None) -> int:
+    """A launcher variable as an integer in [lo, hi), or a LaunchError naming it."""
+    raw = os.environ.get(name)
+    if raw is None and default is not None:
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise LaunchError(f"{name}={raw!r} is not an integer; it comes from the launcher (torchrun, deepspeed, "
+                          "srun): do not set it by hand") from None
+    if value < lo or (hi is not None and value >= hi):
+        bound = f"in {lo}..{hi - 1}" if hi is not None else f">= {lo}"
+        raise LaunchError(f"{name}={value} must be {bound}")
+    return value
+
+
 def world() -> World:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher
-        return World(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+        size = _int_var("WORLD_SIZE", 1)
+        return World(_int_var("RANK", 0, size), _int_var("LOCAL_RANK", 0, default=0), size)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun
-        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+        size = _int_var("SLURM_NTASKS", 1)
+        return World(_int_var("SLURM_PROCID", 0, size), _int_var("SLURM_LOCALID", 0, default=0), size)
     return World(0, 0, 1)
 
 
@@ -100,6 +123,102 @@ def slurm_rendezvous() -> tuple[str, int] | None:
     return expand_nodelist(nodelist)[0], 20000 + int(env["SLURM_JOB_ID"]) % 10000
 
 
+def _slurm_nodes() -> list[str]:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    try:
+        return expand_nodelist(nodelist)
+    except ValueError:
+        return []
+
+
+def _resolve(host: str, port: int | None = None) -> str | None:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError):
+        return None
+
+
+def _check_rendezvous(source: str) -> tuple[str, int, str]:
+    """MASTER_ADDR and MASTER_PORT checked before any rank waits on them: (address, port, its IP)."""
+    addr, raw_port = os.environ["MASTER_ADDR"], os.environ.get("MASTER_PORT")
+    port = _int_var("MASTER_PORT", 1, 65536) if raw_port is not None else None
+    if port is None:
+        raise LaunchError("MASTER_PORT is not set: the launcher sets it with MASTER_ADDR")
+    ip = _resolve(addr, port)
+    if ip is None:
+        raise LaunchError(f"MASTER_ADDR={addr} ({source}) does not resolve on {socket.gethostname()}: it must name "
+                          "rank 0's host as every node resolves it (DNS or /etc/hosts)")
+    return addr, port, ip
+
+
+def _local_addr_towards(ip: str) -> str | None:
+    """This host's address that the routing table picks for reaching `ip` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((ip, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def _ipv4_interfaces() -> dict[str, str]:
+    """Every network interface with an IPv4 address: name -> address."""
+    import fcntl
+
+    found = {}
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+        found[name] = socket.inet_ntoa(raw[20:24])
+    return found
+
+
+def _default_route_interface() -> str | None:
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == "00000000":
+                    return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def gloo_interface(master_ip: str, peers: list[str], spans_hosts: bool) -> tuple[str | None, str | None]:
+    """(interface, address) through which this host reaches the job's other hosts, or
+    (None, address) where gloo's own choice is right (every rank on this host).
+
+    gloo's own choice is the address this machine's host name resolves to. Where that is not
+    one the other nodes can reach (Debian's `127.0.1.1 <hostname>` line, a management network,
+    a container bridge), every pair of ranks across nodes waits for a connection that never
+    comes. The route towards rank 0 names the right interface; rank 0 itself, whose own name
+    may resolve to loopback, takes the route towards another node of the allocation, or
+    without one (torchrun, deepspeed) the default route's interface."""
+    interfaces = _ipv4_interfaces()
+    for ip in [master_ip, *filter(None, map(_resolve, peers))]:
+        if ipaddress.ip_address(ip).is_loopback:
+            continue
+        local = _local_addr_towards(ip)
+        if local and not ipaddress.ip_address(local).is_loopback:
+            return next((n for n, a in interfaces.items() if a == local), None), local
+    if not spans_hosts:
+        return None, _local_addr_towards(master_ip)
+    outside = {n: a for n, a in interfaces.items() if not ipaddress.ip_address(a).is_loopback}
+    name = _default_route_interface()
+    if name not in outside and len(outside) == 1:
+        name = next(iter(outside))
+    if name not in outside:
+        raise LaunchError(f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} is this host, and which of its interfaces "
+                          f"({', '.join(outside) or 'none but loopback'}) the other nodes reach it through is not "
+                          "clear: set GLOO_SOCKET_IFNAME (or MASTER_ADDR to the address they use)")
+    return name, outside[name]
+
+
 def init(timeout_s: int = 600) -> World:
     """Join the job's process group (gloo on CPU, nccl on GPU); a no-op when already joined.
 
@@ -111,6 +230,7 @@ def init(timeout_s: int = 600) -> World:
         return w
     env = os.environ
     init_method = None  # env://: the launcher's (or SLURM's) MASTER_ADDR and MASTER_PORT
+    source = "set by the launcher"
     if w.size == 1 and "MASTER_ADDR" not in env:
         # A process started alone rendezvouses with itself on a free port given directly, not
         # through the environment: a process it starts later (a test's subprocess, sbatch's
@@ -129,6 +249,19 @@ def init(timeout_s: int = 600) -> World:
             )
         env["MASTER_ADDR"] = rendezvous[0]
         env.setdefault("MASTER_PORT", str(rendezvous[1]))
+        source = "the first node of SLURM_JOB_NODELIST"
+    addr = None
+    if w.size > 1:
+        master, _, master_ip = _check_rendezvous(source)
+        if "GLOO_SOCKET_IFNAME" in env or torch.cuda.is_available():  # NCCL picks its own (InfiniBand first)
+            addr = _local_addr_towards(master_ip)
+        else:
+            local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "")
+            nodes = _slurm_nodes()
+            spans_hosts = len(nodes) > 1 or (local_size.isdigit() and int(local_size) < w.size)
+            interface, addr = gloo_interface(master_ip, [h for h in nodes if h != master], spans_hosts)
+            if interface:
+                env["GLOO_SOCKET_IFNAME"] = interface
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
     else:
@@ -149,8 +282,23 @@ def init(timeout_s: int = 600) -> World:
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if hasattr(c10d, name):
             setattr(c10d, name, timeout)
-    dist.init_process_group(backend, timeout=timeout, init_method=init_method,
-                            **({"rank": 0, "world_size": 1} if init_method else {}))
+    t0 = time.perf_counter()
+    try:
+        dist.init_process_group(backend, timeout=timeout, init_method=init_method,
+                                **({"rank": 0, "world_size": 1} if init_method else {}))
+        if w.size > 1:
+            dist.barrier()  # every pair of ranks connected: the group is usable
+    except (RuntimeError, TimeoutError) as e:  # torch's DistStoreError, DistNetworkError and gloo's errors
+        if w.size == 1:
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LaunchError(f"rank {w.rank} of {w.size} on {socket.gethostname()} did not meet its peers at "
+                          f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} within "
+                          f"{timeout_s} s (dist_timeout_s): {why}") from None
+    if w.size > 1:
+        via = f", gloo via {env['GLOO_SOCKET_IFNAME']}" if backend == "gloo" and "GLOO_SOCKET_IFNAME" in env else ""
+        print(f"rank {w.rank}/{w.size} on {socket.gethostname()} ({addr or '?'}{via}) met its peers at "
+              f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} in {time.perf_counter() - t0:.2f} s", flush=True)
     return w
 
 

@@ -15,3 +15,8 @@ class TrainingError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that must not (or cannot) be loaded or written, named in one line."""
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot form the job's process group (a launcher variable unset or wrong, a
+    rendezvous address that does not resolve, peers that never came), named in one line."""
