@@ -38,8 +38,14 @@ def check_available() -> None:
     """Raise Unavailable unless this process can make namespaces (root and `ip netns`)."""
     if os.geteuid() != 0:
         raise Unavailable("network namespaces need root")
-    if not all(shutil.which(t) for t in ("ip", "unshare", "nsenter")):
-        raise Unavailable("no `ip` (iproute2), `unshare` or `nsenter` (util-linux) to make network namespaces")
+    missing = [t for t in ("ip", "unshare", "nsenter") if not shutil.which(t)]
+    if missing and shutil.which("apt-get"):  # Debian's iproute2 and util-linux, as slurm_cluster installs SLURM
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for args in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "iproute2", "util-linux"]):
+            subprocess.run(args, env=env, capture_output=True)
+        missing = [t for t in missing if not shutil.which(t)]
+    if missing:
+        raise Unavailable(f"no {', '.join(missing)} (iproute2, util-linux) to make network namespaces")
     name = f"ldmprobe{os.getpid()}"
     proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -219,6 +219,22 @@ def gloo_interface(master_ip: str, peers: list[str], spans_hosts: bool) -> tuple
     return name, outside[name]
 
 
+def _prepare_rendezvous(w: World, source: str) -> str | None:
+    """Check MASTER_ADDR/MASTER_PORT and, for gloo, choose the interface towards the other
+    hosts (GLOO_SOCKET_IFNAME, unless set); this host's address towards rank 0."""
+    env = os.environ
+    master, _, master_ip = _check_rendezvous(source)
+    if "GLOO_SOCKET_IFNAME" in env or torch.cuda.is_available():  # NCCL picks its own (InfiniBand first)
+        return _local_addr_towards(master_ip)
+    local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "")
+    nodes = _slurm_nodes()
+    spans_hosts = len(nodes) > 1 or (local_size.isdigit() and int(local_size) < w.size)
+    interface, addr = gloo_interface(master_ip, [h for h in nodes if h != master], spans_hosts)
+    if interface:
+        env["GLOO_SOCKET_IFNAME"] = interface
+    return addr
+
+
 def init(timeout_s: int = 600) -> World:
     """Join the job's process group (gloo on CPU, nccl on GPU); a no-op when already joined.
 
@@ -244,24 +260,12 @@ def init(timeout_s: int = 600) -> World:
     if w.size > 1 and "MASTER_ADDR" not in env:
         rendezvous = slurm_rendezvous()  # torchrun and deepspeed set MASTER_ADDR themselves
         if rendezvous is None:
-            raise RuntimeError(
-                "MASTER_ADDR is not set: start multi-process jobs with torchrun, deepspeed or srun"
-            )
+            raise LaunchError(f"WORLD_SIZE={w.size} but MASTER_ADDR is not set: start multi-process jobs with "
+                              "torchrun, deepspeed or srun")
         env["MASTER_ADDR"] = rendezvous[0]
         env.setdefault("MASTER_PORT", str(rendezvous[1]))
         source = "the first node of SLURM_JOB_NODELIST"
-    addr = None
-    if w.size > 1:
-        master, _, master_ip = _check_rendezvous(source)
-        if "GLOO_SOCKET_IFNAME" in env or torch.cuda.is_available():  # NCCL picks its own (InfiniBand first)
-            addr = _local_addr_towards(master_ip)
-        else:
-            local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "")
-            nodes = _slurm_nodes()
-            spans_hosts = len(nodes) > 1 or (local_size.isdigit() and int(local_size) < w.size)
-            interface, addr = gloo_interface(master_ip, [h for h in nodes if h != master], spans_hosts)
-            if interface:
-                env["GLOO_SOCKET_IFNAME"] = interface
+    addr = _prepare_rendezvous(w, source) if w.size > 1 else None
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
     else:
