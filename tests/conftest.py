@@ -5,6 +5,7 @@ Everything here runs on CPU in seconds and never touches the network beyond loop
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -51,6 +52,33 @@ def run_cmd(args: list[str], check: bool = True, env: dict | None = None, timeou
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
     return result
+
+
+def run_script(script: str, argv: list[str], capfd) -> tuple[int, str, str]:
+    """Run a project script as __main__ in this process, from the repository root; returns
+    (exit code, stdout, stderr). For refusals and other early exits: the test process has the
+    script's imports loaded already, where a subprocess spends 5-7 s importing them again
+    (diffusers pulls in torch._dynamo). An exception other than SystemExit propagates, so a
+    traceback fails the test as it would in a real process. Each script keeps one test that
+    runs it as a real process."""
+    old_argv, old_path, old_cwd = sys.argv, list(sys.path), os.getcwd()
+    path = os.path.join(ROOT, script)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(path))  # as `python script` has it: benchmarks import their common.py
+    os.chdir(ROOT)
+    code: int | str | None = 0
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv, sys.path[:] = old_argv, old_path
+        os.chdir(old_cwd)
+    if isinstance(code, str):  # sys.exit("error: ...") prints to stderr in the interpreter, not here
+        print(code, file=sys.stderr)
+        code = 1
+    out, err = capfd.readouterr()
+    return code or 0, out, err
 
 
 def _kill_group(pgid: int) -> bool:

@@ -1,28 +1,32 @@
-"""The benchmark scripts run and refuse bad arguments in one line (their figures are not tests)."""
+"""The benchmark scripts run and refuse bad arguments in one line (their figures are not tests).
+
+Refusals and the plan run in this process (conftest.run_script: a subprocess spends seconds on
+imports); the timed benchmarks run as real processes (they set torch's thread count)."""
 import os
 import sys
 
-from conftest import PY, ROOT, run_cmd
+from conftest import PY, ROOT, run_cmd, run_script
 
 
-def test_plan_sizes_a_run_from_counted_flops():
-    out = run_cmd([PY, "benchmarks/plan.py", "--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"])
-    assert "2.41 TFLOP per image (sd21, 0.87B parameters, 64x64x4 latents)" in out.stdout
-    assert "VAE encoder forward      1.12 TFLOP per image" in out.stdout
-    assert "cache on disk" in out.stdout and "S3 read per node" in out.stdout
-    bad = run_cmd([PY, "benchmarks/plan.py", "--images", "1e6", "--gpus", "8", "--gpu", "tpu"], check=False)
-    assert bad.returncode != 0 and "error: unknown --gpu 'tpu'" in bad.stderr and "Traceback" not in bad.stderr
+def _refused(args: list[str], says: str, capfd) -> None:
+    code, _, err = run_script(args[0], args[1:], capfd)
+    assert code != 0 and says in err, err[-2000:]
 
 
-def test_plan_sizes_sdxl_at_1024_with_both_text_encoders_and_zero_memory(capsys, monkeypatch):
-    import runpy
+def test_plan_sizes_a_run_from_counted_flops(capfd):
+    code, out, _ = run_script("benchmarks/plan.py", ["--images", "2e9", "--resolution", "512", "--gpus", "256",
+                                                     "--gpu", "h100"], capfd)
+    assert code == 0 and "2.41 TFLOP per image (sd21, 0.87B parameters, 64x64x4 latents)" in out
+    assert "VAE encoder forward      1.12 TFLOP per image" in out
+    assert "cache on disk" in out and "S3 read per node" in out
+    _refused(["benchmarks/plan.py", "--images", "1e6", "--gpus", "8", "--gpu", "tpu"], "error: unknown --gpu 'tpu'",
+             capfd)
 
-    # In this process (the models are imported already): a command would spend 10 s importing them again.
-    monkeypatch.setattr(sys, "argv", ["plan.py", "--model", "sdxl", "--resolution", "1024", "--images", "1e9",
-                                      "--gpus", "256", "--gpu", "h100"])
-    runpy.run_path(os.path.join(ROOT, "benchmarks", "plan.py"), run_name="__main__")
-    out = capsys.readouterr().out
-    assert "20.23 TFLOP per image (sdxl, 2.57B parameters, 128x128x4 latents)" in out
+
+def test_plan_sizes_sdxl_at_1024_with_both_text_encoders_and_zero_memory(capfd):
+    code, out, _ = run_script("benchmarks/plan.py", ["--model", "sdxl", "--resolution", "1024", "--images", "1e9",
+                                                     "--gpus", "256", "--gpu", "h100"], capfd)
+    assert code == 0 and "20.23 TFLOP per image (sdxl, 2.57B parameters, 128x128x4 latents)" in out
     assert "ViT-L-14 + ViT-bigG-14" in out and "585 KB per sample" in out
     # 16 B/param unpartitioned; ZeRO-2: 2 + 14/256 B/param of 2.57B parameters.
     assert "ZeRO-0                   41.1 GB" in out and "ZeRO-2                   5.3 GB" in out
@@ -42,7 +46,7 @@ def test_the_benchmark_stepper_steps_an_sdxl_unet(process_group):
     assert stepper.i == 2
 
 
-def test_gpu_benchmark_parses_its_arguments_and_needs_cuda():
+def test_gpu_benchmark_parses_its_arguments_and_needs_cuda(capfd):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "benchmarks", "gpu.py"))
@@ -52,25 +56,19 @@ def test_gpu_benchmark_parses_its_arguments_and_needs_cuda():
     assert args.presets == ["sd21"] and args.resolutions == ["512"] and args.compile == ["on"]
     for bad, says in ((["--presets", "sd3"], "unknown 'sd3'"), (["--resolutions", "500"], "multiples of 8"),
                       (["--compile", "maybe"], "on/off")):
-        out = run_cmd([PY, "benchmarks/gpu.py", *bad], check=False)
-        assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr
-    out = run_cmd([PY, "benchmarks/gpu.py", "--presets", "sd15"], check=False)
+        _refused(["benchmarks/gpu.py", *bad], says, capfd)
+    out = run_cmd([PY, "benchmarks/gpu.py", "--presets", "sd15"], check=False)  # a real process, once
     assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
 
 
 # --- issue 8: the benchmarks make bench runs (benchmarks/run_all.py) ----------------------------------------------
-def _refused(args: list[str], says: str) -> None:
-    out = run_cmd([PY, *args], check=False)
-    assert out.returncode != 0 and says in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
-
-
-def test_distributed_benchmark_refuses_bad_arguments():
-    _refused(["benchmarks/distributed.py", "--parts", "speed"], "--parts takes step and/or memory")
-    _refused(["benchmarks/distributed.py", "--stages", "0,4"], "ZeRO stages 0-3")
-    _refused(["benchmarks/distributed.py", "--stages", "two"], "ZeRO stages 0-3")
-    _refused(["benchmarks/distributed.py", "--ranks", "1"], "--ranks must be at least 2")
-    _refused(["benchmarks/distributed.py", "--rounds", "0"], "must be positive")
-    _refused(["benchmarks/_zero_worker.py", "memory", "--zero", "4"], "invalid choice")
+def test_distributed_benchmark_refuses_bad_arguments(capfd):
+    _refused(["benchmarks/distributed.py", "--parts", "speed"], "--parts takes step and/or memory", capfd)
+    _refused(["benchmarks/distributed.py", "--stages", "0,4"], "ZeRO stages 0-3", capfd)
+    _refused(["benchmarks/distributed.py", "--stages", "two"], "ZeRO stages 0-3", capfd)
+    _refused(["benchmarks/distributed.py", "--ranks", "1"], "--ranks must be at least 2", capfd)
+    _refused(["benchmarks/distributed.py", "--rounds", "0"], "must be positive", capfd)
+    _refused(["benchmarks/_zero_worker.py", "memory", "--zero", "4"], "invalid choice", capfd)
 
 
 def test_zero_worker_counts_what_one_rank_holds(tmp_path):
@@ -87,9 +85,9 @@ def test_zero_worker_counts_what_one_rank_holds(tmp_path):
     assert rank["rss_growth_bytes"] is not None and rank["peak_rss_growth_bytes"] is not None
 
 
-def test_pixel_vs_latent_runs_and_refuses_bad_arguments(tmp_path):
-    _refused(["benchmarks/pixel_vs_latent.py", "--resolution", "30"], "multiple of 8")
-    _refused(["benchmarks/pixel_vs_latent.py", "--flop-presets", "sdxl"], "unknown 'sdxl'")
+def test_pixel_vs_latent_runs_and_refuses_bad_arguments(tmp_path, capfd):
+    _refused(["benchmarks/pixel_vs_latent.py", "--resolution", "30"], "multiple of 8", capfd)
+    _refused(["benchmarks/pixel_vs_latent.py", "--flop-presets", "sdxl"], "unknown 'sdxl'", capfd)
     out = tmp_path / "pvl.json"
     res = run_cmd([PY, "benchmarks/pixel_vs_latent.py", "--preset", "tiny", "--resolution", "16", "--pixel-batch", "1",
                    "--latent-batch", "2", "--seconds", "0", "--repeats", "1", "--flop-presets", "tiny",
@@ -102,9 +100,9 @@ def test_pixel_vs_latent_runs_and_refuses_bad_arguments(tmp_path):
     assert [(f["preset"], f["resolution"]) for f in d["flops"]] == [("tiny", 16), ("tiny", 32)]
 
 
-def test_loader_headroom_runs_and_refuses_bad_arguments(tmp_path):
-    _refused(["benchmarks/loader_throughput.py", "--headroom", "huge"], "unknown UNet preset 'huge'")
-    _refused(["benchmarks/loader_throughput.py", "--headroom", "tiny", "--workers", "0"], "include 1 in --workers")
+def test_loader_headroom_runs_and_refuses_bad_arguments(tmp_path, capfd):
+    _refused(["benchmarks/loader_throughput.py", "--headroom", "huge"], "unknown UNet preset 'huge'", capfd)
+    _refused(["benchmarks/loader_throughput.py", "--headroom", "tiny", "--workers", "0"], "include 1 in --workers", capfd)
     out = tmp_path / "loader.json"
     res = run_cmd([PY, "benchmarks/loader_throughput.py", "--workers", "1", "--num", "64", "--per-shard", "32",
                    "--batch", "16", "--latent-shape", "4x4x4", "--text-emb", "8x16", "--headroom", "tiny",
@@ -119,8 +117,8 @@ def test_loader_headroom_runs_and_refuses_bad_arguments(tmp_path):
     assert d["train_step"]["threads"] == 1 and d["headroom"]["target"] == 10
 
 
-def test_run_all_writes_results(tmp_path):
-    _refused(["benchmarks/run_all.py", "--only", "speed"], "--only: unknown 'speed'")
+def test_run_all_writes_results(tmp_path, capfd):
+    _refused(["benchmarks/run_all.py", "--only", "speed"], "--only: unknown 'speed'", capfd)
     out = tmp_path / "RESULTS.md"
     run_cmd([PY, "benchmarks/run_all.py", "--only", "plan", "--out", str(out), "--json-dir", str(tmp_path)])
     text = out.read_text()

@@ -7,7 +7,6 @@ scripts that record their arguments), which shows what the shell made of every v
 import json
 import os
 import re
-import runpy
 import shlex
 import stat
 import subprocess
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import PY, ROOT, run_cmd
+from conftest import PY, ROOT, run_cmd, run_script
 from trainer import slurm
 from trainer.core.config import ConfigError, load_config
 from trainer.unet.job import UNetJob
@@ -218,33 +217,15 @@ BASE = {"unet": ["data.urls=x"], "cache": ["data.urls=x", "vae=identity"], "auto
 LAUNCH = {"unet": "launch/train_unet.py", "cache": "launch/cache_latents.py", "autoencoder": "launch/train_autoencoder.py"}
 
 
-def _run_in_process(script: str, argv: list[str], capfd) -> tuple[int, str, str]:
-    """Run a launch script as __main__ in this process (its imports are loaded already: a
-    subprocess per case costs seconds); returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = [script, *argv]
-    try:
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    finally:
-        sys.argv = old
-    code = e.value.code
-    if isinstance(code, str):  # sys.exit("error: ...") prints to stderr in the interpreter, not here
-        print(code, file=sys.stderr)
-        code = 1
-    out, err = capfd.readouterr()
-    return code or 0, out, err
-
-
 @pytest.mark.parametrize("entry", ["launch", "submit"])
 @pytest.mark.parametrize("job, overrides, message", EXAMPLES, ids=[" ".join(e[1]) for e in EXAMPLES])
 def test_bad_values_fail_the_dry_run_in_one_line(tmp_path, capfd, entry, job, overrides, message):
     out_key = "out_url" if job == "cache" else "run_dir"
     args = [*BASE[job], f"{out_key}={tmp_path}/out", *overrides]
     if entry == "launch":
-        code, out, err = _run_in_process(LAUNCH[job], ["--dry-run", *args], capfd)
+        code, out, err = run_script(LAUNCH[job], ["--dry-run", *args], capfd)
     else:
-        code, out, err = _run_in_process("launch/submit.py", ["--job", job, "--dry-run", *args], capfd)
+        code, out, err = run_script("launch/submit.py", ["--job", job, "--dry-run", *args], capfd)
     assert code != 0 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err

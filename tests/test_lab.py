@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import PY, run_cmd
+from conftest import PY, run_cmd, run_script
 
 LAB = "launch/compare_autoencoders.py"
 TINY = "configs/lab/tiny.yaml"
@@ -34,14 +34,14 @@ def test_identity_first_stage_round_trips_exactly():
     assert torch.equal(vae.decode(mean).sample, x)
 
 
-def test_dry_run_prints_config_and_bad_keys_fail(tmp_path):
-    out = run_cmd([PY, LAB, "--config", TINY, f"run_dir={tmp_path}/lab", "--dry-run"]).stdout
-    assert f"run_dir: {tmp_path}/lab" in out and "unet:" in out
+def test_dry_run_prints_config_and_bad_keys_fail(tmp_path, capfd):
+    code, out, _ = run_script(LAB, ["--config", TINY, f"run_dir={tmp_path}/lab", "--dry-run"], capfd)
+    assert code == 0 and f"run_dir: {tmp_path}/lab" in out and "unet:" in out
     assert not os.path.exists(tmp_path / "lab")  # nothing was run
-    bad = run_cmd([PY, LAB, "--config", TINY, "unet.overrides=[bogus=1]", "--dry-run"], check=False)
-    assert bad.returncode != 0 and "unknown config key 'bogus'" in bad.stderr and "unet.overrides" in bad.stderr
-    bad = run_cmd([PY, LAB, "--config", TINY, "sampling.sampler=euler", "--dry-run"], check=False)
-    assert bad.returncode != 0 and "sampling.sampler" in bad.stderr
+    code, _, err = run_script(LAB, ["--config", TINY, "unet.overrides=[bogus=1]", "--dry-run"], capfd)
+    assert code != 0 and "unknown config key 'bogus'" in err and "unet.overrides" in err
+    code, _, err = run_script(LAB, ["--config", TINY, "sampling.sampler=euler", "--dry-run"], capfd)
+    assert code != 0 and "sampling.sampler" in err
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_pixel_cache_holds_the_images_and_samples_decode(lab_run):
     assert os.path.exists(os.path.join(run_dir, "unets", "pixels", "loss.png"))
 
 
-def test_rerun_skips_finished_stages(lab_run):
+def test_rerun_skips_finished_stages(lab_run, capfd):
     run_dir, first_s, _ = lab_run
     t0 = time.time()
     proc = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}"])
@@ -108,8 +108,8 @@ def test_rerun_skips_finished_stages(lab_run):
     assert len(skipped) == 19 and "unet_pixels" in skipped, proc.stdout[-2000:]
     assert " ..." not in proc.stdout  # no stage ran again
     assert again_s < max(30.0, first_s / 2), (again_s, first_s)
-    different = run_cmd([PY, LAB, "--config", TINY, f"run_dir={run_dir}", "unet.lr=0.01"], check=False)
-    assert different.returncode != 0 and "holds a different config" in different.stderr
+    code, _, err = run_script(LAB, ["--config", TINY, f"run_dir={run_dir}", "unet.lr=0.01"], capfd)
+    assert code != 0 and "holds a different config" in err
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ def on_each_node(hosts, argv_of, logs, timeout=300) -> dict[str, str]:
     """Start `argv_of(node_rank)` on node1 and node2 at once, as a user does on each machine;
     wait for both; their output by node. Whatever is left of them is killed."""
     procs = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    # The two hosts share this machine's 2 cores: a thread per rank (torchrun sets this itself).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     for rank, node in enumerate(("node1", "node2")):
         with open(logs / f"{node}.log", "w") as out:
             procs[node] = subprocess.Popen(hosts.argv(node, argv_of(rank)), cwd=ROOT, env=env, stdout=out,

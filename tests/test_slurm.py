@@ -63,8 +63,13 @@ def cluster(multinode):
     multinode.cancel_all()
 
 
+# The two nodes share this machine's 2 cores: a thread per rank, as a node of its own would have
+# its cores to itself (sbatch passes the environment on to the job).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def submit_cli(cluster, job, *args):
-    out = run_cmd([PY, "launch/submit.py", "--job", job, *args], env=cluster.env)
+    out = run_cmd([PY, "launch/submit.py", "--job", job, *args], env={**cluster.env, **ONE_THREAD})
     return re.search(r"submitted SLURM job (\d+)", out.stdout).group(1)
 
 
@@ -72,7 +77,7 @@ def submit(cluster, monkeypatch, job, overrides, **resources):
     """What launch/submit.py does, in this process: it spares the job's imports (about 8 s)."""
     from trainer import slurm
 
-    for key, value in {**cluster.env, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}.items():
+    for key, value in {**cluster.env, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **ONE_THREAD}.items():
         if os.environ.get(key) != value:
             monkeypatch.setenv(key, value)  # sbatch passes its environment on to the job
     return slurm.submit(job, None, list(overrides), slurm.Resources(**resources))[0]

@@ -235,6 +235,19 @@ def _prepare_rendezvous(w: World, source: str) -> str | None:
     return addr
 
 
+def _share_cpu_threads(env) -> None:
+    """CPU ranks that one launcher started on a host split its cores between them. torch
+    gives every process a thread per core, so 2 ranks on 2 cores run 4 busy OpenMP threads and
+    spin against each other: ZeRO-0 steps took 2x as long here. torchrun avoids it by setting
+    OMP_NUM_THREADS=1; the deepspeed launcher sets nothing. A user's OMP_NUM_THREADS wins, and
+    srun's tasks are left alone (SLURM binds each to its own CPUs: --cpus-per-task)."""
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or ""  # torchrun's, deepspeed's
+    if "OMP_NUM_THREADS" in env or not local.isdigit() or int(local) < 2:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // int(local)))
+
+
 def init(timeout_s: int = 600) -> World:
     """Join the job's process group (gloo on CPU, nccl on GPU); a no-op when already joined.
 
@@ -269,6 +282,7 @@ def init(timeout_s: int = 600) -> World:
     if torch.cuda.is_available():
         torch.cuda.set_device(w.local_rank)
     else:
+        _share_cpu_threads(env)
         # With LOCAL_SIZE set (the `deepspeed` launcher sets it) DeepSpeed's CPU backend maps a
         # 69 MB shared-memory buffer per rank, /dev/shm/deepspeed_allreduce_buffer_*, that it
         # never unlinks, so every CPU run leaves its buffers in RAM until reboot, and where
