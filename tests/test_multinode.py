@@ -118,6 +118,26 @@ def test_a_process_alone_joins_a_group_without_leaving_rendezvous_variables_to_i
     assert out.stdout.split("\n")[0] == "1 1 []", out.stdout + out.stderr
 
 
+def test_cpu_ranks_of_one_launcher_split_the_cores():
+    """The deepspeed launcher (LOCAL_SIZE) and torchrun (LOCAL_WORLD_SIZE) start several ranks
+    on a host: each takes its share of the cores, unless the user set OMP_NUM_THREADS; srun's
+    tasks (bound to their own CPUs by SLURM) keep what they have."""
+    import torch
+
+    before, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+    try:
+        for env, threads in (({"LOCAL_SIZE": "2"}, max(1, cores // 2)),
+                             ({"LOCAL_WORLD_SIZE": str(4 * cores)}, 1),
+                             ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, before),
+                             ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, before),
+                             ({"LOCAL_SIZE": "1"}, before)):
+            torch.set_num_threads(before)
+            dist._share_cpu_threads(env)
+            assert torch.get_num_threads() == threads, env
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_launch_variables_are_checked_in_one_line_naming_the_variable(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
