@@ -39,7 +39,6 @@ class Bench:
     quick: list[str]  # --quick settings: seconds, for smoke runs
     json: bool = True  # takes --json OUT
     cuda: bool = False  # runs only where CUDA is present
-    deepspeed: bool = False  # starts DeepSpeed's comm backend (its CPU comm op is built before the runs)
 
 
 BENCHES = [
@@ -54,21 +53,21 @@ BENCHES = [
            "--headroom", "demo", "--step-threads", "1", "--seconds", "3", "--repeats", "3"],
           ["--workers", "1", "--num", "256", "--per-shard", "128", "--latent-shape", "4x8x8", "--text-emb", "32x64",
            "--batch", "64", "--headroom", "demo", "--step-threads", "1", "--seconds", "1", "--repeats", "2", "--warmup", "0.5",
-           "--resolution", "64", "--draw-size", "96"], deepspeed=True),
+           "--resolution", "64", "--draw-size", "96"]),
     Bench("precompute", "3. Precompute efficiency", "cache_throughput.py",
           ["--num", "1024", "--repeats", "3"],
           ["--num", "128", "--batch", "32", "--per-shard", "64", "--repeats", "2"]),
     Bench("distributed", "4. Distributed overhead and ZeRO memory", "distributed.py",
           ["--rounds", "2", "--steps", "5", "--repeats", "3", "--warmup", "2"],
           ["--rounds", "1", "--steps", "1", "--repeats", "2", "--warmup", "1", "--batch", "16", "--width", "512",
-           "--layers", "4", "--small-bucket", "100000"], deepspeed=True),
+           "--layers", "4", "--small-bucket", "100000"]),
     Bench("pixel_vs_latent", "5. Pixel vs latent", "pixel_vs_latent.py",
           ["--resolution", "64", "--pixel-batch", "2", "--latent-batch", "64", "--seconds", "4", "--repeats", "3"],
           ["--resolution", "64", "--pixel-batch", "1", "--latent-batch", "8", "--seconds", "0", "--repeats", "1",
            "--flop-presets", "demo", "--flop-resolutions", "256"]),
     Bench("gpu", "6. GPU throughput and MFU", "gpu.py", ["--steps", "10", "--warmup", "3"],
           ["--presets", "sd15", "--resolutions", "256", "--compile", "off", "--checkpointing", "off", "--steps", "3",
-           "--warmup", "1"], cuda=True, deepspeed=True),
+           "--warmup", "1"], cuda=True),
     Bench("plan", "Sizing a run (plan.py)", "plan.py",
           ["--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"],
           ["--images", "2e9", "--resolution", "512", "--gpus", "256", "--gpu", "h100"], json=False),
@@ -84,21 +83,13 @@ def _cuda_available() -> bool:
 
 
 def child_env() -> dict[str, str]:
-    """The benchmarks' environment. DeepSpeed JIT-builds its CPU comm op into ~/.cache/torch_extensions,
-    which every virtualenv of this user shares: another environment's build there makes the next
-    launch rebuild it (minutes, under a lock), inside the timed runs. This one gets its own directory."""
+    """The benchmarks' environment. Ops DeepSpeed JIT-builds go to ~/.cache/torch_extensions, which
+    every virtualenv of this user shares: another environment's build there would make the next
+    launch rebuild (minutes, under a lock) inside the timed runs. This one gets its own directory.
+    (On CPU the framework builds none: trainer/core/engine.py skips the shared-memory comm op.)"""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore::FutureWarning"}
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return env
-
-
-def prebuild_deepspeed_ops(timeout_s: int) -> str:
-    """Build (or load) DeepSpeed's CPU comm op once, before anything is timed; a line for the report."""
-    code = "from deepspeed.comm.torch import build_shm_op; print('loaded' if build_shm_op() else 'not available')"
-    t = time.perf_counter()
-    rc, out, err = run_group([sys.executable, "-c", code], timeout_s, cwd=ROOT, env=child_env())
-    state = out.strip().splitlines()[-1] if rc == 0 and out.strip() else f"failed ({(err.strip() or '?').splitlines()[-1]})"
-    return f"DeepSpeed CPU comm op {state} in {time.perf_counter() - t:.0f}s before the runs"
 
 
 def run_one(b: Bench, argv: list[str], json_dir: str, timeout_s: int) -> dict:
@@ -161,7 +152,7 @@ def _memory_gb() -> float | None:
 
 
 def write_results(path: str, profile: str, results: dict[str, dict], skipped: dict[str, str], started, wall_s: float,
-                  load0, other_cores: float | None, prebuild: str = "") -> list[Target]:
+                  load0, other_cores: float | None) -> list[Target]:
     versions = _versions()
     mem = _memory_gb()
     sections, targets = [], []
@@ -220,7 +211,6 @@ def write_results(path: str, profile: str, results: dict[str, dict], skipped: di
         f"- other processes used {other_cores:.2f} cores on average during the run (Linux /proc/stat, minus the "
         "benchmarks' own CPU time)" if other_cores is not None else "- CPU used by other processes: n/a",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        *([f"- {prebuild}"] if prebuild else []),
         f"- GPU: {gpu_note}" if gpu_note else "- GPU: " + (results.get("gpu", {}).get("data") or {}).get("device", "n/a"),
         "",
         "## Targets (issue 8)",
@@ -261,10 +251,6 @@ def main() -> None:
     with CpuWindow() as window:  # and the CPU other processes used over the whole run
         t0 = window.t0
         cuda = _cuda_available()
-        prebuild = ""
-        if any(b.deepspeed and (not only or b.name in only) and (cuda or not b.cuda) for b in BENCHES):
-            prebuild = prebuild_deepspeed_ops(args.timeout)
-            print(f"[{time.perf_counter() - t0:6.0f}s] {prebuild}", flush=True)
         results, skipped = {}, {}
         for b in BENCHES:
             if only and b.name not in only:
@@ -278,7 +264,7 @@ def main() -> None:
             print(f"[{time.perf_counter() - t0:6.0f}s]   {'done' if r['rc'] == 0 else 'FAILED'} in {r['seconds']:.0f}s "
                   f"(log: {r['log']})", flush=True)
     wall = window.wall
-    targets = write_results(args.out, profile, results, skipped, started_at, wall, load0, window.other, prebuild)
+    targets = write_results(args.out, profile, results, skipped, started_at, wall, load0, window.other)
     print(f"\nwrote {os.path.relpath(args.out, os.getcwd())} in {wall / 60:.1f} min")
     width = max((len(t.item) for t in targets), default=0)
     for t in targets:

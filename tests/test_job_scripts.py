@@ -105,7 +105,7 @@ def stubs(tmp_path):
     return bin_, rec
 
 
-def run_script(text: str, bin_, rec, tmp_path) -> None:
+def run_sbatch_script(text: str, bin_, rec, tmp_path) -> None:
     path = tmp_path / "job.sbatch"
     path.write_text(text)
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -140,7 +140,7 @@ def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path, stubs, 
     block = sbatch_block(text)
     assert "#SBATCH --signal=USR1@120" in block and "#SBATCH --requeue" in block
     assert all(re.fullmatch(r"#SBATCH --[a-z-]+=?[A-Za-z0-9_./+,:@%-]*", line) for line in block), block
-    run_script(text, bin_, rec, tmp_path)
+    run_sbatch_script(text, bin_, rec, tmp_path)
     assert not mark.exists()
     job = "deepspeed" if launcher == "deepspeed" else "python"
     argv = recorded(rec, job)
@@ -162,7 +162,7 @@ def test_a_newline_in_run_dir_runs_no_command(tmp_path, stubs):
         assert str(e) == "config key 'run_dir' contains a control character ('\\n'): not allowed"
     else:
         (tmp_path / "r\ntouch ").mkdir(parents=True, exist_ok=True)
-        run_script(text, bin_, rec, tmp_path)
+        run_sbatch_script(text, bin_, rec, tmp_path)
     assert not mark.exists()
 
 
@@ -177,7 +177,7 @@ def test_the_cache_array_script_runs_its_slice(tmp_path, stubs, monkeypatch):
     text = slurm.sbatch_script("cache", None, overrides, slurm.Resources(array_tasks=2), cfg, num_shards=5,
                                python=str(bin_ / "python"))
     assert "#SBATCH --requeue" in sbatch_block(text) and "#SBATCH --array=0-1" in text
-    run_script(text, bin_, rec, tmp_path)
+    run_sbatch_script(text, bin_, rec, tmp_path)
     assert recorded(rec, "python")[-4:] == [*overrides, "shard_slice=2:5"] and not mark.exists()
 
 

@@ -138,6 +138,15 @@ def test_cpu_ranks_of_one_launcher_split_the_cores():
         torch.set_num_threads(before)
 
 
+def test_a_collective_that_lost_its_peer_is_one_line():
+    reset = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.1.2.12]:8377: "
+                         "Connection reset by peer. This is typically caused by a remote worker hanging\nmore")
+    line = dist.lost_peer(reset)
+    assert "a collective failed, a peer is gone or hung" in line and "Connection reset by peer" in line
+    assert "\n" not in line and "resume from its last complete checkpoint" in line
+    assert dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
 def test_launch_variables_are_checked_in_one_line_naming_the_variable(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

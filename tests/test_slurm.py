@@ -311,6 +311,9 @@ def test_a_hung_rank_fails_the_job_within_the_timeout(cluster, tiny_cache, tmp_p
     elapsed = time.time() - t0
     print(f"hung rank: the job was {job['JobState']} {elapsed:.1f} s later (dist_timeout_s={timeout_s})")
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", job
+    out = slurm_out(run_dir, job_id)
+    assert "error: rank 0 of 2 on node1: a collective failed, a peer is gone or hung" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     # dist_timeout_s at most, then the exit and SLURM's clean-up (KillWait is 10 s here); never the time limit.
     assert elapsed < timeout_s + 20, elapsed
 
@@ -339,6 +342,9 @@ def test_a_lost_node_ends_the_run_and_the_job_resumes_from_the_last_checkpoint_w
           f"(dist_timeout_s={timeout_s}, SlurmdTimeout=10)")
     assert job["JobState"] == "PENDING" and job["Restarts"] == "1", job
     assert elapsed < timeout_s + 60, elapsed
+    lost = slurm_out(run_dir, job_id)
+    assert "error: rank 0 of 2 on node1: a collective failed, a peer is gone or hung" in lost, lost[-3000:]
+    assert "Traceback" not in lost, lost[-3000:]
     tags = checkpoint.complete_tags(str(run_dir))
     assert len(tags) == 2 and tags[-1] >= "samples_000000000320", tags
     # As if node1 had been lost too, between the newest checkpoint's files and its marker: its

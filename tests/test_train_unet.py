@@ -164,7 +164,7 @@ def test_elastic_resume_onto_more_ranks_then_back_keeps_the_newest_checkpoint(ti
     batch grows (20 steps of 8 = 10 steps of 16); checkpoints named by samples keep growing,
     so no new checkpoint is pruned or overwrites one, and the newest is the furthest."""
     run_dir = tmp_path / "run"
-    common = ("zero_stage=2", "total_samples=480", "log_every_samples=16", "checkpoint_every_samples=32",
+    common = ("zero_stage=2", "total_samples=320", "log_every_samples=16", "checkpoint_every_samples=32",
               "keep_last=2", "elastic_resume=true", "data.virtual_ranks=2")
 
     def newest_is_furthest(samples):
@@ -180,10 +180,10 @@ def test_elastic_resume_onto_more_ranks_then_back_keeps_the_newest_checkpoint(ti
     newest_is_furthest(256)
     out = run_cmd([PY, *_args(run_dir, tiny_cache, *common)])
     assert "at step 32 (elastic: written by 2 ranks, 256 samples)" in out.stdout
-    newest_is_furthest(480)
-    assert checkpoint.complete_tags(str(run_dir)) == [checkpoint.tag_for(448), checkpoint.tag_for(480)]
+    newest_is_furthest(320)
+    assert checkpoint.complete_tags(str(run_dir)) == [checkpoint.tag_for(288), checkpoint.tag_for(320)]
     rows = [r for r in read_log(run_dir / "log.jsonl") if "loss" in r]
-    assert [r["samples"] for r in rows] == list(range(16, 481, 16))
+    assert [r["samples"] for r in rows] == list(range(16, 321, 16))
 
 
 def test_checkpoints_on_s3_resume_sample_and_export(tiny_cache, s3_bucket, tmp_path):

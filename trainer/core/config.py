@@ -346,3 +346,10 @@ def run(cls, job, description: str = ""):
         return job(cfg)
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError, LaunchError) as e:
         sys.exit(f"error: {one_line(e)}")
+    except RuntimeError as e:  # a peer rank died or hung: one line, not a traceback per rank
+        from trainer.core.dist import lost_peer
+
+        why = lost_peer(e)
+        if why is None:
+            raise
+        sys.exit(f"error: {why}")

@@ -59,6 +59,20 @@ def world() -> World:
     return World(0, 0, 1)
 
 
+def lost_peer(e: BaseException) -> str | None:
+    """One line for a collective that failed because a peer died, hung or lost its network
+    (gloo: "Connection reset by peer", "Timed out waiting ... for recv"; torch's DistError
+    family), or None for any other error. The rank's own traceback says nothing the user can
+    act on: the job ends, and rerunning it resumes from the last complete checkpoint."""
+    text = str(e).strip()
+    if not (isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text.lower() or "nccl" in text.lower()):
+        return None
+    w = world()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return (f"rank {w.rank} of {w.size} on {socket.gethostname()}: a collective failed, a peer is gone or hung "
+            f"({first[:300]}); rerun the job to resume from its last complete checkpoint")
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", world().local_rank)

@@ -15,6 +15,12 @@ def _deepspeed():
 
     # DeepSpeed logs its whole config and every save at INFO on every rank; keep warnings.
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        # On CPU its communication backend compiles a shared-memory C++ op on first use (28 s
+        # with gcc here; a machine without a compiler fails) and loads it in every rank, for
+        # inference_all_reduce only, which training never calls: marked incompatible, it is
+        # skipped and collectives stay with torch.distributed (gloo).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
