@@ -144,7 +144,11 @@ def test_a_collective_that_lost_its_peer_is_one_line():
     line = dist.lost_peer(reset)
     assert "a collective failed, a peer is gone or hung" in line and "Connection reset by peer" in line
     assert "\n" not in line and "resume from its last complete checkpoint" in line
+    timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                           "10000ms for recv operation to complete")
+    assert "Timed out waiting 10000ms" in dist.lost_peer(timeout)
     assert dist.lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert dist.lost_peer(RuntimeError("gloo does not support this dtype")) is None
 
 
 def test_launch_variables_are_checked_in_one_line_naming_the_variable(monkeypatch):

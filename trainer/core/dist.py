@@ -65,7 +65,9 @@ def lost_peer(e: BaseException) -> str | None:
     family), or None for any other error. The rank's own traceback says nothing the user can
     act on: the job ends, and rerunning it resumes from the last complete checkpoint."""
     text = str(e).strip()
-    if not (isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text.lower() or "nccl" in text.lower()):
+    gloo_peer = "gloo" in text and any(k in text for k in ("Connection reset", "Connection closed", "Timed out",
+                                                            "Broken pipe", "Connection refused"))
+    if not (isinstance(e, getattr(dist, "DistError", ())) or gloo_peer):  # NCCL's: DistBackendError
         return None
     w = world()
     first = text.splitlines()[0] if text else type(e).__name__
