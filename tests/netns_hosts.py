@@ -2,7 +2,7 @@
 with its own address on a private bridge, its own host name, and a hosts file that resolves
 every host's name, as a cluster's DNS would, and its own name to 127.0.1.1 on itself, as
 Debian's installer writes /etc/hosts (which is what sends gloo to loopback, see
-trainer/core/dist.py's gloo_interface).
+trainer/core/netroute.py's gloo_interface).
 
 Everything is made by `create()` and removed by `destroy()`: the bridge `ldmbr<tag>`, one
 namespace `ldm<tag>-<host>` and veth pair per host, and a temporary folder with the hosts

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import DEEPSPEED, PY, ROOT, UNET_TWO_RANKS, assert_same_losses, run_cmd
-from trainer.core import dist
+from trainer.core import dist, netroute
 from trainer.core.errors import LaunchError
 
 TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
@@ -78,8 +78,8 @@ def test_a_launcher_per_host_trains_across_two_hosts_as_on_one(multinode, launch
 def test_rank_0s_interface_is_found_where_its_own_name_is_loopback(multinode):
     """On node1, node1 is 127.0.1.1: the route towards node2, or without a node list the only
     interface that leaves the host, is the one the other ranks reach it through."""
-    code = ("from trainer.core import dist; print(dist.gloo_interface('127.0.1.1', ['node2'], True)); "
-            "print(dist.gloo_interface('127.0.1.1', [], True)); print(dist.gloo_interface('127.0.1.1', [], False)[0])")
+    code = ("from trainer.core import netroute as n; print(n.gloo_interface('127.0.1.1', ['node2'], True)); "
+            "print(n.gloo_interface('127.0.1.1', [], True)); print(n.gloo_interface('127.0.1.1', [], False)[0])")
     out = subprocess.run(multinode.net.argv("node1", [PY, "-c", code]), cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     addr = multinode.net.hosts["node1"].addr
@@ -87,10 +87,10 @@ def test_rank_0s_interface_is_found_where_its_own_name_is_loopback(multinode):
 
 
 def test_node_lists_expand_like_scontrol_show_hostnames():
-    assert dist.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    assert dist.expand_nodelist("n[8-10]") == ["n8", "n9", "n10"]
-    assert dist.expand_nodelist("a[1-2]-b[3-4]") == ["a1-b3", "a1-b4", "a2-b3", "a2-b4"]
-    assert dist.expand_nodelist("localhost") == ["localhost"]
+    assert netroute.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert netroute.expand_nodelist("n[8-10]") == ["n8", "n9", "n10"]
+    assert netroute.expand_nodelist("a[1-2]-b[3-4]") == ["a1-b3", "a1-b4", "a2-b3", "a2-b4"]
+    assert netroute.expand_nodelist("localhost") == ["localhost"]
 
 
 def test_rendezvous_comes_from_slurms_environment(monkeypatch):
