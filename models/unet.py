@@ -27,6 +27,10 @@ PRESETS = {
     "lab": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, attention_head_dim=8,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    # Stable Diffusion 1.5's layout (4 levels, 2 ResNet + transformer blocks each: 684 parameter tensors, as
+    # many as SD 1.5's 686) at 1/10 of its width (3.3M parameters): per-tensor overheads of a step
+    # (benchmarks/step_overhead.py) show on a CPU as they would on SD 1.5, in a fraction of the time.
+    "sd15_narrow": dict(_SD_BLOCKS, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, attention_head_dim=8),
     # Stable Diffusion 1.5 (860M, CLIP ViT-L/14 768-d context) and 2.1 (865M, OpenCLIP
     # ViT-H/14 1024-d context, head dims 5..20 with linear projections).
     "sd15": dict(_SD_BLOCKS, attention_head_dim=8, cross_attention_dim=768),

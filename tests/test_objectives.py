@@ -97,29 +97,31 @@ def test_speed_options_compute_the_same_thing():
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_a_nan_loss_skips_the_step_and_leaves_the_state_unchanged(process_group, zero_stage):
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "fp32"), (0, "bf16"), (2, "bf16"), (3, "bf16")])
+def test_a_nan_loss_skips_the_step_and_leaves_the_state_unchanged(process_group, zero_stage, precision):
+    """Weights, moments and step counts are untouched by a step with a NaN loss, at every stage and precision
+    (ZeRO-0: the fused AdamW skips itself on the device; ZeRO-1-3: DeepSpeed skips it)."""
     from trainer.core import dist
-    from trainer.core.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
+    from trainer.core.engine import build_engine, deepspeed_config, full_weights, skipped_steps, step_applied
 
     dist.init()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
     engine = build_engine(model, deepspeed_config(batch_per_rank=4, grad_accum=1, world_size=1, zero_stage=zero_stage,
-                                                  precision="fp32", lr=0.01, betas=(0.9, 0.999), weight_decay=0.01,
-                                                  grad_clip=1.0))
+                                                  precision=precision, lr=0.01, betas=(0.9, 0.999),
+                                                  weight_decay=0.01, grad_clip=1.0))
     x = torch.randn(4, 8)
 
     def step(poison: bool) -> bool:
         before = skipped_steps(engine)
         loss = engine(x).square().mean() * (float("nan") if poison else 1.0)
         engine.backward(loss)
-        dropped = drop_nonfinite_grads(engine)
         engine.step()
-        return not dropped and skipped_steps(engine) == before  # applied?
+        return bool(step_applied(engine, before))
 
     def snapshot():
-        weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        with full_weights(engine) as module:  # ZeRO-3: gathered
+            weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
         opt = {k: v for k, v in engine.optimizer.state_dict().items() if k != "overflow"}  # the flag says "skipped"
         return weights, repr(opt)  # repr covers moments, step counts and fp32 partitions of each layout
 

@@ -45,7 +45,7 @@ def test_train_step_draws_follow_seed_rank_and_step(process_group):
 
 
 def test_train_step_reports_a_dropped_step(process_group):
-    """A NaN in the batch: the loss is NaN and the optimizer step is not applied (ZeRO-0: drop_nonfinite_grads)."""
+    """A NaN in the batch: the loss is NaN and the optimizer step is not applied (ZeRO-0: the fused AdamW skips itself on a non-finite gradient norm)."""
     from trainer.core import dist
 
     dist.init()

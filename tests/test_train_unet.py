@@ -101,7 +101,7 @@ def test_nan_losses_stop_the_run_after_k_consecutive_steps(tiny_cache, tmp_path)
                               "total_samples=320", "checkpoint_every_samples=8", "log_every_samples=8",
                               "max_nonfinite_steps=3")], check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "error: loss was NaN/inf for 3 consecutive steps (up to step 4)" in out.stderr, out.stderr[-1000:]
+    assert "error: loss or gradients were NaN/inf for 3 consecutive steps (up to step 4)" in out.stderr, out.stderr[-1000:]
     assert "newest complete checkpoint: " + str(run_dir / "checkpoints" / "samples_000000000024") in out.stderr
     assert all(t.isfinite().all() for t in _weights(run_dir).values())
     assert [r["nonfinite_steps"] for r in read_log(run_dir / "log.jsonl")][-1] == 3

@@ -73,6 +73,8 @@ class EMA:
         # fp32 whatever the training precision: a bf16 average cannot absorb updates
         # smaller than its 8-bit mantissa resolves.
         self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        # Whole fp32 parameters are averaged as they are, with no per-tensor copy (or .data view) per step.
+        self._plain = all(p.dtype == torch.float32 and not _partitioned(p) for p in self.params)
 
     def decay(self, samples_seen: int, global_batch: int) -> float:
         halflife = self.halflife_samples
@@ -81,11 +83,18 @@ class EMA:
         return 0.5 ** (global_batch / max(halflife, 1e-8))
 
     @torch.no_grad()
-    def update(self, samples_seen: int, global_batch: int) -> float:
-        """Fold the current weights in; call after each optimizer step that was applied."""
+    def update(self, samples_seen: int, global_batch: int, applied: bool | torch.Tensor = True) -> float:
+        """Fold the current weights in after an optimizer step; `applied` False (a bool tensor may stay on
+        the device) leaves the average as it was. One foreach lerp over every tensor: fp32 weights are
+        averaged in place as they are, others (ZeRO-3 slices, fp16 weights) through an fp32 copy."""
         beta = self.decay(samples_seen, global_batch)
-        current = [_local(p).float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - beta)
+        weight = 1.0 - beta
+        if isinstance(applied, torch.Tensor):  # a weight per tensor: the one-tensor overload reads it on the host
+            weight = [applied.to(self.shadow[0].device, torch.float32) * weight] * len(self.shadow)
+        elif not applied:
+            return beta
+        current = self.params if self._plain else [_local(p).float() for p in self.params]
+        torch._foreach_lerp_(self.shadow, current, weight)
         return beta
 
     @torch.no_grad()

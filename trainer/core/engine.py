@@ -44,7 +44,7 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
         # memory and the update runs on the CPU. On GPUs DeepSpeed's vectorised CPU Adam does
         # the update (built on first use); without one, torch's AdamW.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    # torch's AdamW where DeepSpeed's fused ops are not built (CPU), or offloaded without a GPU.
+    # torch's AdamW (build_engine makes it the fused one) unless DeepSpeed's CPU Adam does an offloaded update.
     adam["torch_adam"] = not (on_gpu and offload_optimizer)
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
@@ -53,42 +53,87 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": on_gpu,
-        # A non-finite gradient skips the step (optimizer state untouched) instead of
-        # writing NaN into the weights; fp16 also adjusts its loss scale.
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        # bf16 is torch autocast over fp32 weights (mixed precision as torch AMP does it): matmuls and
+        # convolutions in bf16, weights, gradients and optimizer in fp32, and ZeRO's collectives of
+        # Linear/Conv weights and gradients in bf16 (DeepSpeed's comm_dtype). DeepSpeed's own bf16 mode
+        # (bf16 weights, fp32 master copy) checked every gradient tensor for overflow each step (about
+        # 8,900 kernel launches and a host sync on an SD UNet, issue #26) where bf16 needs no loss scale,
+        # and at ZeRO-0 stepped an unfused, per-tensor optimizer.
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+        # fp16 keeps DeepSpeed's fp16 weights with dynamic loss scaling (a non-finite step is skipped
+        # and the scale lowered).
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
         "optimizer": {"type": "AdamW", "params": adam},
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # The throughput timer synchronises the device at every step's start and end (its default).
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 
+def _adamw(params: list, adam: dict) -> torch.optim.Optimizer:
+    """torch's AdamW with one fused kernel for all tensors (CPU and CUDA): a handful of launches per
+    step instead of several per parameter tensor; foreach where this torch has no fused kernel."""
+    kwargs = dict(lr=adam["lr"], betas=tuple(adam["betas"]), eps=adam["eps"], weight_decay=adam["weight_decay"])
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict):
-    engine, *_ = _deepspeed().initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      config=ds_config)
-    _keep_grad_norm(engine)
+    params = [p for p in model.parameters() if p.requires_grad]
+    config, optimizer = dict(ds_config), None
+    if config["optimizer"]["params"].get("torch_adam"):  # handed to DeepSpeed as the client optimizer
+        optimizer = _adamw(params, config.pop("optimizer")["params"])
+    engine, *_ = _deepspeed().initialize(model=model, model_parameters=params, optimizer=optimizer, config=config)
+    if engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
+        _lean_zero0(engine, params)
     return engine
 
 
-def _keep_grad_norm(engine) -> None:
-    """ZeRO-0 in fp32 with torch's optimizer: DeepSpeed clips the gradients but drops their
-    norm, so get_global_grad_norm() stays None; clip the same way here and keep it. (With
-    gradient_clipping 0 DeepSpeed computes no norm at all there, and none is logged.)"""
-    if engine.zero_optimization_stage() != 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
-        return
+def _lean_zero0(engine, params: list) -> None:
+    """ZeRO-0 without per-tensor host work (issue #26): DeepSpeed steps the torch optimizer itself
+    there, so the gradient norm, clipping and the non-finite guard are done here, all on the device.
 
-    def clip_and_keep() -> None:
-        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping())
-        engine._global_grad_norm = float(norm)
+    - norm and clipping with foreach ops (a few launches, no host read; DeepSpeed's clipping is one
+      norm and one multiply per tensor), the norm kept for logging;
+    - a non-finite norm makes the fused AdamW skip the update inside its kernel (`found_inf`, as
+      torch's GradScaler drives it): weights, moments and step counts stay as they were, and the
+      step's `applied` flag stays on the device. Without a fused kernel the decision is read on the host;
+    - one rank: no gradient all-reduce (DeepSpeed flattens and copies every gradient for it).
+    """
+    optimizer, max_norm = engine.optimizer, engine.gradient_clipping()
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    engine.clip_fp32_gradients = lambda: None  # clipped in guarded_step, before the update
+    if engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+    plain_step = optimizer.step
 
-    engine.clip_fp32_gradients = clip_and_keep
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            engine._step_finite = torch.ones((), dtype=torch.bool, device=params[0].device)
+            return plain_step(*args, **kwargs)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if max_norm > 0:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        engine._global_grad_norm, engine._step_finite = norm, torch.isfinite(norm)
+        if fused:
+            optimizer.found_inf = (~engine._step_finite).float()
+        elif not bool(engine._step_finite):  # foreach AdamW takes no found_inf: skip on the host
+            return None
+        return plain_step(*args, **kwargs)
+
+    optimizer.step = guarded_step
 
 
 def global_grad_norm(engine) -> float | None:
     """The gradient norm of the last optimizer step (before clipping), or None where
-    DeepSpeed computes none."""
+    DeepSpeed computes none. A host read: call it when logging."""
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
 
@@ -98,30 +143,14 @@ def skipped_steps(engine) -> int:
     return int(getattr(engine, "skipped_steps", 0))
 
 
-def drop_nonfinite_grads(engine) -> bool:
-    """Before the last engine.step() of an optimizer step: where DeepSpeed itself does not
-    check gradients (ZeRO-0 with a plain torch optimizer), make that step a no-op when any
-    gradient is not finite, so weights and optimizer state stay as they were. Returns True
-    when it did. Gradients are averaged across ranks by now, so every rank decides alike.
-
-    The gradients are zeroed (DeepSpeed's clipping still runs on them) and the optimizer's
-    next step() alone is replaced by one that does nothing: Adam with zero gradients would
-    still decay its moments and count a step.
-    """
-    if engine.zero_optimization_stage() != 0 or not type(engine.optimizer).__module__.startswith("torch.optim"):
-        return False
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-        return False
-    for g in grads:
-        g.zero_()
-    optimizer = engine.optimizer
-
-    def skip(*args, **kwargs):
-        del optimizer.step  # the class's step() again from the next step on
-
-    optimizer.step = skip
-    return True
+def step_applied(engine, skipped_before: int) -> torch.Tensor:
+    """Whether the optimizer step just taken changed the weights, as a bool tensor. At ZeRO-0 it
+    stays on the device (the fused update skipped itself on a non-finite gradient norm); the ZeRO
+    optimizers have already decided on the host and counted a skip in `skipped_steps`."""
+    finite = getattr(engine, "_step_finite", None)
+    if finite is not None:
+        return finite
+    return torch.tensor(skipped_steps(engine) == skipped_before)
 
 
 def set_lr(engine, lr: float) -> None:

@@ -1,4 +1,5 @@
-"""Run logs: one JSON line per logged step, mirrored to wandb, and a loss-curve PNG."""
+"""Run logs: one JSON line per logged step, mirrored to wandb, and a loss-curve PNG; and the tally
+that keeps each step's loss and skip on the device between logged steps."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,54 @@ import re
 import secrets
 import time
 
+import torch
+
 WANDB_ID_FILE = "wandb_id"  # in the run directory: the run's wandb id, made once, reused on resume
 _WANDB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a safe subset of what wandb accepts in a run id
+
+
+class StepTally:
+    """Each optimizer step's loss and whether it was applied, summed on the device: reading a GPU value
+    on the host waits for every kernel queued before it, so the loop reads this once per logging
+    interval instead of once per step (issue #26). Every rank reads the same figures: `applied` is the
+    same on every rank (gradients are averaged before the norm that decides it), the loss is averaged.
+    """
+
+    def __init__(self, device: torch.device):
+        zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+        self.loss_sum, self.losses = zero(torch.float64), zero(torch.int64)  # applied steps with a finite loss
+        self.skipped, self.streak = zero(torch.int64), zero(torch.int64)  # skipped steps, and in a row up to now
+        self.bad = zero(torch.int64)  # steps with a non-finite loss whose update was applied (never expected)
+
+    def add(self, loss: torch.Tensor, applied: torch.Tensor) -> None:
+        applied = applied.to(self.skipped.device)
+        finite = torch.isfinite(loss)
+        counted = finite & applied
+        self.loss_sum += torch.where(counted, loss.double(), 0.0)
+        self.losses += counted
+        self.skipped += ~applied
+        self.streak = (self.streak + 1) * ~applied
+        self.bad += ~finite & applied
+
+    def read_counts(self) -> tuple[int, int, bool]:
+        """(steps skipped since the last read, skipped in a row up to now, a non-finite loss was applied
+        on some rank); one host read, collective: every rank calls it at the same steps."""
+        from trainer.core import dist
+
+        bad = dist.all_reduce_sum_(self.bad.clone())
+        counts = torch.stack([self.skipped, self.streak, bad]).tolist()
+        self.skipped.zero_()
+        return counts[0], counts[1], bool(counts[2])
+
+    def read_loss(self) -> float:
+        """Mean loss over the applied steps since the last read, over every rank (NaN: none); collective."""
+        from trainer.core import dist
+
+        sums = dist.all_reduce_sum_(torch.stack([self.loss_sum, self.losses.double()]))
+        self.loss_sum.zero_()
+        self.losses.zero_()
+        total, n = sums.tolist()
+        return total / n if n else float("nan")
 
 
 def wandb_run_id(run_dir: str) -> str:

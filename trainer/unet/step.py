@@ -19,11 +19,13 @@ import torch
 
 from models.diffusion import draw_latents, training_loss
 
-from trainer.core.engine import build_engine, deepspeed_config, drop_nonfinite_grads, skipped_steps
+from trainer.core.engine import build_engine, deepspeed_config, skipped_steps, step_applied
 from trainer.unet.job import UNetJob
 from trainer.unet.pretrained import build_model, training_schedule
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # resolved precision -> UNet input dtype
+# Resolved precision -> the UNet's weight and input dtype. bf16 is autocast over fp32 weights
+# (trainer/core/engine.py): inputs stay fp32 and each matmul and convolution casts to bf16.
+DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float16}
 
 
 def micro_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -55,8 +57,10 @@ class StepSetup:
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    loss: float  # this rank's loss, mean over the micro batches (NaN/inf when any was)
-    applied: bool  # the optimizer step changed the weights: not dropped for non-finite gradients nor skipped
+    """What a step hands the loop, on the device: reading `loss` or `applied` on the host waits for the
+    step's kernels, so the loop reads them once per logging interval (trainer/unet/tally.py)."""
+    loss: torch.Tensor  # this rank's loss, mean over the micro batches (NaN/inf when any was); 0-d, on the device
+    applied: torch.Tensor  # bool, 0-d: the optimizer step changed the weights (not skipped for non-finite gradients)
     wait_s: float  # seconds spent waiting for the batches
     read_bytes: int  # shard bytes of the batches (the loader's `bytes`)
 
@@ -73,48 +77,58 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
         grad_accum=cfg.grad_accum)
 
 
+def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
+    """(z0, context, added conditioning or None) of one micro batch: latents drawn from the cached moments
+    (the mirrored image's for a random half with random_flip) and normalised, the text embedding (or the
+    frozen encoder's, for a cache of token ids), a random share of captions replaced by the empty one."""
+    device = s.device
+    mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
+    if s.random_flip:  # the mirrored image's moments for a random half of the batch
+        flip = (torch.rand(mean.shape[0], generator=gen, device=device) < 0.5)[:, None, None, None]
+        mean = torch.where(flip, batch["mean_flip"].to(device, non_blocking=True), mean)
+        std = torch.where(flip, batch["std_flip"].to(device, non_blocking=True), std)
+    z0 = ((draw_latents(mean, std, gen) - s.shift) * s.scale).to(s.dtype)
+    if s.channels_last:
+        z0 = z0.contiguous(memory_format=torch.channels_last)
+    if s.text_encoder is not None:
+        with torch.no_grad():
+            text = s.text_encoder.embed_tokens(batch["tokens"].long().to(device, non_blocking=True))
+    else:
+        text = {k: batch[k] for k in ("text_emb", "pooled") if k in batch}
+    context = text["text_emb"].to(device, s.dtype, non_blocking=True)
+    # Classifier-free guidance needs an unconditional model: some captions become "". With
+    # SDXL's two encoders, both encoders' outputs (context and pooled) are dropped together.
+    drop = torch.rand(context.shape[0], generator=gen, device=device) < s.caption_dropout
+    context = torch.where(drop[:, None, None], s.empty, context)
+    added = None
+    if s.empty_pooled is not None:
+        pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype, non_blocking=True))
+        added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, s.dtype, non_blocking=True)}
+    return z0, context, added
+
+
 def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> StepResult:
     """Optimizer step `step`: `s.grad_accum` micro batches from `batches` (dicts of the latent cache's
-    fp16 `mean`, `std` (and `mean_flip`, `std_flip`), `text_emb` or `tokens`, and `bytes`)."""
-    loss_sum, skipped_before, dropped, wait_s, read_bytes = 0.0, skipped_steps(engine), False, 0.0, 0
-    device = s.device
+    fp16 `mean`, `std` (and `mean_flip`, `std_flip`), `text_emb` or `tokens`, and `bytes`).
+
+    Nothing in it waits for the device: the loss stays a tensor, the gradient norm, clipping and the
+    skip of a non-finite step happen on the device (trainer/core/engine.py), so a GPU runs ahead of
+    the host for the whole step (issue #26: each host read waits for every queued kernel)."""
+    loss_sum, skipped_before, wait_s, read_bytes = None, skipped_steps(engine), 0.0, 0
     for micro in range(s.grad_accum):
-        t_wait = time.time()
+        t_wait = time.perf_counter()
         batch = next(batches)
-        wait_s += time.time() - t_wait
+        wait_s += time.perf_counter() - t_wait
         read_bytes += batch["bytes"]
-        gen = torch.Generator(device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
-        mean, std = batch["mean"].to(device), batch["std"].to(device)
-        if s.random_flip:  # the mirrored image's moments for a random half of the batch
-            flip = (torch.rand(mean.shape[0], generator=gen, device=device) < 0.5)[:, None, None, None]
-            mean = torch.where(flip, batch["mean_flip"].to(device), mean)
-            std = torch.where(flip, batch["std_flip"].to(device), std)
-        z0 = ((draw_latents(mean, std, gen) - s.shift) * s.scale).to(s.dtype)
-        if s.channels_last:
-            z0 = z0.contiguous(memory_format=torch.channels_last)
-        if s.text_encoder is not None:
-            with torch.no_grad():
-                text = s.text_encoder.embed_tokens(batch["tokens"].long().to(device))
-        else:
-            text = {k: batch[k] for k in ("text_emb", "pooled") if k in batch}
-        context = text["text_emb"].to(device, s.dtype)
-        # Classifier-free guidance needs an unconditional model: some captions become "". With
-        # SDXL's two encoders, both encoders' outputs (context and pooled) are dropped together.
-        drop = torch.rand(context.shape[0], generator=gen, device=device) < s.caption_dropout
-        context = torch.where(drop[:, None, None], s.empty, context)
-        added = None
-        if s.empty_pooled is not None:
-            pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype))
-            added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, s.dtype)}
+        gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
+        z0, context, added = micro_inputs(batch, gen, s)
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
                              offset_noise=s.offset_noise, added_cond=added)
         engine.backward(loss)
-        if micro == s.grad_accum - 1:
-            dropped = drop_nonfinite_grads(engine)
         engine.step()
-        loss_sum += loss.item() / s.grad_accum
-    applied = not dropped and skipped_steps(engine) == skipped_before
-    return StepResult(loss_sum, applied, wait_s, read_bytes)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    mean_loss = loss_sum if s.grad_accum == 1 else loss_sum / s.grad_accum
+    return StepResult(mean_loss, step_applied(engine, skipped_before), wait_s, read_bytes)
 
 
 def prepare_unet(unet, cfg: UNetJob):

@@ -27,10 +27,10 @@ from trainer.core import config as config_lib
 from trainer.core.checkpoint_deepspeed import EnginePart
 from trainer.core.data import build_loader
 from trainer.core.ema import EMA
-from trainer.core.engine import global_grad_norm, resolve_precision, set_lr, skipped_steps
+from trainer.core.engine import global_grad_norm, resolve_precision, set_lr
 from trainer.core.errors import TrainingError
 from trainer.core.flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
-from trainer.core.metrics import RunLog, plot_loss
+from trainer.core.metrics import RunLog, StepTally, plot_loss
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
@@ -143,7 +143,7 @@ def train_unet(cfg: UNetJob) -> str:
 
     # --- training loop ------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=step, desc="unet", unit="step", disable=not w.is_main)
-    losses, wait_s, read_bytes, t0, streak = [], 0.0, 0, time.time(), 0
+    tally, wait_s, read_bytes, t0, logged_steps = StepTally(device), 0.0, 0, time.time(), step
     last_step = plan.total_steps
     if cfg.stop_after_samples > 0:
         last_step = min(last_step, step + math.ceil(cfg.stop_after_samples / plan.global_batch))
@@ -156,50 +156,53 @@ def train_unet(cfg: UNetJob) -> str:
         wait_s, read_bytes = wait_s + result.wait_s, read_bytes + result.read_bytes
         step, samples = step + 1, samples + plan.global_batch
         bar.update(1)
-
-        # --- a NaN/inf loss: the step was skipped; too many in a row end the run ----------------------
-        step_loss = dist.all_reduce_mean(result.loss)  # non-finite on every rank if on any
-        applied = result.applied
-        if math.isfinite(step_loss):
-            losses.append(step_loss)
-            streak = 0
-        else:
-            nonfinite_steps, streak = nonfinite_steps + 1, streak + 1
-            if applied:  # never expected: DeepSpeed or drop_nonfinite_grads skip such steps
-                raise TrainingError(f"loss was {step_loss} at step {step} and the optimizer step was applied; "
-                                    "the weights may hold NaN, resume from the last checkpoint")
-            if w.is_main:
-                print(f"step {step}: loss is {step_loss}, step skipped ({nonfinite_steps} so far)")
-        if applied and ema is not None:
-            ema.update(samples, plan.global_batch)
+        # Loss and skip stay on the device (a skipped step, non-finite loss or gradient, changed no weight);
+        # the EMA folds the weights in only where the step was applied, decided on the device too.
+        tally.add(result.loss, result.applied)
+        if ema is not None:
+            ema.update(samples, plan.global_batch, result.applied)
 
         if step < last_step and preemption.requested():  # SIGUSR1/SIGTERM on any rank: every rank stops here,
             last_step = step  # logs and checkpoints as at the end of an invocation, then leaves the loop
 
+        # --- NaN/inf steps, read at logging and checkpoint steps: too many in a row end the run ---------
+        log_now, checkpoint_now = step % plan.log_every_steps == 0 or step == last_step, \
+            step % plan.checkpoint_every_steps == 0 or step == last_step
+        give_up = False
+        if log_now or checkpoint_now:
+            skipped, streak, applied_nonfinite = tally.read_counts()
+            if applied_nonfinite:  # never expected: the step skips itself on a non-finite gradient norm
+                raise TrainingError(f"a NaN/inf loss before step {step} was applied to the weights; the weights may "
+                                    "hold NaN, resume from the last checkpoint")
+            nonfinite_steps += skipped
+            give_up = streak >= cfg.max_nonfinite_steps
+            if skipped and w.is_main:
+                print(f"step {step}: {skipped} step(s) skipped since the last report, the loss or a gradient was NaN/inf "
+                      f"({nonfinite_steps} so far)")
+
         # --- logs, validation grids, checkpoints ------------------------------------------------------------
-        give_up = streak >= cfg.max_nonfinite_steps
-        if step % plan.log_every_steps == 0 or step == last_step or give_up:
+        if log_now or give_up:
             elapsed = time.time() - t0
-            images_per_s = plan.log_every_steps * plan.global_batch / elapsed if losses else 0.0
+            loss = tally.read_loss()
+            images_per_s = (step - logged_steps) * plan.global_batch / elapsed
             tflops = images_per_s / w.size * flops_per_sample / 1e12  # per device
-            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch,
-                       loss=sum(losses) / len(losses) if losses else float("nan"), lr=lr,
+            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch, loss=loss, lr=lr,
                        images_per_s=images_per_s, data_wait_share=wait_s / elapsed,
                        read_mb_per_s_per_rank=read_bytes / elapsed / 1e6, tflops_per_device=tflops,
                        mfu=tflops / peak if peak else None, peak_memory_gb=peak_memory_gb(),
-                       nonfinite_steps=nonfinite_steps, skipped_steps=skipped_steps(engine),
+                       nonfinite_steps=nonfinite_steps, skipped_steps=nonfinite_steps,
                        grad_norm=global_grad_norm(engine))  # the last step's, before clipping
-            if losses:
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-            losses, wait_s, read_bytes, t0 = [], 0.0, 0, time.time()
+            if math.isfinite(loss):
+                bar.set_postfix(loss=f"{loss:.4f}")
+            wait_s, read_bytes, t0, logged_steps = 0.0, 0, time.time(), step
         if give_up:
             raise TrainingError(
-                f"loss was NaN/inf for {streak} consecutive steps (up to step {step}); stopping with the weights "
-                f"of the last good step; newest complete checkpoint: {checkpoint.latest(root, endpoint) or 'none yet'}. "
+                f"loss or gradients were NaN/inf for {streak} consecutive steps (up to step {step}); stopping with the "
+                f"weights of the last good step; newest complete checkpoint: {checkpoint.latest(root, endpoint) or 'none yet'}. "
                 f"Lower lr (now {cfg.lr}), check the cache, or raise max_nonfinite_steps")
         if validator is not None and (step % plan.validate_every_steps == 0 or step == plan.total_steps):
             validator(step, ema.full_state() if ema is not None else None, engine, runlog)
-        if step % plan.checkpoint_every_steps == 0 or step == last_step:
+        if checkpoint_now:
             save_checkpoint()
     bar.close()
     runlog.close()
