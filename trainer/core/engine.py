@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from trainer.core import zero_lean
+
 
 def _deepspeed():
     """DeepSpeed, imported on first use: importing it prints its accelerator choice to stdout,
@@ -92,6 +94,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     engine, *_ = _deepspeed().initialize(model=model, model_parameters=params, optimizer=optimizer, config=config)
     if engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
         _lean_zero0(engine, params)
+    else:
+        zero_lean.install(engine)
     return engine
 
 
