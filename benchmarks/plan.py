@@ -6,17 +6,23 @@ No hardware needed. The FLOPs per image are counted with torch.utils.flop_counte
 shape-only (meta-device) copies of the real models: the UNet's forward + backward, the VAE
 encoder's and the text encoder's forward. Bytes per cached sample are those of the real cache
 format (data_pipeline/latents.encode_sample on zero tensors of the right shapes). What is
-assumed, not measured: the MFU each job reaches (--train-mfu, --encode-mfu) and the GPUs per node.
+assumed, not measured: the MFU of the encode (--encode-mfu) and the GPUs per node. The training MFU is
+the best one benchmarks/gpu.py measured for the model (docs/gpu/, the file and card named), unless
+--train-mfu gives one.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_DOCS = os.path.join(ROOT, "docs", "gpu")  # benchmarks/gpu.py's committed figures
+sys.path.insert(0, ROOT)
 
 from data_pipeline.latents import encode_sample  # noqa: E402
 from models.autoencoder import build_autoencoder  # noqa: E402
@@ -58,17 +64,42 @@ def sample_bytes(latent_shape: tuple[int, int, int], context_dim: int, flip: boo
 
 
 def zero_model_states_gb(params: int, ranks: int) -> list[tuple[str, str]]:
-    """Model-state memory per rank in bf16 mixed precision (Rajbhandari et al. 2019, sec. 5: 2 B parameter +
-    2 B gradient + 12 B fp32 master and Adam m, v per parameter), stage by stage, and with the optimizer state
-    offloaded to host memory (ZeRO-Offload: master, Adam and the gradient partition leave the GPU).
-    Activations come on top and at 1024 px dominate: gradient checkpointing is what bounds them."""
+    """Model-state memory per rank with bf16 as the trainer runs it (trainer/core/engine.py: autocast over fp32
+    weights): 4 B fp32 parameter + 4 B fp32 gradient + 4 B fp32 master partition + 8 B Adam m, v per parameter,
+    partitioned stage by stage as in Rajbhandari et al. 2019 (sec. 5); ZeRO-0 keeps no separate master copy
+    (16 B/param). With the optimizer state offloaded to host memory (ZeRO-Offload), master, Adam and the
+    gradient partition leave the GPU. Activations come on top and at 1024 px dominate: gradient checkpointing
+    is what bounds them."""
     gb, n = params / 1e9, ranks
     rows = [(f"ZeRO-{stage}", f"{gpu * gb:,.1f} GB on the GPU" + (f" + {host * gb:,.1f} GB host ({label})" if host else ""))
             for stage, gpu, host, label in (
-                (0, 16, 0, ""), (1, 4 + 12 / n, 0, ""), (2, 2 + 14 / n, 0, ""), (3, 16 / n, 0, ""),
-                ("2 + offload", 2, 14 / n, "fp32 master, Adam, gradient partition"),
-                ("3 + offload", 2 / n, 14 / n, "fp32 master, Adam, gradient partition"))]
+                (0, 16, 0, ""), (1, 8 + 12 / n, 0, ""), (2, 4 + 16 / n, 0, ""), (3, 20 / n, 0, ""),
+                ("2 + offload", 4, 16 / n, "fp32 master, Adam, gradient partition"),
+                ("3 + offload", 4 / n, 16 / n, "fp32 master, Adam, gradient partition"))]
     return rows
+
+
+def measured_mfu(preset: str, resolution: int, folder: str = GPU_DOCS) -> tuple[float, str] | None:
+    """The best training MFU benchmarks/gpu.py measured for `preset` at the resolution nearest `resolution`,
+    from the newest JSON under docs/gpu/ that has one; (mfu, where it comes from) or None."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if d.get("benchmark") != "gpu" or d.get("smoke"):
+            continue
+        rows = [r for r in d.get("rows", []) if r.get("preset") == preset and r.get("mfu")
+                and r.get("kind", "framework") == "framework"]
+        if rows:
+            best = min(rows, key=lambda r: (abs(r["resolution"] - resolution), -r["mfu"]))
+            found.append((d.get("date", ""), best, d.get("device", "?"), os.path.relpath(path, ROOT)))
+    if not found:
+        return None
+    date, row, device, path = max(found, key=lambda x: x[0])
+    return row["mfu"], f"measured: {preset} at {row['resolution']} px, batch {row['batch']}, on {device}, {path}"
 
 
 def main() -> None:
@@ -78,7 +109,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, required=True, help="GPUs for training (and for the precompute)")
     p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(PEAK_TFLOPS))
     p.add_argument("--model", choices=tuple(TEXT), default="sd21", help="UNet preset")
-    p.add_argument("--train-mfu", type=float, default=0.40, help="assumed MFU of training (MLPerf SD: ~0.23)")
+    p.add_argument("--train-mfu", type=float, default=0.0,
+                   help="MFU of training; 0: the best one measured for --model in docs/gpu/ (else 0.40, assumed)")
     p.add_argument("--encode-mfu", type=float, default=0.30, help="assumed MFU of the VAE + text encode")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -106,6 +138,12 @@ def main() -> None:
     params = sum(p.numel() for p in unet.parameters())
 
     # --- the plan ---------------------------------------------------------------------------------
+    given = args.train_mfu > 0
+    measured = None if given else measured_mfu(args.model, args.resolution)
+    if not given:
+        args.train_mfu = measured[0] if measured else 0.40
+    mfu_source = "given (--train-mfu)" if given else (
+        measured[1] if measured else "assumed: no measurement of this model in docs/gpu")
     images = args.images
     encode_s = images * (vae_flops + text_flops) / (peak * args.encode_mfu)
     train_rate = args.gpus * peak * args.train_mfu / unet_flops
@@ -122,7 +160,8 @@ def main() -> None:
         ("precompute", f"{encode_s / 3600:,.0f} GPU-hours at {args.encode_mfu:.0%} MFU "
                        f"({encode_s / 3600 / args.gpus:,.1f} h on {args.gpus} GPUs)"),
         ("cache on disk", f"{per_sample / 1e3:.0f} KB per sample, {images * per_sample / 1e12:,.0f} TB in all"),
-        ("training", f"{train_rate:,.0f} images/s at {args.train_mfu:.0%} MFU ({train_rate / args.gpus:.0f} per GPU)"),
+        ("training", f"{train_rate:,.0f} images/s at {args.train_mfu:.1%} MFU ({train_rate / args.gpus:.0f} per GPU)"),
+        ("training MFU", mfu_source),
         ("one epoch", f"{epoch_days:.1f} days; {args.epochs:g} epoch(s): {epoch_days * args.epochs:.1f} days"),
         ("S3 read per node", f"{read_gb_s_node:.2f} GB/s ({nodes} nodes of {args.gpus_per_node} GPUs)"),
         ("on the fly instead", f"each step would cost {(unet_flops + vae_flops + text_flops) / unet_flops:.2f}x "
@@ -133,7 +172,7 @@ def main() -> None:
     print(f"plan: {images:,.0f} images at {args.resolution} px, {args.gpus} x {key}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    print(f"model states per rank at {args.gpus} ranks (bf16 + fp32 Adam, 16 B/param before partitioning; "
+    print(f"model states per rank at {args.gpus} ranks (bf16 autocast over fp32 weights, fp32 Adam; "
           "activations not included):")
     for k, v in zero:
         print(f"  {k:<{width}}  {v}")

@@ -35,6 +35,7 @@ import signal
 import threading
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .quarantine import Quarantine
@@ -325,7 +326,9 @@ class Loader:
 
     def __iter__(self):
         n = self.dataset.loader_workers
+        # Pinned host memory where a GPU trains: the step's non_blocking copies then overlap its kernels.
         self._iter = iter(DataLoader(self.dataset, batch_size=None, num_workers=n, in_order=True,
+                                     pin_memory=torch.cuda.is_available(),
                                      prefetch_factor=self.prefetch_factor if n > 0 else None,
                                      worker_init_fn=_sigterm_from_parent_only if n > 0 else None))
         return self

@@ -28,8 +28,30 @@ def test_plan_sizes_sdxl_at_1024_with_both_text_encoders_and_zero_memory(capfd):
                                                      "--gpus", "256", "--gpu", "h100"], capfd)
     assert code == 0 and "20.23 TFLOP per image (sdxl, 2.57B parameters, 128x128x4 latents)" in out
     assert "ViT-L-14 + ViT-bigG-14" in out and "585 KB per sample" in out
-    # 16 B/param unpartitioned; ZeRO-2: 2 + 14/256 B/param of 2.57B parameters.
-    assert "ZeRO-0                   41.1 GB" in out and "ZeRO-2                   5.3 GB" in out
+    # fp32 weights under bf16 autocast: 16 B/param unpartitioned; ZeRO-2: 4 + 16/256 B/param of 2.57B parameters.
+    assert "ZeRO-0                   41.1 GB" in out and "ZeRO-2                   10.4 GB" in out
+    assert "training MFU" in out
+
+
+def test_plan_takes_the_training_mfu_measured_in_docs_gpu(tmp_path):
+    """plan.py's training MFU is the best benchmarks/gpu.py measured for the model, nearest in resolution,
+    from the newest file; smoke runs and other kinds of row do not count."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from plan import measured_mfu
+
+    def write(name, date, rows, smoke=False):
+        (tmp_path / name).write_text(json.dumps({"benchmark": "gpu", "date": date, "device": "H100", "smoke": smoke,
+                                                 "rows": rows}))
+    row = dict(kind="framework", preset="sd15", resolution=512, batch=16)
+    write("old.json", "2026-01-01", [dict(row, mfu=0.10)])
+    write("new.json", "2026-02-01", [dict(row, mfu=0.30), dict(row, resolution=256, mfu=0.5),
+                                     dict(row, kind="reference", mfu=0.9)])
+    write("smoke.json", "2026-03-01", [dict(row, mfu=0.99)], smoke=True)
+    mfu, source = measured_mfu("sd15", 512, str(tmp_path))
+    assert mfu == 0.30 and "on H100" in source and "new.json" in source
+    assert measured_mfu("sdxl", 1024, str(tmp_path)) is None
 
 
 def test_the_benchmark_stepper_steps_an_sdxl_unet(process_group):
@@ -51,14 +73,31 @@ def test_gpu_benchmark_parses_its_arguments_and_needs_cuda(capfd):
 
     spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "benchmarks", "gpu.py"))
     gpu = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gpu  # its dataclasses look their module up
     spec.loader.exec_module(gpu)
-    args = gpu.parse_args(["--presets", "sd21", "--resolutions", "512", "--compile", "on"])
-    assert args.presets == ["sd21"] and args.resolutions == ["512"] and args.compile == ["on"]
-    for bad, says in ((["--presets", "sd3"], "unknown 'sd3'"), (["--resolutions", "500"], "multiples of 8"),
-                      (["--compile", "maybe"], "on/off")):
+    args = gpu.parse_args(["--only", "sd15_512,diffusers", "--steps", "3"])
+    assert args.only == ["sd15_512", "diffusers"] and args.steps == 3 and not args.smoke
+    for bad, says in ((["--only", "sd3_1024"], "unknown row 'sd3_1024'"), (["--steps", "0"], "must be positive")):
         _refused(["benchmarks/gpu.py", *bad], says, capfd)
-    out = run_cmd([PY, "benchmarks/gpu.py", "--presets", "sd15"], check=False)  # a real process, once
+    out = run_cmd([PY, "benchmarks/gpu.py", "--only", "sd15_512"], check=False)  # a real process, once
     assert out.returncode != 0 and "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu_with_smoke(tmp_path):
+    """--smoke: the device run's code paths at toy sizes (framework, plain, diffusers-script and cache rows, the
+    profile, the JSON written after each row), so that the one GPU call a session gets works the first time."""
+    out = tmp_path / "gpu.json"
+    res = run_cmd([PY, "benchmarks/gpu.py", "--smoke", "--only", "sd15_512,reference,diffusers,cache", "--steps", "1",
+                   "--warmup", "0", "--json", str(out)])
+    import json
+
+    d = json.loads(out.read_text())
+    rows = {r["name"]: r for r in d["rows"]}
+    assert d["smoke"] and list(rows) == ["sd15_512", "reference", "diffusers", "cache"]
+    assert all("error" not in r and r["images_per_s"] > 0 for r in rows.values()), rows
+    assert rows["sd15_512"]["profile"]["top"] and rows["sd15_512"]["preset"] == "tiny"
+    assert set(d["targets"]) == {"sd15_512_images_per_s", "vs_diffusers", "vs_reference_time"}
+    assert "targets (issue #26):" in res.stdout
 
 
 # --- issue 8: the benchmarks make bench runs (benchmarks/run_all.py) ----------------------------------------------

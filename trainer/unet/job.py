@@ -47,9 +47,14 @@ class UNetJob:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in host memory (stage 1-3)
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (dynamic loss scaling)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    channels_last: bool = False  # NHWC input to the convolutions (on one H200: no faster, 2.3x the memory; README)
+    channels_last: bool = False  # NHWC convolutions: the input, and at ZeRO-0 the weights too (ZeRO-1/2 keep them in
+    #   DeepSpeed's flat buffers); the earlier H200 "2.3x the memory" was the benchmark keeping old engines (#26)
     attention: str = "sdpa"  # sdpa (torch scaled_dot_product_attention: flash/memory-efficient kernels) | eager
-    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
+    compile: bool = False  # torch.compile the UNet block by block (first steps are slow while it compiles)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
+    #   max-autotune-no-cudagraphs
+    compile_backend: str = "inductor"  # inductor (generated kernels) | aot_eager (traced graphs run eagerly: checks
+    #   that the UNet compiles without the code generation, which takes minutes on a CPU)
     max_nonfinite_steps: int = 10  # stop after this many consecutive steps with a NaN/inf loss (each is skipped)
     peak_tflops: float = 0.0  # the device's dense peak for MFU; 0: built-in table for known GPUs
     seed: int = 0  # weights init, data order, noise
@@ -95,6 +100,9 @@ class UNetJob:
                                          "(epsilon is undefined at SNR 0)")
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise config_lib.ConfigError(f"lr_schedule must be cosine, linear or constant, got {self.lr_schedule!r}")
+        config_lib.check_choice("compile_mode", self.compile_mode,
+                                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        config_lib.check_choice("compile_backend", self.compile_backend, ("inductor", "aot_eager"))
         if self.attention not in ("sdpa", "eager"):
             raise config_lib.ConfigError(f"attention must be sdpa or eager, got {self.attention!r}")
         if self.offload_optimizer and self.zero_stage == 0:

@@ -139,11 +139,34 @@ def prepare_unet(unet, cfg: UNetJob):
     unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # channels_last acts through the input alone (train_step makes z0 NHWC; cuDNN then runs a conv
-    # NHWC when its input is). The weights stay contiguous: DeepSpeed's initial broadcast views every
-    # parameter as bytes, which fails on an NHWC weight ("stride(-1) must be 1", seen on an H200),
-    # and ZeRO-1/2 flatten them into contiguous buffers anyway.
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # one shape per bucket: each conv's fastest algorithm, found once
+    if cfg.compile and cfg.zero_stage < 3:
+        compile_blocks(unet, cfg.compile_mode, cfg.compile_backend)
     return unet
+
+
+def compile_blocks(unet, mode: str = "default", backend: str = "inductor") -> int:
+    """torch.compile each down, mid and up block of the UNet in place, as torchtitan compiles each
+    transformer block: blocks of one shape share their compiled code, so compiling takes a fraction
+    of a whole-model compile, a graph break stays inside one block, and `Module.compile` leaves the
+    module tree and its state-dict keys as they were (checkpoints, the EMA and export are unchanged).
+    The embeddings and the first and last convolutions stay eager. Returns the blocks compiled."""
+    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+    for block in blocks:
+        block.compile(backend=backend, **({} if backend != "inductor" else {"mode": mode}))
+    return len(blocks)
+
+
+def to_channels_last(engine, cfg: UNetJob) -> None:
+    """NHWC weights as well as NHWC inputs, where the weights are the module's own tensors (ZeRO-0): cuDNN
+    runs NHWC convolutions without converting either side. Done after deepspeed.initialize, whose
+    initial broadcast views each parameter as bytes and fails on an NHWC one ("stride(-1) must be 1",
+    seen on an H200); the parameters stay the same objects, so the optimizer and the EMA follow. At
+    ZeRO-1/2 weights are views of DeepSpeed's flat buffers and stay contiguous (train_step still makes
+    the input NHWC); ZeRO-3 partitions them."""
+    if cfg.channels_last and engine.zero_optimization_stage() == 0:
+        engine.module.to(memory_format=torch.channels_last)
 
 
 def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
@@ -159,6 +182,8 @@ def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, 
     engine of `ds_config`."""
     unet = prepare_unet(build_model(cfg, channels, size, context_dim, pooled_dim), cfg)
     engine = build_engine(unet, ds_config)
-    if cfg.compile:
-        engine.compile()
+    to_channels_last(engine, cfg)
+    if cfg.compile and cfg.zero_stage == 3:  # ZeRO-3 gathers parameters in module hooks: DeepSpeed's own compile
+        engine.compile(backend=cfg.compile_backend, compile_kwargs={"mode": cfg.compile_mode}
+                       if cfg.compile_backend == "inductor" else {})
     return engine
