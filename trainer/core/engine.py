@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 
@@ -96,7 +97,24 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
         _lean_zero0(engine, params)
     else:
         zero_lean.install(engine)
+    _either_zero_file_prefix(engine)
     return engine
+
+
+def _either_zero_file_prefix(engine) -> None:
+    """ZeRO checkpoints written in DeepSpeed's bf16 mode (bf16 before #26) name their optimizer files
+    `bf16_zero_pp_rank_*`. DeepSpeed means to fall back to the other prefix when its own is missing,
+    but its lookup returns the names whether or not they exist; here a list none of whose files
+    exist counts as not found, so the fallback happens and such a run resumes."""
+    lookup = getattr(engine, "_get_all_zero_checkpoint_names", None)
+    if lookup is None:
+        return
+
+    def either(load_dir, tag, bf16_mode):
+        names = lookup(load_dir, tag, bf16_mode)
+        return names if names is None or any(os.path.exists(n) for n in names) else None
+
+    engine._get_all_zero_checkpoint_names = either
 
 
 def _lean_zero0(engine, params: list) -> None:
@@ -111,11 +129,10 @@ def _lean_zero0(engine, params: list) -> None:
     - one rank: no gradient all-reduce (DeepSpeed flattens and copies every gradient for it).
     """
     optimizer, max_norm = engine.optimizer, engine.gradient_clipping()
-    fused = any(g.get("fused") for g in optimizer.param_groups)
     engine.clip_fp32_gradients = lambda: None  # clipped in guarded_step, before the update
     if engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
-    plain_step = optimizer.step
+    plain_step, plain_load = optimizer.step, optimizer.load_state_dict
 
     def guarded_step(*args, **kwargs):
         grads = [p.grad for p in params if p.grad is not None]
@@ -126,13 +143,28 @@ def _lean_zero0(engine, params: list) -> None:
         if max_norm > 0:
             torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         engine._global_grad_norm, engine._step_finite = norm, torch.isfinite(norm)
-        if fused:
+        if optimizer.param_groups[0].get("fused"):
             optimizer.found_inf = (~engine._step_finite).float()
         elif not bool(engine._step_finite):  # foreach AdamW takes no found_inf: skip on the host
             return None
         return plain_step(*args, **kwargs)
 
-    optimizer.step = guarded_step
+    def load_state_dict(state: dict) -> None:
+        """Also an optimizer state written before #26: at ZeRO-0 with bf16, DeepSpeed's fp16 optimizer
+        wrapped it, beside its fp32 master weights, which the module (loaded from its bf16 copy just
+        before) takes back, so that a resumed run continues from the exact weights."""
+        if "optimizer_state_dict" in state and "fp32_groups" in state:
+            with torch.no_grad():
+                for group, saved in zip(optimizer.param_groups, state["fp32_groups"]):
+                    for p, w in zip(group["params"], saved, strict=True):
+                        p.copy_(w)
+            state = state["optimizer_state_dict"]
+        fused = [g.get("fused") for g in optimizer.param_groups]
+        plain_load(state)
+        for group, was in zip(optimizer.param_groups, fused):  # torch takes the saved group's flags: keep ours
+            group["fused"], group["foreach"] = was, None if was else group.get("foreach")
+
+    optimizer.step, optimizer.load_state_dict = guarded_step, load_state_dict
 
 
 def global_grad_norm(engine) -> float | None:
