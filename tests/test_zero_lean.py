@@ -55,3 +55,12 @@ def test_lean_zero_optimizer_repoints_parameters_only_when_moved(process_group):
     opt._update_model_bit16_weights(0)
     assert first.data_ptr() == opt.bit16_groups_flat[0].data_ptr()
     _train(engine, 1)  # and training goes on
+
+
+def test_zero0_gradients_are_the_mean_over_ranks():
+    """ZeRO-0 on 2 ranks: the flat all-reduce (one _chunk_cat copy in, one foreach copy out) gives each rank the
+    mean of every rank's gradients (`--deepspeed-own` runs the same check on DeepSpeed's own all-reduce)."""
+    from conftest import DEEPSPEED, free_port, run_cmd
+
+    out = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/allreduce_driver.py"])
+    assert "gradients are the mean over 2 ranks (flat all-reduce)" in out.stdout

@@ -132,6 +132,8 @@ def _lean_zero0(engine, params: list) -> None:
     engine.clip_fp32_gradients = lambda: None  # clipped in guarded_step, before the update
     if engine.dp_world_size == 1:
         engine.enable_backward_allreduce = False
+    else:
+        _lean_allreduce(engine)
     plain_step, plain_load = optimizer.step, optimizer.load_state_dict
 
     def guarded_step(*args, **kwargs):
@@ -165,6 +167,35 @@ def _lean_zero0(engine, params: list) -> None:
             group["fused"], group["foreach"] = was, None if was else group.get("foreach")
 
     optimizer.step, optimizer.load_state_dict = guarded_step, load_state_dict
+
+
+def _lean_allreduce(engine) -> None:
+    """ZeRO-0 on several ranks: each bucket of gradients all-reduced through one flat copy made by one
+    `torch._chunk_cat` (as FSDP2 copies gradients in) and copied back with one foreach copy, instead of
+    DeepSpeed's flatten, unflatten and a copy per tensor (a kernel each on a GPU). Only where DeepSpeed
+    would plainly average in the gradients' own dtype; elsewhere its own method stays."""
+    import deepspeed.comm as ds_dist
+
+    if not hasattr(torch, "_chunk_cat") or engine.gradient_predivide_factor() != 1.0 or not engine.gradient_average:
+        return
+    postscale = engine.postscale_gradients()  # DeepSpeed's default: sum, then divide
+    plain = engine.allreduce_and_copy
+
+    def allreduce_and_copy(small_bucket, dp_group, dp_world_size=None):
+        if len({t.dtype for t in small_bucket}) != 1 or engine.communication_data_type != small_bucket[0].dtype:
+            return plain(small_bucket, dp_group, dp_world_size)
+        flat = torch._chunk_cat(small_bucket, 0, 1).view(-1)
+        scale = 1.0 / (dp_world_size or ds_dist.get_world_size(group=dp_group))
+        if not postscale:
+            flat.mul_(scale)
+        ds_dist.all_reduce(flat, group=dp_group)
+        if postscale:
+            flat.mul_(scale)
+        parts = torch.split_with_sizes(flat, [t.numel() for t in small_bucket])
+        torch._foreach_copy_(small_bucket, [p.view(t.shape) for p, t in zip(parts, small_bucket)])
+
+    allreduce_and_copy.flat = True  # for tests: the framework's, not DeepSpeed's
+    engine.allreduce_and_copy = allreduce_and_copy
 
 
 def global_grad_norm(engine) -> float | None:

@@ -1,0 +1,50 @@
+"""Two ranks of a ZeRO-0 engine: after engine.backward each rank's gradients must be the mean of every
+rank's own, on the framework's flat all-reduce (trainer/core/engine.py _lean_allreduce) as on DeepSpeed's.
+
+    deepspeed --num_gpus 2 tests/allreduce_driver.py [--deepspeed-own]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+
+from trainer.core import dist  # noqa: E402
+from trainer.core.engine import build_engine, deepspeed_config  # noqa: E402
+
+
+def main() -> None:
+    w = dist.init()
+    torch.manual_seed(0)  # the same weights on both ranks
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5),
+                                torch.nn.GELU(), torch.nn.Linear(5, 1))
+    engine = build_engine(model, deepspeed_config(batch_per_rank=4, grad_accum=1, world_size=w.size, zero_stage=0,
+                                                  precision="fp32", lr=0.01, betas=(0.9, 0.999), weight_decay=0.0,
+                                                  grad_clip=0.0))
+    lean = getattr(engine.allreduce_and_copy, "flat", False)
+    if "--deepspeed-own" in sys.argv:
+        assert lean, "the flat all-reduce was not installed"
+        del engine.allreduce_and_copy  # the class's method again
+        lean = False
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(w.rank))  # each rank its own data
+    loss = model(x).square().mean()
+    local = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    expected = []
+    for g in local:
+        parts = [torch.empty_like(g) for _ in range(w.size)]
+        tdist.all_gather(parts, g.contiguous())
+        expected.append(torch.stack(parts).mean(0))
+    engine.backward(loss)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-7)
+    engine.step()
+    if w.is_main:
+        print(f"gradients are the mean over {w.size} ranks ({'flat all-reduce' if lean else 'DeepSpeed'})")
+
+
+if __name__ == "__main__":
+    main()
