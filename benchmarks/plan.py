@@ -89,10 +89,11 @@ def measured_mfu(preset: str, resolution: int, folder: str = GPU_DOCS) -> tuple[
                 d = json.load(f)
         except (OSError, ValueError):
             continue
-        if d.get("benchmark") != "gpu" or d.get("smoke"):
+        if not isinstance(d, dict) or d.get("benchmark") != "gpu" or d.get("smoke"):
             continue
-        rows = [r for r in d.get("rows", []) if r.get("preset") == preset and r.get("mfu")
-                and r.get("kind", "framework") == "framework"]
+        rows = [r for r in d.get("rows", []) if isinstance(r, dict) and r.get("preset") == preset
+                and r.get("kind", "framework") == "framework"
+                and all(isinstance(r.get(k), (int, float)) and r.get(k) > 0 for k in ("mfu", "resolution", "batch"))]
         if rows:
             best = min(rows, key=lambda r: (abs(r["resolution"] - resolution), -r["mfu"]))
             found.append((d.get("date", ""), best, d.get("device", "?"), os.path.relpath(path, ROOT)))
