@@ -246,8 +246,8 @@ def summarize_step_overhead(d: dict) -> tuple[list[Figure], list[Target]]:
                  Figure(f"{z}: host reads per framework step", row["syncs"])]
         why = "" if row["met"] else (
             "DeepSpeed's ZeRO-1/2 optimizer still copies, views and takes a norm of each gradient tensor "
-            "(its reduction hooks and partition bookkeeping) and reads the norm on the host; see the README's "
-            "performance section." if row["stage"] else "see the step's top operators in the log")
+            "(its reduction hooks and partition bookkeeping) and reads the norm on the host; see docs/benchmarks.md, "
+            "\"The step's own cost\"." if row["stage"] else "see the step's top operators in the log")
         targets.append(Target(f"7. step overhead ({z})", "framework step / plain PyTorch step, one rank",
                               f"ops {row['ops_ratio']:.2f}x, time {row['time_ratio']:.2f}x, {row['syncs']} host reads",
                               f"ops <= {t['ops']}x, time <= {t['time']}x, <= {t['syncs']} reads",
