@@ -147,8 +147,10 @@ def _lean_zero0(engine, params: list) -> None:
         engine._global_grad_norm, engine._step_finite = norm, torch.isfinite(norm)
         if optimizer.param_groups[0].get("fused"):
             optimizer.found_inf = (~engine._step_finite).float()
-        elif not bool(engine._step_finite):  # foreach AdamW takes no found_inf: skip on the host
-            return None
+        else:  # foreach AdamW takes no found_inf (and asserts there is none): skip on the host
+            optimizer.found_inf = None
+            if not bool(engine._step_finite):
+                return None
         return plain_step(*args, **kwargs)
 
     def load_state_dict(state: dict) -> None:
