@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.stages = [int(s) for s in args.stages.split(",") if s.strip()]
     if any(s not in (0, 1, 2, 3) for s in args.stages):
         p.error(f"--stages takes ZeRO stages 0-3, got {args.stages}")
-    args.context = tuple(int(v) for v in args.context.lower().split("x"))
+    parts = args.context.lower().split("x")
+    args.context = tuple(int(v) for v in parts) if all(v.isdigit() for v in parts) else ()
     if len(args.context) != 2 or min(args.context) <= 0:
         p.error("--context must be TOKENSxWIDTH, e.g. 77x64")
     if min(args.batch, args.latent, args.steps) <= 0 or args.warmup < 0:
