@@ -57,8 +57,8 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
         "zero_optimization": zero,
         "zero_force_ds_cpu_optimizer": on_gpu,
         # bf16 is torch autocast over fp32 weights (mixed precision as torch AMP does it): matmuls and
-        # convolutions in bf16, weights, gradients and optimizer in fp32, and ZeRO's collectives of
-        # Linear/Conv weights and gradients in bf16 (DeepSpeed's comm_dtype). DeepSpeed's own bf16 mode
+        # convolutions in bf16, weights, gradients and optimizer in fp32; ZeRO-1/2 gradients are
+        # all-reduced in bf16 (DeepSpeed's comm_dtype; zero_flat.py). DeepSpeed's own bf16 mode
         # (bf16 weights, fp32 master copy) checked every gradient tensor for overflow each step (about
         # 8,900 kernel launches and a host sync on an SD UNet, issue #26) where bf16 needs no loss scale,
         # and at ZeRO-0 stepped an unfused, per-tensor optimizer.

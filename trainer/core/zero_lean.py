@@ -1,7 +1,9 @@
-"""DeepSpeed's ZeRO-1/2 optimizer with two of its per-tensor loops taken out of each step (issue #26).
+"""DeepSpeed's ZeRO-1/2 optimizer without its per-tensor work in each step (issue #26).
 
-On an SD UNet (686 parameter tensors) DeepSpeed's `DeepSpeedZeroOptimizer.step` dispatched about
-6,000 operators besides the update itself, each a kernel launch or a view on a GPU:
+On an SD UNet (686 parameter tensors) DeepSpeed's `DeepSpeedZeroOptimizer` dispatched about 15,000
+operators per step where a plain PyTorch step dispatches about 6,000, each a kernel launch or a view
+on a GPU. Three per-tensor paths are replaced; the optimizer, its flat fp32 partitions, its
+checkpoint files and elastic resume stay DeepSpeed's:
 
 - `get_grad_norm_direct` takes the norm of each gradient tensor in turn, after an fp64 copy of
   it (about 2,700 operators). Here: one foreach norm over the group's gradients (fp64
@@ -14,15 +16,20 @@ On an SD UNet (686 parameter tensors) DeepSpeed's `DeepSpeedZeroOptimizer.step` 
   the groups whose parameters no longer sit where the flat buffer puts them, checked by address
   on the host, which dispatches nothing.
 
-Both are installed only on the optimizer class and attributes they were written against, and only
-where their assumptions hold (L2 norm, no model or pipeline parallelism, no MoE); anywhere else
-DeepSpeed's own methods stay. tests/test_zero_lean.py checks that both give DeepSpeed's results.
+- Gradients reach the partitions bucket by bucket (trainer/core/zero_flat.py) instead of one copy
+  into a bucket and one copy out of it per gradient tensor (about 8,900 operators).
+
+Each is installed only on the optimizer class and attributes it was written against, and only
+where its assumptions hold (L2 norm, no model or pipeline parallelism, no MoE); anywhere else
+DeepSpeed's own methods stay. tests/test_zero_lean.py checks that each gives DeepSpeed's results.
 """
 from __future__ import annotations
 
 import types
 
 import torch
+
+from trainer.core import zero_flat
 
 _NORM_ATTRS = ("get_grad_norm_direct", "dp_process_group", "model_parallel_group", "device")
 _WEIGHT_ATTRS = ("_update_model_bit16_weights", "bit16_groups_flat", "round_robin_bit16_groups",
@@ -47,6 +54,8 @@ def install(engine) -> list[str]:
         opt._deepspeed_update_model_bit16_weights = opt._update_model_bit16_weights
         opt._update_model_bit16_weights = types.MethodType(_update_model_bit16_weights, opt)
         done.append("_update_model_bit16_weights")
+    if "get_grad_norm_direct" in done and zero_flat.install(opt):  # its norm takes one flat gradient
+        done.append("flat gradients")
     return done
 
 
