@@ -205,6 +205,7 @@ def sample_space(cfg: LabJob, space: str, unet_run: str, prompts: list[str], cla
 
 # ---------------------------------------------------------------- the lab
 
+@config_lib.holds_run_dir
 def run_lab(cfg: LabJob) -> str:
     """Every stage of the comparison in order; returns the report's path."""
     # Before hours of training rather than after them, and before the config is saved, so that

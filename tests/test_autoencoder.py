@@ -130,9 +130,10 @@ def test_resume_from_s3_skips_an_interrupted_save_and_equals_the_uninterrupted_r
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing on local disk but the staging folder
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     names = sorted(p.split("samples_000000000008/")[1] for p in fs.find(stopped))
-    assert names == ["COMPLETE", "discriminator.safetensors", "model.safetensors", "training_state.pt"]
+    assert names == ["COMPLETE", "STARTED", "discriminator.safetensors", "model.safetensors", "training_state.pt"]
     assert checkpoint.info(stopped, endpoint) == {"step": 2, "samples": 8, "world_size": 1}
-    fs.pipe(f"{root}/samples_000000000016/model.safetensors", b"half-written")  # interrupted: no marker
+    fs.pipe(f"{root}/samples_000000000016/STARTED", b"")  # an interrupted save: started, no COMPLETE
+    fs.pipe(f"{root}/samples_000000000016/model.safetensors", b"half-written")
     assert checkpoint.latest(root, endpoint) == stopped
 
     out = _in_process("kl_gan", tmp_path / "run", tiny_shards, *s3)

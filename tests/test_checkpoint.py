@@ -67,19 +67,19 @@ def test_s3_checkpoint_counts_only_with_its_marker_written_last(s3_run):
     keys = _moto_keys("ckpt-tests")
     assert not any(k.startswith("run/samples_000000000016/") for k in keys)
     interrupted = sorted(k for k in keys if k.startswith("run/samples_000000000064/"))
-    assert interrupted == ["run/samples_000000000064/mp_rank_00_model_states.pt",
+    assert interrupted == ["run/samples_000000000064/STARTED", "run/samples_000000000064/mp_rank_00_model_states.pt",
                            "run/samples_000000000064/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                            "run/samples_000000000064/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     for tag in ("samples_000000000032", "samples_000000000048"):
         files = {k: v.last_modified for k, v in keys.items() if k.startswith(f"run/{tag}/")}
         marker = files.pop(f"run/{tag}/{checkpoint.MARKER}")
-        assert len(files) == 3 and marker >= max(files.values())
+        assert len(files) == 4 and marker >= max(files.values())  # STARTED first, then 3 DeepSpeed files
     with pytest.raises(checkpoint.CheckpointError, match=r"samples_000000000064 is not a complete checkpoint"):
         checkpoint.info(f"{root}/samples_000000000064", endpoint)
 
     local = checkpoint.fetch(f"{root}/samples_000000000048", local_dir=str(tmp / "fetched"), endpoint_url=endpoint)
     assert local.startswith(str(tmp / "fetched")) and os.path.basename(local) == "samples_000000000048"
-    assert sorted(os.listdir(local)) == [checkpoint.MARKER, "mp_rank_00_model_states.pt",
+    assert sorted(os.listdir(local)) == [checkpoint.MARKER, checkpoint.STARTED, "mp_rank_00_model_states.pt",
                                          "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 

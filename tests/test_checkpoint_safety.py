@@ -27,6 +27,14 @@ class _Engine:
         return self.stage
 
 
+def _interrupted(path):
+    """A save that stopped before its marker: the checkpointer's STARTED and a file."""
+    os.makedirs(path, exist_ok=True)
+    (path / checkpoint.STARTED).write_bytes(b"")
+    (path / "half.pt").write_bytes(b"x")
+    return path
+
+
 def _fake_checkpoint(path, samples, **marker):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, checkpoint.MARKER), "w") as f:
@@ -41,13 +49,15 @@ def test_checkpoints_are_ordered_by_samples_and_pruning_never_drops_the_newest(t
     # Older layout: named by step, ordered by the samples in its marker (step 20 of 8 = 160 samples).
     _fake_checkpoint(root / "step_000000020", 160, step=20)
     _fake_checkpoint(root / checkpoint.tag_for(96), 96)
-    os.makedirs(root / checkpoint.tag_for(100))  # an interrupted save behind the newest: pruned
-    os.makedirs(root / checkpoint.tag_for(900))  # an interrupted save ahead: kept, never loaded
+    _interrupted(root / checkpoint.tag_for(100))  # an interrupted save behind the newest: pruned
+    _interrupted(root / checkpoint.tag_for(900))  # an interrupted save ahead: kept, never loaded
+    os.makedirs(root / "step_000000004" / "unet")  # named like one, not a checkpointer's (an export): kept
     assert checkpoint.complete_tags(str(root)) == [checkpoint.tag_for(96), "step_000000020"]
     assert checkpoint.latest(str(root)) == str(root / "step_000000020")
     _fake_checkpoint(root / checkpoint.tag_for(256), 256)
     checkpoint.prune(str(root), keep_last=2)
-    assert sorted(os.listdir(root)) == [checkpoint.tag_for(256), checkpoint.tag_for(900), "step_000000020"]
+    assert sorted(os.listdir(root)) == [checkpoint.tag_for(256), checkpoint.tag_for(900), "step_000000004",
+                                        "step_000000020"]
     checkpoint.prune(str(root), keep_last=0)  # 0 still keeps the newest complete one
     assert checkpoint.complete_tags(str(root)) == [checkpoint.tag_for(256)]
 
@@ -57,11 +67,16 @@ def test_a_complete_checkpoint_is_never_overwritten(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=f"^refusing to overwrite the complete checkpoint {path}:"):
         checkpoint.begin(path)
     assert os.path.exists(os.path.join(path, checkpoint.MARKER))
-    interrupted = tmp_path / checkpoint.tag_for(72)
-    os.makedirs(interrupted)
-    (interrupted / "half.pt").write_bytes(b"x")
+    interrupted = _interrupted(tmp_path / checkpoint.tag_for(72))
     checkpoint.begin(str(interrupted))  # an interrupted save is cleared for the new one
-    assert not interrupted.exists()
+    assert sorted(os.listdir(interrupted)) == [checkpoint.STARTED]
+    foreign = tmp_path / checkpoint.tag_for(80)
+    os.makedirs(foreign)  # e.g. an export into a folder named like a checkpoint: never deleted, never written into
+    (foreign / "model.safetensors").write_bytes(b"mine")
+    with pytest.raises(checkpoint.CheckpointError, match=f"^refusing to save a checkpoint into {foreign}: that "
+                                                          "folder was not written by a checkpointer"):
+        checkpoint.begin(str(foreign))
+    assert (foreign / "model.safetensors").read_bytes() == b"mine"
 
 
 # --- S3 object keys ---------------------------------------------------------------------------
@@ -169,3 +184,75 @@ def test_a_node_local_folder_another_user_could_write_is_refused(tmp_path, plant
     # An explicit CHECKPOINT_LOCAL_DIR gets the same checks.
     out = _local_base_in_subprocess({"CHECKPOINT_LOCAL_DIR": str(base)})
     assert out.returncode != 0 and f"refusing node-local checkpoint folder {base}: {why}" in out.stderr
+
+
+# --- damaged checkpoints (#27): one line naming it, and resume falls back to the one before ----------
+
+def _three_checkpoints(root):
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    for samples in (8, 16, 24):
+        with torch.no_grad():
+            model.weight.fill_(samples)
+        checkpoint.save(str(root), samples, [checkpoint.SafetensorsPart("model", model),
+                                             checkpoint.TorchState("state", {"samples": samples})], keep_last=3)
+    return model
+
+
+@pytest.mark.parametrize("damage", ["empty marker", "list marker", "truncated weights", "truncated state",
+                                    "missing state"])
+def test_resume_passes_over_a_damaged_checkpoint_and_says_so(tmp_path, capsys, damage):
+    root = tmp_path / "checkpoints"
+    model = _three_checkpoints(root)
+    newest = root / checkpoint.tag_for(24)
+    if damage == "empty marker":
+        (newest / checkpoint.MARKER).write_bytes(b"")
+    elif damage == "list marker":
+        (newest / checkpoint.MARKER).write_text("[1, 2]")
+    elif damage == "truncated weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif damage == "truncated state":
+        data = (newest / "state.pt").read_bytes()
+        (newest / "state.pt").write_bytes(data[:len(data) // 2])
+    else:
+        os.remove(newest / "state.pt")
+    state = checkpoint.TorchState("state")
+    path, meta, _ = checkpoint.resume(str(root), lambda p, m: [checkpoint.SafetensorsPart("model", model), state])
+    assert path == str(root / checkpoint.tag_for(16)) and meta["samples"] == 16 and state.state == {"samples": 16}
+    assert float(model.weight.detach()[0, 0]) == 16
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"checkpoint") and str(newest) in said[0], said
+    assert said[0].endswith("passing over it for the checkpoint before it")
+
+
+def test_resume_with_no_intact_checkpoint_names_them(tmp_path):
+    root = tmp_path / "checkpoints"
+    model = _three_checkpoints(root)
+    for samples in (8, 16, 24):
+        (root / checkpoint.tag_for(samples) / checkpoint.MARKER).write_text('"x"')
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"^no intact checkpoint under {root}: .* are damaged "
+                                                           r"\(the newest: .*\); move them aside to start the run "
+                                                           "afresh$"):
+        checkpoint.resume(str(root), lambda p, m: [checkpoint.SafetensorsPart("model", model)])
+
+
+def test_missing_model_states_are_damage_not_a_traceback(tmp_path):
+    class Engine(_Engine):
+        def zero_optimization(self):
+            return self.stage > 0
+
+        def zero_elastic_checkpoint(self):
+            return False
+
+    folder = tmp_path / checkpoint.tag_for(8)
+    os.makedirs(folder)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=f"^checkpoint {folder} is damaged: it has no model states"):
+        EnginePart(Engine(2)).verify(str(folder))
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="it has no optimizer states of rank 0"):
+        EnginePart(Engine(2)).verify(str(folder))
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="mp_rank_00_model_states.pt is damaged: it cannot be read"):
+        EnginePart(Engine(2)).verify(str(folder))

@@ -348,3 +348,29 @@ def test_unknown_key_on_command_line_is_one_line_error():
     assert lines[0].startswith("error: unknown config key 'data.nope'; valid keys in data: ")
     assert "urls" in lines[0] and "resolution" in lines[0]
     assert proc.stdout == ""
+
+
+def test_a_second_trainer_on_a_run_directory_is_refused_while_the_first_holds_it(tmp_path):
+    """#27: two trainers in one run folder. The second is refused in one line naming the holder, before
+    it reads or writes anything there; the folder is free again once the first process has ended."""
+    import subprocess
+    import sys
+
+    from trainer.core import config as config_lib
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.core import config; "
+                               f"config.claim_run_dir({str(run_dir)!r}); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(config_lib.ConfigError, match=rf"^run directory {run_dir} is in use by another trainer "
+                                                         rf"\(pid {holder.pid} on .+\); wait for it to end"):
+            config_lib.claim_run_dir(str(run_dir))
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    config_lib.claim_run_dir(str(run_dir))  # free once its holder is gone, however it ended
+    config_lib.claim_run_dir(str(run_dir))  # and this process may claim it again
+    config_lib.release_run_dir(str(run_dir))

@@ -59,6 +59,19 @@ def test_unet_run_and_sample_grid(pipeline):
     assert img.size == (3 * 128, 2 * (128 + 16))
 
 
+@pytest.mark.parametrize("extra, says", [(["--size", "100000x100000"], "at 100000x100000 need about"),
+                                         (["--per-prompt", "100000000"], "x 100000000 image(s) at 16x16 need about")])
+def test_a_sample_request_that_cannot_fit_is_refused_before_it_allocates(pipeline, extra, says):
+    """#27: sizes with no upper bound (these tried to allocate 64-128 GB, or ended in SIGABRT)."""
+    root, *_ = pipeline
+    out = run_cmd([PY, "launch/sample.py", "--run", f"{root}/unet", "--prompt", "x", "--steps", "1", *extra,
+                   "--out", f"{root}/huge.png"], check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[-1].startswith("error: 1 prompt(s) x ") and says in lines[-1] and "GB free" in lines[-1], lines[-1]
+    assert not os.path.exists(root / "huge.png")
+
+
 def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
     root, *_ = pipeline
     before = open(root / "unet" / "log.jsonl").read()

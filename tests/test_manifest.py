@@ -140,6 +140,12 @@ HOSTILE = [  # (key, value, what the error says)
     ("latent_shape", [4, 4], "key 'latent_shape' must be a list of 3 integers"),
     ("latent_shape", [4, 4, "4"], "key 'latent_shape[2]' must be an integer"),
     ("latent_shape", [4, 0, 4], "key 'latent_shape' must be positive"),
+    ("latent_shape", [4, 100000, 100000], "key 'latent_shape' is (4, 100000, 100000), past the largest this trainer "
+                                          "accepts (16384)"),  # #27: sized allocations of 64-128 GB
+    ("latent_shape", [4, 8, 8], "key 'latent_shape' is (4, 8, 8): resolution 16 at downsample factor 4 makes latents "
+                                "of 4x4"),
+    ("text_emb_shape", [77, 10 ** 9], "key 'text_emb_shape' is (77, 1000000000), past the largest"),
+    ("resolution", 10 ** 6, "key 'resolution' is 1000000, past the largest this trainer accepts (16384)"),
     ("text_emb_shape", [32, 64.5], "key 'text_emb_shape[1]' must be an integer"),
     ("num_samples", True, "key 'num_samples' must be an integer, got True"),
     ("num_samples", -32, "key 'num_samples' must be >= 0"),

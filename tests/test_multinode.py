@@ -174,6 +174,32 @@ def test_launch_variables_are_checked_in_one_line_naming_the_variable(monkeypatc
             dist._check_rendezvous("")
 
 
+def test_bad_slurm_variables_are_one_line_naming_the_variable(monkeypatch):
+    """A job id or node list that SLURM would never set (#27): refused naming it, before any rank waits;
+    a job id that is not a number never reaches `scontrol requeue` as an argument."""
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_STEP_NODELIST", "SLURM_NODELIST"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for job, nodes, message in (("12a", "n[1-2]", "SLURM_JOB_ID='12a' is not a job number"),
+                                ("-h", "n[1-2]", "SLURM_JOB_ID='-h' is not a job number"),
+                                ("12", "n[1-2", "SLURM_JOB_NODELIST='n[1-2' is not a SLURM node list"),
+                                ("12", "n[a-b]", "SLURM_JOB_NODELIST='n[a-b]' is not a SLURM node list"),
+                                ("12", "n[1-999999999]", "spans more than 100000 hosts"),
+                                ("12", "n[5-1]", "is reversed"),
+                                ("12", ",,", "SLURM_JOB_NODELIST=',,' names no host")):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_JOB_NODELIST", nodes)
+        with pytest.raises(LaunchError, match=re.escape(message)):
+            dist.slurm_rendezvous()
+    monkeypatch.setenv("SLURM_JOB_ID", "-h")
+    with pytest.raises(LaunchError, match="SLURM_JOB_ID='-h' is not a job number"):
+        dist.init()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    assert dist.slurm_rendezvous() == ("gpu07", 20000 + 4242)
+
+
 def test_a_rank_whose_peers_never_come_fails_after_the_timeout_in_one_line(tiny_cache, tmp_path):
     """Rank 1 of 2 with nobody at MASTER_ADDR:MASTER_PORT (rank 0's node never started, a wrong
     port): one line naming both variables after dist_timeout_s, not a hang or a traceback."""

@@ -384,3 +384,18 @@ def test_a_decoder_only_vae_finetune_keeps_the_cache_valid(folders, shards32, fi
 
     with pytest.raises(ConfigError, match="has another encoder"):
         _export(finetune, tmp_path / "x", vae_source=f"{folders['sd21']}/vae")
+
+
+def test_a_lora_rank_past_every_adapted_layer_is_refused_before_allocating(folders):
+    """#27: lora_rank=1000000000 tried to allocate rank x (in + out) per layer. A rank above the smaller side of
+    every adapted layer adds nothing: refused in one line naming the largest useful rank."""
+    from trainer.core.config import ConfigError
+    from trainer.unet.job import UNetJob
+    from trainer.unet.pretrained import build_model
+
+    cfg = UNetJob(pretrained=folders["sd15"], lora_rank=1_000_000_000)
+    with pytest.raises(ConfigError, match=r"^lora_rank=1000000000 is above the smaller side of every adapted layer "
+                                          r"\(at most \d+ in \["):
+        build_model(cfg, 4, 4, 32)
+    assert any(p.requires_grad for p in build_model(UNetJob(pretrained=folders["sd15"], lora_rank=4), 4, 4, 32)
+               .parameters())

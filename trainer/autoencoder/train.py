@@ -135,6 +135,7 @@ def _clip_step(params, opt, grad_clip: float) -> torch.Tensor:
     return norm
 
 
+@config_lib.holds_run_dir
 def train_autoencoder(cfg: AutoencoderJob) -> str:
     """Train, checkpoint, resume, export. Returns the export folder (the checkpoint when
     `stop_after_samples` ended the invocation early)."""
@@ -175,15 +176,17 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
                *([checkpoint.SafetensorsPart("discriminator", disc)] if disc is not None else []),
                *([ema] if ema is not None else [])]
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
-    step, resume, loader_state = 0, checkpoint.latest(root, endpoint), None
-    if resume:
-        refuse_older_layout(resume, endpoint)
-        written_by = checkpoint.info(resume, endpoint).get("world_size", 1)
-        if written_by != w.size:
-            raise checkpoint.CheckpointError(f"checkpoint {resume} was written by {written_by} "
+    step, loader_state, train_state = 0, None, checkpoint.TorchState(STATE)
+
+    def parts_for(path: str, meta: dict) -> list:
+        refuse_older_layout(path, endpoint)
+        if meta.get("world_size", 1) != w.size:
+            raise checkpoint.CheckpointError(f"checkpoint {path} was written by {meta.get('world_size', 1)} "
                                              f"ranks and this run has {w.size}: resume with the same number")
-        train_state = checkpoint.TorchState(STATE)
-        checkpoint.load(resume, [*weights, train_state], endpoint_url=endpoint)
+        return [*weights, train_state]
+
+    resume, _, _ = checkpoint.resume(root, parts_for, endpoint)
+    if resume:
         state = train_state.state
         opt.load_state_dict(state["optimizer"])
         if disc_opt is not None:

@@ -161,6 +161,16 @@ class Manifest:
             value = _get(self, key)
             if min(value if isinstance(value, tuple) else (value,)) <= 0:
                 raise bad(key, f"must be positive, got {_show(value)}")
+        for key, most in (("resolution", 16384), ("latent_shape", 16384), ("text_emb_shape", 16384),
+                          ("vae.downsample_factor", 64), ("pooled_dim", 16384)):  # before anything is sized by them
+            value = _get(self, key)
+            if max(value if isinstance(value, tuple) else (value,)) > most:
+                raise bad(key, f"is {_show(value)}, past the largest this trainer accepts ({most})")
+        f, (channels, height, width) = self.vae.downsample_factor, self.latent_shape
+        if self.resolution % f or (height, width) != (self.resolution // f, self.resolution // f) or channels > 256:
+            raise bad("latent_shape", f"is {_show(self.latent_shape)}: resolution {self.resolution} at downsample "
+                      f"factor {f} makes latents of {self.resolution // f}x{self.resolution // f} (and at most 256 "
+                      "channels)")
         if not self.vae.scaling_factor > 0:
             raise bad("vae.scaling_factor", f"must be positive, got {self.vae.scaling_factor}")
         if self.text not in ("embeddings", "tokens"):

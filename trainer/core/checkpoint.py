@@ -1,10 +1,11 @@
 """Checkpoints that count only when complete, on local disk or any fsspec URL (s3://...), in
 one format for every job.
 
-Layout: ROOT/samples_000000012800/ holds the files of the job's named *parts* and `COMPLETE`
-(JSON: samples, world_size and each part's scalars such as step and zero_stage), written last
-by rank 0 after all ranks finished. A directory without `COMPLETE` is an interrupted save and
-is ignored. The UNet job's parts are its DeepSpeed engine (every rank writes its shard: a save
+Layout: ROOT/samples_000000012800/ holds `STARTED` (written first), the files of the job's named
+*parts* and `COMPLETE` (JSON: samples, world_size and each part's scalars such as step and
+zero_stage), written last by rank 0 after all ranks finished. A directory without `COMPLETE` is an
+interrupted save and is ignored; one without `STARTED` or `COMPLETE` was not written by a
+checkpointer (an export, a user's folder) and is never deleted, whatever its name (#27). The UNet job's parts are its DeepSpeed engine (every rank writes its shard: a save
 gated on rank 0 hangs under ZeRO, diffusers #2606; the model in diffusers format under `unet/`;
 trainer/core/checkpoint_deepspeed.py) and its EMA (`ema_unet/`); the autoencoder's are its
 weights (`model.safetensors`, `discriminator.safetensors`), its EMA (`ema/`) and
@@ -21,7 +22,9 @@ the download, e.g. a conversion) and verify(folder) (refuse files before any par
 Checkpoints are named and ordered by samples seen, the one count that only grows: a step
 number does not (an elastic resume onto more ranks makes the global batch larger and the
 step smaller). A complete checkpoint is never overwritten, and is deleted only by `prune`,
-when `keep_last` complete checkpoints further in samples exist. Folders named `step_*` (the
+when `keep_last` complete checkpoints further in samples exist. `resume` loads the newest intact
+checkpoint: one whose marker or files are damaged (empty, cut short, missing) is named and passed
+over for the one before it. Folders named `step_*` (the
 older layout) are still found and ordered by the samples in their marker.
 
 ROOT is `default_root(run_dir)` or a URL; a URL is written through a private node-local
@@ -44,11 +47,13 @@ from data_pipeline import storage
 
 from trainer.core import dist
 from trainer.core.checkpoint_io import cache, download, is_url, local_path, naming, remove, staging, upload
-from trainer.core.checkpoint_trust import CheckpointError, refuse_links
+from trainer.core.checkpoint_trust import (CheckpointError, DamagedCheckpoint, check_safetensors, refuse_links,
+                                          unreadable)
 
 MARKER = "COMPLETE"
+STARTED = "STARTED"  # the checkpointer's own mark, written before any part: what prune may delete
 
-__all__ = ["CheckpointError", "MARKER", "SafetensorsPart", "TorchState", "begin", "complete_tags", "default_root",
+__all__ = ["CheckpointError", "DamagedCheckpoint", "MARKER", "STARTED", "resume", "SafetensorsPart", "TorchState", "begin", "complete_tags", "default_root",
            "fetch", "info", "latest", "load", "mark_complete", "prune", "refuse_links", "resolve_root", "save",
            "tag_for"]
 
@@ -99,8 +104,11 @@ def _listing(root: str, endpoint_url: str | None) -> tuple[list[tuple[int, str]]
                 continue
             done = fs.exists(f"{base}/{name}/{MARKER}")
             samples = int(m.group(2))
-            if m.group(1) == "step":
-                samples = int(json.loads(fs.cat_file(f"{base}/{name}/{MARKER}")).get("samples", -1)) if done else -1
+            if m.group(1) == "step":  # the older layout: the marker says how far it got
+                try:
+                    samples = _checked_marker(fs.cat_file(f"{base}/{name}/{MARKER}"), name)["samples"] if done else -1
+                except DamagedCheckpoint:
+                    samples, done = -1, False
             every.append((samples, name))
             if done:
                 complete.append((samples, name))
@@ -118,13 +126,29 @@ def latest(root: str, endpoint_url: str | None = None) -> str | None:
     return storage.join(resolve_root(root), tags[-1]) if tags else None
 
 
+def _checked_marker(raw: bytes, path: str) -> dict:
+    """A marker's JSON: an object with whole `samples` >= 0 and `world_size` >= 1 (when given)."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        meta = None
+    good = isinstance(meta, dict) and type(meta.get("samples")) is int and meta["samples"] >= 0
+    if good and "world_size" in meta:
+        good = type(meta["world_size"]) is int and meta["world_size"] >= 1
+    if not good:
+        shown = raw[:60].decode("utf-8", "replace") if raw else "empty"
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its {MARKER} marker is not a JSON object with "
+                                f"samples and world_size (it holds {shown!r})")
+    return meta
+
+
 def info(path: str, endpoint_url: str | None = None) -> dict:
     """The JSON of a checkpoint's marker (samples, world_size, step, zero_stage, ...)."""
     url = storage.join(path, MARKER)
     with naming(url):
         if not storage.exists(url, endpoint_url):
             raise CheckpointError(f"{path} is not a complete checkpoint (it has no {MARKER})")
-        return json.loads(storage.read_bytes(url, endpoint_url))
+        return _checked_marker(storage.read_bytes(url, endpoint_url), path)
 
 
 def mark_complete(path: str, info: dict, endpoint_url: str | None = None) -> None:
@@ -134,15 +158,18 @@ def mark_complete(path: str, info: dict, endpoint_url: str | None = None) -> Non
 
 def prune(root: str, keep_last: int, endpoint_url: str | None = None) -> None:
     """Delete the complete checkpoints that have `keep_last` (at least 1) complete ones further
-    in samples, and interrupted saves behind the newest complete one. Called only after a
-    checkpoint is complete, so the newest is never deleted before its successor exists."""
+    in samples, and interrupted saves (`STARTED`, no `COMPLETE`) behind the newest complete one.
+    Called only after a checkpoint is complete, so the newest is never deleted before its
+    successor exists. A folder the checkpointer did not write is left alone, whatever its name."""
     root = resolve_root(root)
     every, complete = _listing(root, endpoint_url)
     if not complete:
         return
     newest = complete[-1][0]
     old = [name for _, name in complete[:-max(1, keep_last)]]
-    for name in old + [n for s, n in every if s < newest and (s, n) not in complete]:
+    interrupted = [n for s, n in every if s < newest and (s, n) not in complete
+                   and storage.exists(storage.join(root, n, STARTED), endpoint_url)]
+    for name in old + interrupted:
         remove(storage.join(root, name), endpoint_url)
 
 
@@ -152,7 +179,12 @@ def begin(path: str, endpoint_url: str | None = None) -> None:
     if storage.exists(storage.join(path, MARKER), endpoint_url):
         raise CheckpointError(f"refusing to overwrite the complete checkpoint {path}: another run writes to the same "
                               "checkpoint folder, or this one restarted behind it; give each run its own")
+    if storage.exists(path, endpoint_url) and not storage.exists(storage.join(path, STARTED), endpoint_url):
+        raise CheckpointError(f"refusing to save a checkpoint into {path}: that folder was not written by a "
+                              "checkpointer (it has no STARTED); move it out of the checkpoint folder")
     remove(path, endpoint_url)
+    with naming(path):
+        storage.write_bytes_atomic(storage.join(path, STARTED), b"", endpoint_url)
 
 
 def scalars(state: dict) -> dict:
@@ -233,12 +265,47 @@ def load(path: str, parts: list, endpoint_url: str | None = None, local_dir: str
     if is_url(path):
         folder = download(path, cache(path, local_dir), endpoint_url,
                           lambda rel: rel == MARKER or any(part.wants(rel) for part in parts))
-    for part in parts:
-        if hasattr(part, "verify"):
-            part.verify(folder)
+    error = None
+    try:
+        for part in parts:
+            if hasattr(part, "verify"):
+                part.verify(folder)
+    except CheckpointError as e:
+        error = e
+    errors = [e for e in dist.all_gather_objects(None if error is None else (type(error) is DamagedCheckpoint,
+                                                                             str(error))) if e]
+    if errors:  # every rank stops before any loads (a rank loading alone would wait in a collective)
+        damaged, text = errors[0]
+        raise (DamagedCheckpoint if damaged else CheckpointError)(text)
     for part in parts:
         part.load(folder)
     return meta
+
+
+def resume(root: str, parts_for, endpoint_url: str | None = None, local_dir: str | None = None):
+    """Collective: load the newest intact complete checkpoint under `root` into the parts that
+    `parts_for(path, meta)` returns for it (it may refuse one in a CheckpointError or ConfigError,
+    which stops the run). A damaged checkpoint is named and passed over for the one before it.
+    Returns (path, meta, parts), or (None, None, []) when there is none."""
+    root, damaged, reasons = resolve_root(root), [], []
+    for name in reversed(complete_tags(root, endpoint_url)):
+        path = storage.join(root, name)
+        try:
+            meta = info(path, endpoint_url)
+            parts = parts_for(path, meta)
+            load(path, parts, endpoint_url, local_dir)
+        except DamagedCheckpoint as e:
+            damaged.append(path)
+            reasons.append(str(e))
+            if dist.world().is_main:
+                print(f"{e}; passing over it for the checkpoint before it", flush=True)
+            continue
+        return path, meta, parts
+    if damaged:
+        raise DamagedCheckpoint(f"no intact checkpoint under {root}: {', '.join(damaged)} "
+                                f"{'is' if len(damaged) == 1 else 'are'} damaged (the newest: {reasons[0]}); move "
+                                f"{'it' if len(damaged) == 1 else 'them'} aside to start the run afresh")
+    return None, None, []
 
 
 # --- parts for replicated state (every rank holds the same; rank 0 writes it) ---------------------
@@ -246,7 +313,8 @@ def load(path: str, parts: list, endpoint_url: str | None = None, local_dir: str
 def _file(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {folder} has no {name}; it was written by a run without this part")
+        raise DamagedCheckpoint(f"checkpoint {folder} has no {name}: it is damaged, or was written by a run "
+                                "without this part")
     return path
 
 
@@ -263,6 +331,9 @@ class SafetensorsPart:
 
     def wants(self, rel: str) -> bool:
         return rel == f"{self.name}.safetensors"
+
+    def verify(self, folder: str) -> None:
+        check_safetensors(_file(folder, f"{self.name}.safetensors"), folder)
 
     def load(self, folder: str) -> None:
         path = _file(folder, f"{self.name}.safetensors")
@@ -298,10 +369,7 @@ class TorchState:
         try:
             self.state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"it holds {found.group(1)}" if found else f"it is not plain tensor data ({type(e).__name__})"
-            raise CheckpointError(f"refusing checkpoint file {path}: {what}, which this trainer never writes; "
-                                  "it was not loaded") from None
+            raise unreadable(path, e) from None
 
     def load(self, folder: str) -> None:
         pass  # read (and so checked) by verify, before any part loaded

@@ -22,7 +22,7 @@ from data_pipeline import storage
 from trainer.core import dist
 from trainer.core.checkpoint import info, scalars
 from trainer.core.checkpoint_io import cache, download, is_url, local_path, remove, upload
-from trainer.core.checkpoint_trust import RANK_FILE, CheckpointError, refuse_links, verify_files
+from trainer.core.checkpoint_trust import RANK_FILE, CheckpointError, DamagedCheckpoint, refuse_links, verify_files
 
 UNIVERSAL = "universal"  # the converted (world-size-free) copy, inside the checkpoint folder
 CONVERTED = "CONVERTED"  # written last into UNIVERSAL/
@@ -165,6 +165,16 @@ class EnginePart:
         return "/" not in rel and rel.endswith(".pt") and (rank is None or not m or int(m.group(1)) == rank)
 
     def verify(self, folder: str) -> None:
+        if not self.universal:  # the files DeepSpeed's load_checkpoint opens for this rank must all be there
+            names, rank = os.listdir(folder), self._rank()
+            if not any(n.endswith("model_states.pt") for n in names):
+                raise DamagedCheckpoint(f"checkpoint {folder} is damaged: it has no model states "
+                                        "(mp_rank_00_model_states.pt)")
+            if self._stage() > 0 and rank is not None and not any(
+                    (m := RANK_FILE.match(n)) and int(m.group(1)) == rank and n.endswith("optim_states.pt")
+                    for n in names):
+                raise DamagedCheckpoint(f"checkpoint {folder} is damaged: it has no optimizer states of rank {rank} "
+                                        f"(zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)")
         verify_files(os.path.join(folder, UNIVERSAL) if self.universal else folder, self._rank())
 
     def load(self, folder: str) -> None:

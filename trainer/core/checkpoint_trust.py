@@ -5,11 +5,12 @@ only tensors and plain data. See trainer/core/checkpoint.py for the format itsel
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import stat
 
-from trainer.core.errors import CheckpointError
+from trainer.core.errors import CheckpointError, DamagedCheckpoint
 
 RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_")  # a ZeRO rank's optimizer-state file
 
@@ -86,10 +87,31 @@ def verify_files(path: str, rank: int | None) -> None:
             with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
                 torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
         except Exception as e:
-            text = str(e)
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-            what = (f"it holds {found.group(1)}" if found else
-                    f"it is not plain tensor data ({detail.group(1) if detail else type(e).__name__})")
-            raise CheckpointError(f"refusing checkpoint file {os.path.join(path, name)}: {what}, which this "
-                                  "trainer never writes; it was not loaded") from None
+            raise unreadable(os.path.join(path, name), e) from None
+
+
+def unreadable(path: str, e: Exception) -> CheckpointError:
+    """The one-line error for a checkpoint file the restricted unpickler did not load: refused for
+    an object it holds (nothing of it ran), or damaged (empty, cut short) when it could not be read."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if not (found or detail or isinstance(e, pickle.UnpicklingError)):
+        first = text.splitlines()[0][:160] if text else "no data"
+        return DamagedCheckpoint(f"checkpoint file {path} is damaged: it cannot be read ({type(e).__name__}: {first})")
+    what = f"it holds {found.group(1)}" if found else f"it is not plain tensor data ({detail.group(1) if detail else type(e).__name__})"
+    return CheckpointError(f"refusing checkpoint file {path}: {what}, which this trainer never writes; it was not loaded")
+
+
+def check_safetensors(path: str, checkpoint_path: str) -> None:
+    """A safetensors file that is whole: its header parses and covers the file (no tensor is read)."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise DamagedCheckpoint(f"checkpoint {checkpoint_path} is damaged: {path} is missing")
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except Exception as e:
+        raise DamagedCheckpoint(f"checkpoint {checkpoint_path} is damaged: {path} is not a whole safetensors file "
+                                f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -248,13 +249,60 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+_HELD: dict[str, int] = {}  # run directories this process holds: real path -> the locked file's descriptor
+
+
+def claim_run_dir(run_dir: str) -> None:
+    """Hold `run_dir/run.lock` for as long as this process runs (or until `release_run_dir`): a second
+    trainer on the same run directory is refused in one line instead of resuming the first one's
+    checkpoint, training beside it and rewriting its log (#27). flock: released by the kernel when
+    the process ends, however it ends; NFS and Lustre mounted with locking carry it across nodes."""
+    import fcntl
+    import socket
+
+    os.makedirs(run_dir, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return
+    fd = os.open(os.path.join(run_dir, "run.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it to end "
+                          "or give this run its own run_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def release_run_dir(run_dir: str) -> None:
+    fd = _HELD.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def holds_run_dir(job):
+    """Decorate a job `job(cfg)`: the run directory it claims is released when it returns or raises
+    (a process's end releases it anyway; this is for jobs run one after another in one process)."""
+    @functools.wraps(job)
+    def wrapper(cfg, *args, **kwargs):
+        try:
+            return job(cfg, *args, **kwargs)
+        finally:
+            release_run_dir(cfg.run_dir)
+    return wrapper
+
+
 def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
-    """Write `run_dir/config.yaml`; refuse a run directory that holds a different config.
+    """Claim `run_dir` (see claim_run_dir), then write `run_dir/config.yaml`; refuse a run directory
+    that holds a different config.
 
     Rerunning the same command must resume, so an identical config is accepted. Keys in
     `ignore` (e.g. a total length that may be extended) may differ between runs.
     """
-    os.makedirs(run_dir, exist_ok=True)
+    claim_run_dir(run_dir)
     path = os.path.join(run_dir, "config.yaml")
     new = to_dict(cfg)
     if os.path.exists(path):
@@ -270,7 +318,7 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
                 f"run directory {run_dir} holds a different config ({k}: {_get(old, k)!r} there, "
                 f"{_get(new, k)!r} now); use a new run_dir or the same config"
             )
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(dump(cfg))
     os.replace(tmp, path)

@@ -85,8 +85,20 @@ def _free_port() -> int:
 
 
 def slurm_job_id() -> str | None:
-    """The SLURM job this process belongs to (an array task's own id), or None outside SLURM."""
-    return os.environ.get("SLURM_JOB_ID") or None
+    """The SLURM job this process belongs to (an array task's own id), or None outside SLURM.
+    It goes to `scontrol` as an argument: anything but digits is refused (-h would be an option)."""
+    raw = os.environ.get("SLURM_JOB_ID") or None
+    if raw is not None and not (raw.isascii() and raw.isdigit()):
+        raise LaunchError(f"SLURM_JOB_ID={raw[:40]!r} is not a job number; SLURM sets it: do not set it by hand")
+    return raw
+
+
+def _slurm_nodelist() -> tuple[str, str]:
+    """(the variable's name, its value) of the job step's node list, the first one set."""
+    for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if os.environ.get(name):
+            return name, os.environ[name]
+    return "SLURM_JOB_NODELIST", ""
 
 
 def slurm_rendezvous() -> tuple[str, int] | None:
@@ -100,15 +112,23 @@ def slurm_rendezvous() -> tuple[str, int] | None:
     env = os.environ
     if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
         return None
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist or not env.get("SLURM_JOB_ID"):
-        raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST or SLURM_JOB_ID is not: "
-                           "start the ranks with srun")
-    return expand_nodelist(nodelist)[0], 20000 + int(env["SLURM_JOB_ID"]) % 10000
+    name, nodelist = _slurm_nodelist()
+    job = slurm_job_id()
+    if not nodelist or job is None:
+        raise LaunchError("SLURM_PROCID is set but SLURM_JOB_NODELIST or SLURM_JOB_ID is not: "
+                          "start the ranks with srun")
+    try:
+        hosts = expand_nodelist(nodelist)
+    except ValueError as e:
+        raise LaunchError(f"{name}={nodelist[:80]!r} is not a SLURM node list ({e}); SLURM sets it: do not set it "
+                          "by hand") from None
+    if not hosts:
+        raise LaunchError(f"{name}={nodelist[:80]!r} names no host")
+    return hosts[0], 20000 + int(job) % 10000
 
 
 def _slurm_nodes() -> list[str]:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
+    nodelist = _slurm_nodelist()[1]
     try:
         return expand_nodelist(nodelist)
     except ValueError:
@@ -166,6 +186,7 @@ def init(timeout_s: int = 600) -> World:
     w = world()
     if dist.is_available() and dist.is_initialized():
         return w
+    slurm_job_id()  # refused now, in one line, rather than when a preemption asks scontrol to requeue it
     env = os.environ
     init_method = None  # env://: the launcher's (or SLURM's) MASTER_ADDR and MASTER_PORT
     source = "set by the launcher"

@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from trainer.core import dist
+from trainer.core.checkpoint_trust import check_safetensors
 from trainer.core.errors import CheckpointError
 
 EMA_DIR = "ema_unet"  # the UNet's EMA folder in a checkpoint (sampling and export read it)
@@ -133,9 +134,14 @@ class EMA:
     def wants(self, rel: str) -> bool:
         return rel.split("/")[0] == self.folder
 
-    def load(self, checkpoint_path: str) -> None:
+    def verify(self, checkpoint_path: str) -> None:
         path = os.path.join(checkpoint_path, self.folder, "diffusion_pytorch_model.safetensors")
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint {checkpoint_path} has no EMA weights ({path} is missing); it was "
                                   "written with the EMA off (ema_halflife_samples=0 or ema_decay=0)")
+        check_safetensors(path, checkpoint_path)
+
+    def load(self, checkpoint_path: str) -> None:
+        self.verify(checkpoint_path)
+        path = os.path.join(checkpoint_path, self.folder, "diffusion_pytorch_model.safetensors")
         self.load_full_state(load_file(path), path)

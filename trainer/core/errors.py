@@ -17,6 +17,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that must not (or cannot) be loaded or written, named in one line."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose marker or files are incomplete or unreadable (not hostile: nothing in it was
+    refused for what it holds); resuming falls back to the previous intact checkpoint."""
+
+
 class LaunchError(RuntimeError):
     """A launch that cannot form the job's process group (a launcher variable unset or wrong, a
     rendezvous address that does not resolve, peers that never came), named in one line."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 import re
 import socket
 import struct
 
 from trainer.core.errors import LaunchError
+
+
+MAX_HOSTS = 100_000  # a node list naming more is refused before it is spelt out (no cluster has as many)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -19,6 +23,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
     hosts, depth, start = [], 0, 0
     for i, ch in enumerate(nodelist + ","):
         depth += (ch == "[") - (ch == "]")
+        if depth not in (0, 1):
+            raise ValueError(f"unbalanced brackets in SLURM node list {nodelist[:80]!r}")
         if ch == "," and depth == 0:
             name = nodelist[start:i].strip()
             start = i + 1
@@ -35,9 +41,16 @@ def expand_nodelist(nodelist: str) -> list[str]:
                     lo, _, hi = item.partition("-")
                     if not lo.isdigit() or (hi and not hi.isdigit()):
                         raise ValueError(f"cannot read host range [{part}] in SLURM node list {nodelist!r}")
+                    if int(hi or lo) - int(lo) > MAX_HOSTS or int(hi or lo) < int(lo):
+                        raise ValueError(f"host range [{part}] in SLURM node list {nodelist[:80]!r} is reversed or "
+                                         f"spans more than {MAX_HOSTS} hosts")
                     options += [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1)]
                 choices.append(options)
+            if math.prod(len(c) for c in choices) + len(hosts) > MAX_HOSTS:
+                raise ValueError(f"SLURM node list {nodelist[:80]!r} names more than {MAX_HOSTS} hosts")
             hosts += ["".join(c) for c in itertools.product(*choices)]
+    if depth:
+        raise ValueError(f"unbalanced brackets in SLURM node list {nodelist[:80]!r}")
     return hosts
 
 

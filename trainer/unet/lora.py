@@ -30,6 +30,14 @@ def add_lora(unet, cfg):
     """Freeze `unet` and add the job's adapters, their initial weights seeded by cfg.seed."""
     from trainer.core.config import ConfigError
 
+    targets = list(cfg.lora_targets)
+    sides = [min(getattr(m, "in_features", 0) or getattr(m, "in_channels", 0),
+                 getattr(m, "out_features", 0) or getattr(m, "out_channels", 0))
+             for n, m in unet.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    if sides and cfg.lora_rank > max(sides):  # checked before peft allocates rank x (in + out) per layer (#27)
+        raise ConfigError(f"lora_rank={cfg.lora_rank} is above the smaller side of every adapted layer (at most "
+                          f"{max(sides)} in {targets}): a larger rank adds nothing; use at most {max(sides)} "
+                          "(LoRA ranks are usually 4-128)")
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

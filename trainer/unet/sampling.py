@@ -66,6 +66,41 @@ def parse_size(text: str, factor: int) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a new allocation: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(vae, per_prompt: int, prompts: int, size: tuple[int, int], device: torch.device) -> None:
+    """Refuse, before anything is allocated, a request whose images cannot fit (#27): the VAE decodes a
+    prompt's `per_prompt` images at once, its activations at each level about 3 live tensors of that
+    level's channels, and every image is kept (and drawn into the grid) until the end. An estimate, on
+    the side of allowing: a size or count far past what fits is refused, not one at the margin."""
+    w, h = size
+    channels = list(getattr(vae.config, "block_out_channels", (128,)))
+    per_pixel = sum(c / 4 ** k for k, c in enumerate(channels)) * 3 * 4  # fp32, level k at 1/2^k of the side
+    decode = per_prompt * w * h * per_pixel
+    kept = prompts * per_prompt * (w * h * 3 + 144 * 128 * 3)  # PIL images and their grid tiles
+    free = available_bytes(device)
+    host_free = free if device.type != "cuda" else available_bytes(torch.device("cpu"))
+    if decode > free or kept > host_free:
+        gb = 1024 ** 3
+        raise config_lib.ConfigError(
+            f"{prompts} prompt(s) x {per_prompt} image(s) at {w}x{h} need about {decode / gb:.1f} GB to decode a "
+            f"prompt's images and {kept / gb:.1f} GB to keep them; {device.type} has {free / gb:.1f} GB free"
+            + (f" and the host {host_free / gb:.1f} GB" if device.type == "cuda" else "")
+            + ": ask for a smaller --size or fewer --per-prompt")
+
+
 def condition(text_encoder, prompts: list[str], negative_prompt: str, size: tuple[int, int], device,
               original: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0)) -> tuple:
     """(context, uncond, added, added_uncond) for sample_latents. With SDXL's two encoders the
@@ -115,6 +150,7 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     schedule = training_schedule(cfg)
     f = manifest.vae.downsample_factor
     size = size or (manifest.resolution, manifest.resolution)
+    check_memory(vae, per_prompt, len(prompts), size, device)
     rows = []
     for i, prompt in enumerate(prompts):
         context, uncond, added, added_uncond = condition(text_encoder, [prompt] * per_prompt, negative_prompt, size,

@@ -39,6 +39,7 @@ from trainer.unet.sampling import Validator
 from trainer.unet.step import DTYPES, build_unet_engine, step_setup, train_step, unet_ds_config
 
 
+@config_lib.holds_run_dir
 def train_unet(cfg: UNetJob) -> str:
     # --- distributed set-up and the derived plan ---------------------------------------------
     preemption = Preemption()  # first: DataLoader workers forked later inherit its signal handler
@@ -93,16 +94,19 @@ def train_unet(cfg: UNetJob) -> str:
                           text_encoder=text_encoder, empty_pooled=empty_pooled)
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
     step, samples, nonfinite_steps, loader_state, log_from = 0, 0, 0, None, 0
-    resume = checkpoint.latest(root, endpoint)
-    if resume:
-        written_by = checkpoint.info(resume, endpoint)["world_size"]
-        elastic = written_by != w.size
+
+    def parts_for(path: str, meta: dict) -> list:
+        elastic = meta.get("world_size", 1) != w.size
         if elastic and not cfg.elastic_resume:
             raise config_lib.ConfigError(
-                f"checkpoint {resume} was written by {written_by} ranks, this job has {w.size}; resume with the same "
-                "world size, or set elastic_resume=true to reshard it (DeepSpeed universal checkpoint)")
-        engine_part = EnginePart(engine, universal=elastic, exclude_frozen=lora)
-        checkpoint.load(resume, [engine_part, *([ema] if ema is not None else [])], endpoint_url=endpoint)
+                f"checkpoint {path} was written by {meta.get('world_size', 1)} ranks, this job has {w.size}; resume with the "
+                "same world size, or set elastic_resume=true to reshard it (DeepSpeed universal checkpoint)")
+        return [EnginePart(engine, universal=elastic, exclude_frozen=lora), *([ema] if ema is not None else [])]
+
+    resume, meta, parts = checkpoint.resume(root, parts_for, endpoint)
+    if resume:
+        written_by, engine_part = meta.get("world_size", 1), parts[0]
+        elastic = written_by != w.size
         state = engine_part.state
         manifest.check_expected(cfg.data.urls, cfg.cache, state["cache"])
         loader_state, nonfinite_steps, log_from = state["loader"], state.get("nonfinite_steps", 0), state["step"]
