@@ -233,6 +233,21 @@ def exists(url: str, endpoint_url: str | None = None) -> bool:
     return fs.exists(path)
 
 
+def identity(url: str, endpoint_url: str | None = None) -> str:
+    """What tells one version of an object from another without reading it: its size and, on object
+    stores, its ETag, locally its modification time (ns) and inode. '' where the store says neither."""
+    fs, path = filesystem(url, endpoint_url)
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot stat {url}: {_describe(e)}") from None
+    if "://" not in url or url.startswith("file://"):
+        st = os.stat(path)
+        return f"size={st.st_size} mtime_ns={st.st_mtime_ns} inode={st.st_ino}"
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    return f"size={info.get('size')} etag={str(tag).strip(chr(34))}"
+
+
 def read_bytes(url: str, endpoint_url: str | None = None) -> bytes:
     with open_url(url, "rb", endpoint_url) as f:
         return f.read()

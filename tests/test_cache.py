@@ -15,6 +15,7 @@ from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.text_encoder import load_text_encoder
 from trainer.cache.manifest import Manifest
 from trainer.cache.job import CacheJob, cache_latents
+from trainer.core.config import ConfigError
 from trainer.core.data import ImageData
 
 
@@ -128,6 +129,11 @@ def test_slices_of_an_array_job_make_the_same_cache(tiny_shards, tiny_cache, tmp
     base = dict(data=ImageData(urls=tiny_shards, resolution=16), out_url=str(out), vae="preset:tiny", batch_size=16)
     cache_latents(CacheJob(**base, shard_slice="0:4"))
     assert not (out / "manifest.json").exists()
+    before = sorted(os.listdir(out))
+    # #27: a slice with other settings is refused before it writes anything (it wrote its shards, then refused)
+    with pytest.raises(ConfigError, match=r"flip"):
+        cache_latents(CacheJob(**base, shard_slice="4:", flip=True))
+    assert sorted(os.listdir(out)) == before
     cache_latents(CacheJob(**base, shard_slice="4:"))
     for name in sorted(os.listdir(tiny_cache)):
         assert (out / name).read_bytes() == open(os.path.join(tiny_cache, name), "rb").read(), name

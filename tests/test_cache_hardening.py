@@ -234,3 +234,52 @@ def test_a_cache_of_the_previous_format_is_refused_with_one_line(tiny_cache, tmp
     with pytest.raises(DataError, match=f"has format_version {FORMAT_VERSION - 1}, this version reads "
                                         f"{FORMAT_VERSION}: rebuild the cache"):
         Manifest.read(str(copy))
+
+
+# -- #27: the same place spelt another way, and an input that changed under its name ------------------------
+
+def test_an_output_that_would_be_an_input_shard_is_refused_however_it_is_spelt(tiny_shards, tmp_path):
+    """Through a link to an input shard, and through an input shard not named .tar: the cache would have
+    written over its input. Refused before anything is written; the input is untouched."""
+    real = tmp_path / "real"
+    shutil.copytree(tiny_shards, real)
+    name = sorted(os.listdir(real))[0]
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(real / name, links / name)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(real / name, plain / "shard0")
+    before = (real / name).read_bytes()
+    for urls, out, clash in ((str(links / name), real, links / name), (str(plain / "shard0"), plain, plain / "shard0")):
+        with pytest.raises(ConfigError, match=f"would write over the input shard {clash}"):
+            cache_latents(CacheJob(data=ImageData(urls=urls, resolution=16), out_url=str(out), vae="preset:tiny",
+                                   batch_size=16))
+    assert (real / name).read_bytes() == before and (plain / "shard0").read_bytes() == before
+    assert sorted(os.listdir(real)) == sorted(os.listdir(tiny_shards))
+
+
+def test_one_bucket_through_two_endpoints_is_one_place():
+    from trainer.cache.checks import output_over_input
+
+    assert output_over_input("s3://b/images", "http://localhost:9000", "s3://b/images", "http://127.0.0.1:9000/")
+    assert not output_over_input("s3://b/images", "http://127.0.0.1:9001", "s3://b/images", "http://127.0.0.1:9000")
+
+
+def test_a_rerun_over_an_input_that_changed_under_the_same_name_caches_it_again(tiny_shards, tmp_path):
+    """Before: the finished shard of the old input was skipped as done, and the manifest described data
+    that was no longer there. Each shard records its input's identity (size, mtime or ETag)."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny_shards, images)
+    first, second = sorted(n for n in os.listdir(images) if n.endswith(".tar"))[:2]
+    job = dict(data=ImageData(urls=f"{images / first},{images / second}", resolution=16, num_workers=0),
+               out_url=str(tmp_path / "cache"), vae="preset:tiny", batch_size=16)
+    cache_latents(CacheJob(**job))
+    old = Manifest.read(str(tmp_path / "cache"))
+    keys_before = {s.shard: s.keys_sha256 for s in old.shards}
+    assert all(s.source_identity.startswith("size=") for s in old.shards)
+    shutil.copy(images / second, images / first)  # other contents under the first shard's name
+    cache_latents(CacheJob(**job))
+    new = {s.shard: s for s in Manifest.read(str(tmp_path / "cache")).shards}
+    assert new[first].keys_sha256 == keys_before[second] != keys_before[first]
+    assert new[first].source_identity != {s.shard: s for s in old.shards}[first].source_identity

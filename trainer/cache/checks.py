@@ -23,9 +23,41 @@ def _location(url: str, endpoint_url: str | None) -> tuple[str, str, str]:
     endpoint = ""
     if proto in ("s3", "s3a", "s3n"):
         proto = "s3"
-        endpoint = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                    or "").rstrip("/")
+        endpoint = _canonical_endpoint(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                                       or os.environ.get("AWS_ENDPOINT_URL") or "")
     return proto, endpoint, posixpath.normpath("/" + rest)
+
+
+def _canonical_endpoint(endpoint: str) -> str:
+    """An endpoint URL as scheme://address:port, the host resolved, so that two spellings of one
+    server (127.0.0.1 and localhost, a name and its address) are one store (#27)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return ""
+    parts = urlsplit(endpoint if "://" in endpoint else "http://" + endpoint)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return endpoint.rstrip("/")
+    host = (parts.hostname or "").lower()
+    try:
+        host = sorted({info[4][0] for info in socket.getaddrinfo(host, port)})[0]
+    except (OSError, UnicodeError, IndexError):
+        pass
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def output_is_an_input(inputs: list[str], names: list[str], data_endpoint_url: str | None, out_url: str,
+                       out_endpoint_url: str | None) -> str | None:
+    """The first input shard that an output shard (out_url/its name) would be, where the spelling alone
+    did not tell (output_over_input): an input that is a link into out_url, an input whose name does not
+    end in .tar, an object store spelt through two endpoints. None when none is."""
+    for url, name in zip(inputs, names):
+        if _location(url, data_endpoint_url) == _location(storage.join(out_url, name), out_endpoint_url):
+            return url
+    return None
 
 
 def _input_folders(spec: str | list[str]) -> set[str]:

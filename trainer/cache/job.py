@@ -35,7 +35,7 @@ from models.autoencoder import autoencoder_identity, downsample_factor, latent_c
 from models.pipeline import is_local, part_spec
 from models.text_encoder import load_text_encoder
 
-from trainer.cache.checks import output_over_input, settings_mismatch
+from trainer.cache.checks import output_is_an_input, output_over_input, settings_mismatch
 from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader
 from trainer.cache.manifest import BucketCount, ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
 from trainer.core import config as config_lib
@@ -195,6 +195,21 @@ def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
     return inputs, names, list(chosen)[w.rank::w.size]
 
 
+def _other_slices_mismatch(cfg: CacheJob, names: list[str], mine: set[str], settings: dict) -> str | None:
+    """A finished shard of another slice of this job made with other settings, found before this slice
+    writes anything (#27: it used to write its shards, then refuse when writing the manifest). One
+    listing and one sidecar read: the shards of one cache share their settings."""
+    try:
+        sidecars = storage.expand_shards(cfg.out_url, cfg.out_endpoint_url, suffix=".tar.json")
+    except storage.DataError:  # none yet
+        return None
+    wanted = set(names) - mine
+    for url in sidecars:
+        if os.path.basename(url.split("://")[-1])[:-len(".json")] in wanted:
+            return settings_mismatch(json.loads(storage.read_bytes(url, cfg.out_endpoint_url)), settings, url)
+    return None
+
+
 def cache_latents(cfg: CacheJob) -> str:
     """Run the job on this rank; returns the manifest URL (written by rank 0)."""
     cfg.validate()  # also when called directly, not from a command line: nothing is written before it
@@ -229,15 +244,28 @@ def cache_latents(cfg: CacheJob) -> str:
 
     # --- this rank's shards that are not done yet -------------------------------------------
     inputs, names, mine = _my_shards(cfg, w)
+    clash = output_is_an_input(inputs, names, cfg.data.endpoint_url, cfg.out_url, cfg.out_endpoint_url)
+    if clash is not None:
+        raise config_lib.ConfigError(f"out_url={cfg.out_url} would write over the input shard {clash} (data.urls): "
+                                     "the cache names its shards after its inputs; choose an out_url apart from them")
     storage.makedirs(cfg.out_url, cfg.out_endpoint_url)
-    entries, todo, mismatch = [], [], None
+    entries, todo, mismatch, sources = [], [], None, {}
     for i in mine:
         sidecar = storage.join(cfg.out_url, names[i]) + ".json"
-        if storage.exists(sidecar, cfg.out_endpoint_url):  # done by an earlier run
-            entries.append(json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url)))
+        sources[i] = storage.identity(inputs[i], cfg.data.endpoint_url)
+        entry = json.loads(storage.read_bytes(sidecar, cfg.out_endpoint_url)) \
+            if storage.exists(sidecar, cfg.out_endpoint_url) else None
+        if entry is not None and entry.get("source_identity", sources[i]) != sources[i]:
+            print(f"{inputs[i]} changed since {names[i]} was cached from it ({entry['source_identity']}, now "
+                  f"{sources[i]}): caching it again")  # same name, other contents (#27): never skipped as done
+            entry = None
+        if entry is not None:  # done by an earlier run
+            entries.append(entry)
             mismatch = mismatch or settings_mismatch(entries[-1], settings, sidecar)
         else:
             todo.append((i, inputs[i]))
+    if mismatch is None and w.is_main:  # another slice's shard already there (SLURM arrays): the same settings?
+        mismatch = _other_slices_mismatch(cfg, names, {names[i] for i in mine}, settings)
     # Every rank learns of any rank's mismatch, so that all stop together (none waits for the others).
     mismatches = [m for m in dist.all_gather_objects(mismatch) if m]
     if mismatches:
@@ -260,7 +288,7 @@ def cache_latents(cfg: CacheJob) -> str:
             continue
         out = outs[i].out
         entry = outs.pop(i).close()
-        entry["sha256"] = _sha256(out, cfg.out_endpoint_url)
+        entry["sha256"], entry["source_identity"] = _sha256(out, cfg.out_endpoint_url), sources[i]
         storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
         entries.append(entry)
         written += entry["count"]
@@ -296,8 +324,8 @@ def cache_latents(cfg: CacheJob) -> str:
             format_version=FORMAT_VERSION,
             num_samples=sum(e["count"] for e in all_entries),
             num_quarantined=sum(len(e["quarantined"]) for e in all_entries),
-            shards=tuple(ShardEntry(**{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")})
-                         for e in all_entries),
+            shards=tuple(ShardEntry(**{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")},
+                                    source_identity=e.get("source_identity", "")) for e in all_entries),
             resolution=cfg.data.resolution,
             crop="resize to cover, centre crop",
             flip=cfg.flip,

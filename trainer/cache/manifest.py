@@ -38,6 +38,7 @@ class ShardEntry:
     sha256: str  # sha256 of the whole shard file (hex)
     keys_sha256: str  # digest of its sample keys in order (latents.keys_digest): the loader's end-of-shard check
     source: str  # URL of the image shard it was encoded from
+    source_identity: str = ""  # that shard's size and ETag (or mtime) then: a rerun redoes it when it changed
 
 
 @dataclasses.dataclass(frozen=True)
