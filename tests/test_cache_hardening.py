@@ -283,3 +283,49 @@ def test_a_rerun_over_an_input_that_changed_under_the_same_name_caches_it_again(
     new = {s.shard: s for s in Manifest.read(str(tmp_path / "cache")).shards}
     assert new[first].keys_sha256 == keys_before[second] != keys_before[first]
     assert new[first].source_identity != {s.shard: s for s in old.shards}[first].source_identity
+
+
+def test_a_small_dev_shm_never_loses_the_caches_work(tiny_shards, tmp_path):
+    """#27: with Docker's 64 MB /dev/shm, workers' batches that did not fit were dropped and the job exited 0
+    with shards missing. Here /dev/shm is 1 MB (a mount namespace of this test's own): the job decodes in the
+    main process instead, says why, and caches everything."""
+    import subprocess
+
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.fail("this test needs unshare --mount (root), as the SLURM tests need network namespaces")
+    out = tmp_path / "cache"
+    script = (f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {PY} launch/cache_latents.py data.urls={tiny_shards} "
+              f"data.resolution=64 out_url={out} vae=preset:tiny text_encoder=tiny batch_size=16 data.num_workers=2")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "note: /dev/shm has 1 MB free, 2 loader workers need about" in proc.stdout, proc.stdout[-2000:]
+    assert Manifest.read(str(out)).num_samples == 96
+
+
+def test_a_batch_lost_on_the_way_from_a_worker_stops_the_job(tiny_shards, tmp_path, monkeypatch):
+    """However a batch goes missing between a loader worker and the encoder, the shard is never written short
+    and the job does not end as if it were done."""
+    from trainer.cache import job as cache_job
+
+    real = cache_job.shard_images_loader
+
+    def losing(dataset, workers):
+        return (item for item in real(dataset, workers) if not (item["shard"] == 1 and item["index"] == 0))
+
+    monkeypatch.setattr(cache_job, "shard_images_loader", losing)
+    with pytest.raises(DataError, match=r"batch 0 of .*shapes-000001.tar never arrived from its loader worker "
+                                        r"\(batch 1 did\); workers hand batches over through /dev/shm"):
+        cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16, num_workers=0), out_url=str(tmp_path / "c"),
+                               vae="preset:tiny", batch_size=8))
+    assert not (tmp_path / "c" / "shapes-000001.tar").exists() and not (tmp_path / "c" / "manifest.json").exists()
+
+    def ending(dataset, workers):  # the loader stops early: the last shard's batches never come
+        return (item for item in real(dataset, workers) if item["shard"] != 5)
+
+    monkeypatch.setattr(cache_job, "shard_images_loader", ending)
+    with pytest.raises(DataError, match=r"^1 of 5 input shards were not cached on rank 0 \(first: .*shapes-000005"
+                                        r".tar\): their batches never arrived"):
+        cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16, num_workers=0), out_url=str(tmp_path / "c"),
+                               vae="preset:tiny", batch_size=8))
+    assert not (tmp_path / "c" / "manifest.json").exists()

@@ -3,6 +3,7 @@ main process (where the accelerator is), and the fp32 rescue of half-precision o
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,7 +40,7 @@ class ShardImages(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for shard, url in self.jobs[worker::workers]:
-            failed, pending = [], {}  # bucket -> samples waiting for a full batch
+            failed, pending, seq = [], {}, iter(range(1 << 62))  # bucket -> samples waiting for a full batch
             report = lambda _url, key, message: failed.append({"key": key, "error": message})  # noqa: E731
             for sample in iter_samples(url, self.endpoint_url, on_error=report, max_member_bytes=self.max_member_bytes):
                 bucket = self.bucketer(sample) if self.bucketer is not None else 0
@@ -52,11 +53,11 @@ class ShardImages(IterableDataset):
                 batch = pending.setdefault(bucket, [])
                 batch.append((sample["__key__"], x, caption, sample_meta(size, target)))
                 if len(batch) == self.batch_size:
-                    yield _item(shard, pending.pop(bucket), False, [])
+                    yield _item(shard, next(seq), pending.pop(bucket), False, [])
             rest = [pending[b] for b in sorted(pending)]
             for batch in rest[:-1]:
-                yield _item(shard, batch, False, [])
-            yield _item(shard, rest[-1] if rest else [], True, failed)
+                yield _item(shard, next(seq), batch, False, [])
+            yield _item(shard, next(seq), rest[-1] if rest else [], True, failed)
 
 
 def sample_meta(size: tuple[int, int], target) -> dict:
@@ -68,17 +69,38 @@ def sample_meta(size: tuple[int, int], target) -> dict:
             "target_size": list(target), "crop_top_left": list(crop_top_left(size, target))}
 
 
-def _item(shard: int, batch: list, last: bool, failed: list) -> dict:
+def _item(shard: int, index: int, batch: list, last: bool, failed: list) -> dict:
     # Stacked here, in the worker: one tensor crosses to the main process per batch, not one
-    # per image (each shared tensor costs a file descriptor hand-over).
+    # per image (each shared tensor costs a file descriptor hand-over). `index`: the batch's place in
+    # its shard, so that the main process notices a batch lost on the way (#27: a worker whose batch
+    # did not fit /dev/shm dropped it, and the cache job exited 0 with shards missing).
     keys, xs, captions, metas = zip(*batch) if batch else ((), (), (), ())
-    return {"shard": shard, "keys": list(keys), "x": torch.stack(xs) if xs else None, "captions": list(captions),
+    return {"shard": shard, "index": index, "keys": list(keys), "x": torch.stack(xs) if xs else None, "captions": list(captions),
             "metas": list(metas), "last": last, "failed": failed}
+
+
+PREFETCH = 4  # batches each worker keeps ready
+
+
+def shm_workers(num_workers: int, batch_bytes: int, say=print) -> int:
+    """`num_workers`, or 0 where /dev/shm cannot hold the batches they keep in flight: DataLoader workers
+    hand each batch over through shared memory, and one that does not fit is lost, not reported (Docker
+    gives 64 MB; a batch of 64 images at 512 px is 200 MB). Decoding then runs in the main process."""
+    if num_workers <= 0 or not os.path.isdir("/dev/shm"):
+        return num_workers
+    st = os.statvfs("/dev/shm")
+    free, need = st.f_bavail * st.f_frsize, num_workers * (PREFETCH + 1) * batch_bytes
+    if free >= need:
+        return num_workers
+    say(f"note: /dev/shm has {free / 2**20:.0f} MB free, {num_workers} loader workers need about "
+        f"{need / 2**20:.0f} MB for their batches: decoding in the main process (data.num_workers=0); give the "
+        "container more shared memory (docker --shm-size) to decode in workers")
+    return 0
 
 
 def shard_images_loader(dataset: ShardImages, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_keep,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=PREFETCH if num_workers > 0 else None)
 
 
 class LatentEncoder:

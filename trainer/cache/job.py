@@ -36,7 +36,7 @@ from models.pipeline import is_local, part_spec
 from models.text_encoder import load_text_encoder
 
 from trainer.cache.checks import output_is_an_input, output_over_input, settings_mismatch
-from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader
+from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader, shm_workers
 from trainer.cache.manifest import BucketCount, ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
 from trainer.core import config as config_lib
 from trainer.core import dist
@@ -136,8 +136,13 @@ class _ShardOut:
         self.cfg, self.out, self.source, self.cfg_settings = cfg, out, source, settings
         self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
         self.count, self.failed, self.stats, self.keys, self.buckets = 0, [], None, [], {}
+        self.next_index = 0
 
     def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
+        if item["index"] != self.next_index:  # a batch lost between a worker and here: never a short shard
+            raise storage.DataError(f"batch {self.next_index} of {self.source} never arrived from its loader worker "
+                                    f"(batch {item['index']} did); {_LOST}")
+        self.next_index += 1
         self.failed += item["failed"]
         if item["x"] is None:
             return
@@ -177,6 +182,10 @@ class _ShardOut:
                 "keys_sha256": keys_digest(self.keys), "settings": self.cfg_settings, "quarantined": self.failed,
                 "buckets": self.buckets,
                 "stats": (self.stats or ChannelStats(0)).to_json()}
+
+
+_LOST = ("workers hand batches over through /dev/shm, which may be too small: rerun with data.num_workers=0 or "
+         "more shared memory (docker --shm-size); finished shards are kept")
 
 
 def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
@@ -272,11 +281,14 @@ def cache_latents(cfg: CacheJob) -> str:
         raise config_lib.ConfigError(mismatches[0])
 
     # --- decode in workers, encode here; one writer per shard in flight --------------------------
-    t0, written, failed = time.time(), 0, 0
+    t0, written, failed, closed = time.time(), 0, 0, set()
     bar = tqdm(desc=f"caching (rank {w.rank})", unit="img", disable=not w.is_main)
+    side = max([cfg.data.resolution, *(max(b) for b in (bucketer.buckets if bucketer else []))])
+    workers = shm_workers(cfg.data.num_workers, cfg.batch_size * 3 * side * side * 4,
+                          say=print if w.is_main else (lambda _: None))
     loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size,
                                                   cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer),
-                                      cfg.data.num_workers))
+                                      workers))
     outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
     for item in loader:
         i = item["shard"]
@@ -291,6 +303,7 @@ def cache_latents(cfg: CacheJob) -> str:
         entry["sha256"], entry["source_identity"] = _sha256(out, cfg.out_endpoint_url), sources[i]
         storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
         entries.append(entry)
+        closed.add(i)
         written += entry["count"]
         failed += len(entry["quarantined"])
         # The same rule as the training loader's: a mostly broken input stops the job.
@@ -299,6 +312,12 @@ def cache_latents(cfg: CacheJob) -> str:
                                     f"data.max_error_rate={cfg.data.max_error_rate}; see the quarantined keys in "
                                     f"the *.tar.json sidecars under {cfg.out_url}")
     bar.close()
+    missing = [url for i, url in todo if i not in closed]  # the loader ended without a shard's last batch
+    lost = [m for m in dist.all_gather_objects(
+        f"{len(missing)} of {len(todo)} input shards were not cached on rank {w.rank} (first: {missing[0]}): their "
+        f"batches never arrived; {_LOST}" if missing else None) if m]
+    if lost:  # never exit 0 with work missing; every rank stops together
+        raise storage.DataError(lost[0])
     rate = written / max(1e-9, time.time() - t0)
 
     # --- manifest, written last -------------------------------------------------------------
