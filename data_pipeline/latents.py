@@ -105,13 +105,47 @@ def time_ids(meta: dict) -> torch.Tensor:
 class CachedSampleDecoder:
     """The UNet loader's decode: `decode_sample`, plus `time_ids` where the UNet takes SDXL's
     conditioning, and, with several bucket shapes, a check that the latents have the shape of
-    the bucket the sample names (the loader batched it by that name). Picklable, for workers."""
+    the bucket the sample names (the loader batched it by that name). Picklable, for workers.
 
-    def __init__(self, with_time_ids: bool, downsample_factor: int, check_shape: bool):
+    `expect` (the manifest's shapes: latent_shape, text, text_emb_shape, pooled_dim) checks every sample
+    against the cache it belongs to, so that one that does not fit (a latent of another shape, a text
+    embedding of another width, SDXL's pooled embedding missing) is a DataError naming it, quarantined
+    under the error budget, instead of a crash in collation on every rerun at the same place (#27)."""
+
+    def __init__(self, with_time_ids: bool, downsample_factor: int, check_shape: bool, expect: dict | None = None):
         self.with_time_ids, self.factor, self.check_shape = with_time_ids, downsample_factor, check_shape
+        self.expect = expect
+
+    def _fits(self, sample: dict, tensors: dict) -> None:
+        e, where = self.expect, f"latent sample {sample.get('__url__')}:{sample.get('__key__')}"
+        channels, height, width = e["latent_shape"]
+        for key in ("mean", "std", "mean_flip", "std_flip"):
+            t = tensors.get(key)
+            if t is None and key in ("mean", "std"):
+                raise DataError(f"{where} has no {key} latents")
+            if t is not None and (t.dim() != 3 or t.shape[0] != channels or not t.is_floating_point()
+                                  or (not self.check_shape and tuple(t.shape[1:]) != (height, width))):
+                raise DataError(f"{where} holds {key} of shape {tuple(t.shape)}, the cache's latents are "
+                                f"{channels}x{height}x{width}" + (" (in its bucket's shape)" if self.check_shape else ""))
+        tokens, width_text = e["text_emb_shape"]
+        if e["text"] == "tokens":
+            t = tensors.get("tokens")
+            if t is None or t.is_floating_point() or t.dim() not in (1, 2) or t.shape[-1] != tokens:
+                raise DataError(f"{where} holds no token ids of length {tokens} (the cache's text=tokens)")
+            return
+        t = tensors.get("text_emb")
+        if t is None or tuple(t.shape) != (tokens, width_text) or not t.is_floating_point():
+            raise DataError(f"{where} holds text_emb of shape {None if t is None else tuple(t.shape)}, the cache's "
+                            f"is {tokens}x{width_text}")
+        if e.get("pooled_dim"):
+            t = tensors.get("pooled")
+            if t is None or tuple(t.shape) != (e["pooled_dim"],):
+                raise DataError(f"{where} holds no pooled text embedding of width {e['pooled_dim']} (SDXL's)")
 
     def __call__(self, sample: dict) -> dict:
         tensors = decode_sample(sample)
+        if self.expect is not None:
+            self._fits(sample, tensors)
         if not (self.with_time_ids or self.check_shape):
             return tensors
         meta = sample_meta(sample)

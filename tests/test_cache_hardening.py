@@ -329,3 +329,41 @@ def test_a_batch_lost_on_the_way_from_a_worker_stops_the_job(tiny_shards, tmp_pa
         cache_latents(CacheJob(data=ImageData(urls=tiny_shards, resolution=16, num_workers=0), out_url=str(tmp_path / "c"),
                                vae="preset:tiny", batch_size=8))
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"mean": torch.zeros(4, 2, 2), "std": torch.zeros(4, 2, 2)}, "holds mean of shape (4, 2, 2), the cache's latents "
+                                                                  "are 4x4x4"),
+    ({"text_emb": torch.zeros(77, 99)}, "holds text_emb of shape (77, 99), the cache's is"),
+    ({"pooled": None}, "holds no pooled text embedding of width 32 (SDXL's)"),
+])
+def test_a_cached_sample_that_does_not_fit_the_manifest_is_quarantined(tiny_cache, tmp_path, change, says):
+    """#27: a latent of another shape, a text embedding of another width, a missing pooled embedding: each a
+    well-formed sample (its own sha256 right, its shard's keys in order) that crashed collation, on every
+    rerun at the same place. Checked against the manifest, it is quarantined alone."""
+    from data_pipeline.latents import CachedSampleDecoder, encode_sample
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    manifest = Manifest.read(str(cache))
+    bad = list(iter_samples(str(cache / manifest.shards[0].shard)))[3]["__key__"]
+    pooled = {"pooled": torch.zeros(32)} if "pooled" in change else {}  # as if the cache were SDXL's
+    for entry in manifest.shards if pooled else manifest.shards[:1]:
+        samples = list(iter_samples(str(cache / entry.shard)))
+        with ShardWriter(str(cache / entry.shard)) as w:
+            for s in samples:
+                tensors = {**st_load(s["safetensors"]), **pooled}
+                if s["__key__"] == bad:
+                    tensors = {k: v for k, v in {**tensors, **change}.items() if v is not None}
+                w.write(encode_sample(s["__key__"], tensors, s["txt"].decode(), json.loads(s["json"])))
+    expect = {"latent_shape": manifest.latent_shape, "text": manifest.text, "text_emb_shape": manifest.text_emb_shape,
+              "pooled_dim": 32 if pooled else manifest.pooled_dim}
+    quarantine = Quarantine(str(tmp_path / "quarantine.jsonl"))
+    urls = [str(cache / s.shard) for s in manifest.shards]
+    dataset = ShardBatches(urls, CachedSampleDecoder(False, 4, False, expect), 8, num_workers=0,
+                           counts=[s.count for s in manifest.shards], quarantine=quarantine,
+                           checksums=[s.keys_sha256 for s in manifest.shards], read_shard=read_cached_shard)
+    batches = iter(make_loader(dataset))
+    assert sum(len(next(batches)["mean"]) for _ in range(dataset.batches_per_epoch())) == 96 - 1
+    rows = [json.loads(line) for line in open(tmp_path / "quarantine.jsonl")]
+    assert len(rows) == 1 and rows[0]["key"] == bad and says in rows[0]["error"], rows

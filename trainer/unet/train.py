@@ -121,7 +121,9 @@ def train_unet(cfg: UNetJob) -> str:
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it).
     urls, bucketed = manifest.shard_urls(cfg.data.urls), len(manifest.buckets) > 1
-    decode = CachedSampleDecoder(needs_time_ids(unet.config), manifest.vae.downsample_factor, bucketed)
+    decode = CachedSampleDecoder(needs_time_ids(unet.config), manifest.vae.downsample_factor, bucketed,
+                                 expect={"latent_shape": manifest.latent_shape, "text": manifest.text,
+                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim})
     loader = build_loader(cfg.data, urls, decode, cfg.batch_per_rank, w, seed=cfg.seed,
                           run_dir=cfg.run_dir, counts=[s.count for s in manifest.shards],
                           checksums=[s.keys_sha256 for s in manifest.shards], read_shard=read_cached_shard,
