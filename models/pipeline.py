@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from models.pipeline_checks import check_part
+
 # The files each part must have (one of the weight files where several are listed).
 _PARTS = {
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
@@ -46,6 +48,7 @@ def check_folder(pretrained: str, parts: tuple[str, ...], key: str = "pretrained
         for alternatives in _PARTS[part]:
             if not any(os.path.exists(os.path.join(pretrained, part, name)) for name in alternatives):
                 raise FileNotFoundError(f"{key}={pretrained}: the pipeline folder has no {part}/{alternatives[0]}")
+        check_part(pretrained, part, key)
 
 
 def part_spec(pretrained: str, part: str) -> str:

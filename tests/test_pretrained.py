@@ -399,3 +399,59 @@ def test_a_lora_rank_past_every_adapted_layer_is_refused_before_allocating(folde
         build_model(cfg, 4, 4, 32)
     assert any(p.requires_grad for p in build_model(UNetJob(pretrained=folders["sd15"], lora_rank=4), 4, 4, 32)
                .parameters())
+
+
+@pytest.mark.parametrize("part, file, field, value, says", [
+    ("unet", "config.json", "in_channels", [4], "field 'in_channels' is [4]"),
+    ("unet", "config.json", "block_out_channels", [32, 10 ** 9], "field 'block_out_channels' is [32, 1000000000]"),
+    ("scheduler", "scheduler_config.json", "num_train_timesteps", 0, "field 'num_train_timesteps' is 0"),
+    ("scheduler", "scheduler_config.json", "num_train_timesteps", 10 ** 10, "field 'num_train_timesteps' is 10000000000"),
+    ("scheduler", "scheduler_config.json", "beta_end", 1.5, "field 'beta_end' is 1.5"),
+    ("scheduler", "scheduler_config.json", "beta_start", float("nan"), "field 'beta_start' is nan"),
+    ("text_encoder", "config.json", "pad_token_id", 10 ** 6, "field 'pad_token_id' is 1000000, outside the embedding "
+                                                            "table of vocab_size"),
+    ("vae", "config.json", "scaling_factor", -1.0, "field 'scaling_factor' is -1.0"),
+    ("tokenizer", None, None, None, "tokenizer/ has no vocabulary"),
+])
+def test_a_broken_pipeline_folder_is_one_line_naming_the_file_and_the_field(folders, tmp_path, part, file, field,
+                                                                            value, says):
+    """#27: fields a job sizes, indexes or divides by, checked before anything is built from them."""
+    import json
+    import shutil
+
+    from models import pipeline
+    from models.pipeline_checks import BrokenPipelineFolder
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["sd15"], broken)
+    pipeline.check_folder(str(broken), ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))  # as built: fine
+    if file is None:
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            (broken / part / name).unlink(missing_ok=True)
+    else:
+        config = json.loads((broken / part / file).read_text())
+        config[field] = value
+        (broken / part / file).write_text(json.dumps(config))
+    with pytest.raises(BrokenPipelineFolder, match=rf"^pretrained={broken}: {part}/") as e:
+        pipeline.check_folder(str(broken), (part,))
+    assert says in str(e.value) and "\n" not in str(e.value)
+    if part == "unet":  # through a job's command line: one line, no traceback
+        proc = run_cmd([PY, "launch/train_unet.py", "--dry-run", "data.urls=/nowhere", f"pretrained={broken}"],
+                       check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and says in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_unet_whose_cross_attention_does_not_take_the_caches_text_is_refused_before_flops(folders, caches, tmp_path):
+    """#27: cross_attention_dim other than the text encoder's width crashed in flops.py."""
+    import json
+    import shutil
+
+    broken = tmp_path / "wide"
+    shutil.copytree(folders["sd15"], broken)
+    config = json.loads((broken / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (broken / "unet" / "config.json").write_text(json.dumps(config))
+    proc = run_cmd([PY, "launch/train_unet.py", f"run_dir={tmp_path / 'run'}", f"data.urls={caches['sd15']}",
+                    f"pretrained={broken}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "its UNet expects 48-d text embeddings, the cache holds 32-d ones" in proc.stderr.strip().splitlines()[-1]

@@ -89,7 +89,12 @@ def shapes_only(cfg, channels: int, size: int, context_dim: int, pooled_dim: int
             raise ConfigError(f"model={cfg.model}: {e}") from None
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_config(pipeline.unet_config(cfg.pretrained))
+    config = pipeline.unet_config(cfg.pretrained)
+    try:  # before anything is built from it (flops.py ran this UNet on the cache's shapes: #27)
+        check_unet_fits(config, channels, context_dim, pooled_dim)
+    except ValueError as e:
+        raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
+    return UNet2DConditionModel.from_config(config)
 
 
 def cache_mismatch(cfg, manifest: Manifest, cache_url: str) -> str | None:
