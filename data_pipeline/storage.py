@@ -279,3 +279,29 @@ def makedirs(url: str, endpoint_url: str | None = None) -> None:
     if "://" not in url or url.startswith("file://"):
         fs.makedirs(path, exist_ok=True)
 
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC/EDQUOT, also as torch.save reports it (its zip
+    writer's "file write failed", or "unexpected pos" when a write came up short) or wrapped in another
+    error's text. For errors raised while writing only."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(k in text for k in ("No space left on device", "Disk quota exceeded", "file write failed",
+                                   "unexpected pos"))
+
+
+def disk_full(path: str, what: str, needed_bytes: int | None = None) -> str:
+    """One line for a write to local `path` that ran out of space: how much is free there, how much
+    `what` needs where that is known."""
+    import shutil
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    need = f"; it needs about {needed_bytes / 2**20:.1f} MB" if needed_bytes else ""
+    return f"no space left on the device of {path} while writing {what} ({free / 2**20:.1f} MB free{need})"

@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import PY, run_cmd, run_script
+from conftest import PY, ROOT, run_cmd, run_script
 from data_pipeline.shards import write_shards
 
 
@@ -70,6 +70,44 @@ def test_a_sample_request_that_cannot_fit_is_refused_before_it_allocates(pipelin
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert lines[-1].startswith("error: 1 prompt(s) x ") and says in lines[-1] and "GB free" in lines[-1], lines[-1]
     assert not os.path.exists(root / "huge.png")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_a_later_run_would_trust(pipeline, tiny_shards, tmp_path):
+    """#27: disk full during an export, a cache shard and a checkpoint. Each on a small filesystem of its own
+    (a tmpfs in this test's mount namespace, gone with it)."""
+    import subprocess
+
+    root, *_ = pipeline
+    small = tmp_path / "small"
+    small.mkdir()
+    run = [f"{PY} launch/train_unet.py --config configs/unet/demo.yaml run_dir={small}/run data.urls={root}/latents "
+           "model=tiny batch_per_rank=16 total_samples=64 checkpoint_every_samples=32 validate_every_samples=0 "
+           "wandb=disabled"]
+    steps = {"export": f"{PY} launch/export.py --run {root}/unet --out {small}/export",
+             "cache": f"{PY} launch/cache_latents.py data.urls={tiny_shards} data.resolution=16 out_url={small}/cache "
+                      "vae=preset:tiny text_encoder=tiny batch_size=16",
+             "train": run[0]}
+    script = f"mount -t tmpfs -o size=160k tmpfs {small} || exit 99\n"
+    for name, command in steps.items():
+        script += (f"echo '== {name}'; {command} 2>&1 | tail -n 3; echo \"rc ${{PIPESTATUS[0]}}\"; "
+                   f"find {small} -mindepth 1 | sort; rm -rf {small}/*\n")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    parts = dict(part.split("\n", 1) for part in proc.stdout.split("== ")[1:])
+    for name in steps:
+        lines = parts[name].strip().splitlines()
+        rc = next(line for line in lines if line.startswith("rc "))
+        error = lines[lines.index(rc) - 1]
+        assert rc != "rc 0" and error.startswith("error: no space left on the device of ") and \
+            "MB free" in error and "Traceback" not in parts[name], (name, parts[name])
+        left = lines[lines.index(rc) + 1:]
+        if name == "export":
+            assert left == [] and "nothing was left at" in error, left  # no export folder, no partial one
+        elif name == "cache":
+            assert not any(p.endswith("manifest.json") for p in left), left
+        else:
+            assert not any(p.endswith("/COMPLETE") for p in left) and "no COMPLETE marker" in error, left
 
 
 def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):

@@ -290,27 +290,36 @@ def cache_latents(cfg: CacheJob) -> str:
                                                   cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer),
                                       workers))
     outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
-    for item in loader:
-        i = item["shard"]
-        if i not in outs:
-            outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i], settings)
-        outs[i].add(item, encoder, text_encoder)
-        bar.update(len(item["keys"]))
-        if not item["last"]:
-            continue
-        out = outs[i].out
-        entry = outs.pop(i).close()
-        entry["sha256"], entry["source_identity"] = _sha256(out, cfg.out_endpoint_url), sources[i]
-        storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
-        entries.append(entry)
-        closed.add(i)
-        written += entry["count"]
-        failed += len(entry["quarantined"])
-        # The same rule as the training loader's: a mostly broken input stops the job.
-        if failed > cfg.data.max_error_rate * max(written + failed, 1000):
-            raise storage.DataError(f"{failed} of {written + failed} samples failed on rank {w.rank}, more than "
-                                    f"data.max_error_rate={cfg.data.max_error_rate}; see the quarantined keys in "
-                                    f"the *.tar.json sidecars under {cfg.out_url}")
+    try:
+        for item in loader:
+            i = item["shard"]
+            if i not in outs:
+                outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i], settings)
+            outs[i].add(item, encoder, text_encoder)
+            bar.update(len(item["keys"]))
+            if not item["last"]:
+                continue
+            out = outs[i].out
+            entry = outs.pop(i).close()
+            entry["sha256"], entry["source_identity"] = _sha256(out, cfg.out_endpoint_url), sources[i]
+            storage.write_bytes_atomic(out + ".json", json.dumps(entry).encode(), cfg.out_endpoint_url)
+            entries.append(entry)
+            closed.add(i)
+            written += entry["count"]
+            failed += len(entry["quarantined"])
+            # The same rule as the training loader's: a mostly broken input stops the job.
+            if failed > cfg.data.max_error_rate * max(written + failed, 1000):
+                raise storage.DataError(f"{failed} of {written + failed} samples failed on rank {w.rank}, more than "
+                                        f"data.max_error_rate={cfg.data.max_error_rate}; see the quarantined keys in "
+                                        f"the *.tar.json sidecars under {cfg.out_url}")
+    except Exception as e:  # out of space: one line, and the finished shards stay (a rerun skips them)
+        if not storage.is_disk_full(e):
+            raise
+        shard = next(iter(outs.values())).out if outs else cfg.out_url
+        done = [storage.join(cfg.out_url, x["shard"]) for x in entries if storage.is_local(cfg.out_url)]
+        need = max((os.path.getsize(x) for x in done if os.path.exists(x)), default=None)
+        raise storage.DataError(storage.disk_full(cfg.out_url, f"the cache shard {shard}", need) + "; the shards "
+                                "finished so far are kept and a rerun after freeing space skips them") from None
     bar.close()
     missing = [url for i, url in todo if i not in closed]  # the loader ended without a shard's last batch
     lost = [m for m in dist.all_gather_objects(

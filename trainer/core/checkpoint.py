@@ -230,12 +230,22 @@ def save(root: str, samples: int, parts: list, keep_last: int = 2, endpoint_url:
     if remote:
         shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local, exist_ok=True)
-    for part in parts:
-        part.save(local)
-    if remote:
-        upload(local, path, endpoint_url)
-        shutil.rmtree(local, ignore_errors=True)
-    dist.barrier()
+    try:
+        for part in parts:
+            part.save(local)
+        if remote:
+            upload(local, path, endpoint_url)
+    except Exception as e:
+        if not storage.is_disk_full(e):
+            raise
+        error = storage.disk_full(local, f"checkpoint {path}", _size(_previous(root, tag, endpoint_url)))
+        error += "; the save has no COMPLETE marker, so no run loads it: free space or set checkpoint_url elsewhere"
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+    error = next((e for e in dist.all_gather_objects(error) if e), None)  # every rank stops, none waits
+    if error:
+        raise CheckpointError(error)
     if w.is_main:
         meta = {}
         for part in parts:
@@ -244,6 +254,18 @@ def save(root: str, samples: int, parts: list, keep_last: int = 2, endpoint_url:
         prune(root, keep_last, endpoint_url)
     dist.barrier()
     return path
+
+
+def _previous(root: str, tag: str, endpoint_url: str | None) -> str | None:
+    """The newest complete local checkpoint before `tag` (to size a new one by), or None."""
+    older = [n for n in complete_tags(root, endpoint_url) if n < tag]
+    return None if is_url(root) or not older else os.path.join(root, older[-1])
+
+
+def _size(folder: str | None) -> int | None:
+    if folder is None:
+        return None
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
 def load(path: str, parts: list, endpoint_url: str | None = None, local_dir: str | None = None) -> dict:

@@ -29,10 +29,13 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline import storage
 from models.autoencoder import encoder_identity, load_autoencoder
 from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
 from models.diffusion import make_sampler
@@ -201,9 +204,37 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
         raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
     if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":
         raise ConfigError("--vae ships a VAE in a pipeline; a LoRA file holds the adapters alone: add --merge")
+    # Written into a temporary sibling, renamed to `out` when whole: an export stopped half-way (a full
+    # disk, a kill) leaves no folder a later user would load as an export (#27).
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # as os.makedirs would have made it (mkdtemp's is private)
+    try:
+        _write(partial, run_dir, weights, loaded, vae_source, fmt, merge)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(partial, out)
+    except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not storage.is_disk_full(e):
+            raise
+        raise FileExistsError(storage.disk_full(out, "the export", _weight_bytes(loaded)) + "; nothing was left "
+                              f"at {out}") from None
+    return out
+
+
+def _weight_bytes(loaded) -> int:
+    """What the run's weights take in fp32: about what an export of them writes."""
+    return sum(p.numel() * 4 for m in loaded[:3] if isinstance(m, torch.nn.Module) for p in m.parameters())
+
+
+def _write(out: str, run_dir: str, weights: str, loaded, vae_source: str, fmt: str, merge: bool) -> None:
+    cfg = loaded[3]
     if fmt == "single_file":
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
-        os.makedirs(out, exist_ok=True)
         try:
             state = to_original(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
         except ValueError as e:
@@ -211,7 +242,6 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
         save_file(state, os.path.join(out, SINGLE_FILE), metadata={"format": "pt"})
         info["format"] = "single_file"
     elif cfg.lora_rank and not merge:
-        os.makedirs(out, exist_ok=True)
         save_lora_weights(loaded[0], out, cfg)
         info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                          "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights}
@@ -220,4 +250,3 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
         pipe.save_pretrained(out, safe_serialization=True)
     with open(os.path.join(out, "ldm.json"), "w") as f:
         json.dump(info, f, indent=1)
-    return out
