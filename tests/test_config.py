@@ -374,3 +374,42 @@ def test_a_second_trainer_on_a_run_directory_is_refused_while_the_first_holds_it
     config_lib.claim_run_dir(str(run_dir))  # free once its holder is gone, however it ended
     config_lib.claim_run_dir(str(run_dir))  # and this process may claim it again
     config_lib.release_run_dir(str(run_dir))
+
+
+def test_one_rule_of_precedence_for_pretrained_and_the_encoders_it_names(tmp_path):
+    """#27: `cache_latents pretrained=FOLDER` with a config file that sets vae/text_encoder silently used the
+    file's encoders (and train_unet refused the cache later). The command line beats the file; named together
+    at one level, pretrained= and an encoder are refused unless they name the same one."""
+    import json
+
+    from trainer.cache.job import CacheJob
+    from trainer.unet.job import UNetJob
+
+    folder = tmp_path / "sd"
+    for part, files in (("vae", ("config.json", "diffusion_pytorch_model.safetensors")),
+                        ("text_encoder", ("config.json", "model.safetensors")),
+                        ("tokenizer", ("tokenizer_config.json", "tokenizer.json")),
+                        ("unet", ("config.json", "diffusion_pytorch_model.safetensors")),
+                        ("scheduler", ("scheduler_config.json",))):
+        (folder / part).mkdir(parents=True)
+        for name in files:
+            (folder / part / name).write_text("{}")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    cache_file = tmp_path / "cache.yaml"
+    cache_file.write_text("vae: preset:tiny\ntext_encoder: tiny\n")
+    base = [f"data.urls={tmp_path}/shards", f"out_url={tmp_path}/out"]
+    cfg = load_config(CacheJob, str(cache_file), [*base, f"pretrained={folder}"])
+    assert (cfg.vae, cfg.text_encoder) == ("", "") and cfg.vae_spec() == str(folder / "vae")
+    with pytest.raises(ConfigError, match=rf"^vae=preset:tiny and pretrained={folder} both name the vae"):
+        load_config(CacheJob, str(cache_file), [*base, f"pretrained={folder}", "vae=preset:tiny"])
+    both = tmp_path / "both.yaml"
+    both.write_text(f"pretrained: {folder}\ntext_encoder: tiny\n")
+    with pytest.raises(ConfigError, match=rf"^text_encoder=tiny and pretrained={folder} both name the text encoder"):
+        load_config(CacheJob, str(both), base)
+    agree = load_config(CacheJob, None, [*base, f"pretrained={folder}", f"vae={folder}/vae/"])  # its own: fine
+    assert agree.vae_spec() == f"{folder}/vae/"
+    unet_file = tmp_path / "unet.yaml"
+    unet_file.write_text("model: sd15\n")
+    assert load_config(UNetJob, str(unet_file), ["data.urls=x", f"pretrained={folder}"]).model == UNetJob.model
+    with pytest.raises(ConfigError, match="both name the UNet"):
+        load_config(UNetJob, str(unet_file), ["data.urls=x", f"pretrained={folder}", "model=sd15"])

@@ -65,6 +65,9 @@ class CacheJob:
     shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
     text: str = "embeddings"  # embeddings (per-token hidden states, fp16) | tokens (ids only; the trainer encodes)
 
+    # pretrained= on the command line replaces a config file's vae and text_encoder (trainer/core/config.py)
+    NAMES_ALSO = {"pretrained": ("vae", "text_encoder")}
+
     def vae_spec(self) -> str:
         """The VAE this job encodes with: `vae`, else the pretrained pipeline's vae/."""
         return self.vae or (part_spec(self.pretrained, "vae") if self.pretrained else "")
@@ -113,6 +116,14 @@ class CacheJob:
         if self.pretrained:
             check_pretrained(self.pretrained, ("vae",) * (not self.vae) + ("text_encoder", "tokenizer") *
                              (not self.text_encoder))
+            own = {"vae": part_spec(self.pretrained, "vae"), "text_encoder": self.pretrained}
+            for key, theirs in own.items():
+                mine = getattr(self, key)
+                if mine and _place(mine) != _place(theirs):
+                    raise config_lib.ConfigError(
+                        f"{key}={mine} and pretrained={self.pretrained} both name the {key.replace('_', ' ')}: name "
+                        f"one (pretrained= on the command line replaces a config file's {key}), or a {key} that "
+                        "is pretrained's own")
         check_vae_spec(self.vae_spec())
         check_text_encoder_spec(self.text_encoder_spec())
         config_lib.check_choice("text_layer", self.text_layer, ("last", "penultimate"))
@@ -120,6 +131,11 @@ class CacheJob:
         config_lib.check_positive(self, ("batch_size",))
         if self.shard_slice and not re.fullmatch(r"\d*:\d*", self.shard_slice, re.ASCII):
             raise config_lib.ConfigError(f"shard_slice must look like START:STOP, got {self.shard_slice!r}")
+
+
+def _place(spec: str) -> str:
+    """A local folder as its real path, anything else (hub id, preset) as written."""
+    return os.path.realpath(spec) if os.path.exists(spec) else spec.rstrip("/")
 
 
 def encoder_dtype(precision: str) -> torch.dtype:

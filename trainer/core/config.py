@@ -214,7 +214,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] = (), *, base
     """Defaults of `cls` (or the `cls` instance `base`: a config built in code), then the YAML
     file, then `key=value` overrides; typed, and validated unless `validate` is False (a base
     that code completes before validating it)."""
-    data = to_dict(cls() if base is None else base)
+    data, loaded = to_dict(cls() if base is None else base), {}
     if path:
         try:
             with open(path) as f:
@@ -226,6 +226,16 @@ def load_config(cls, path: str | None = None, overrides: list[str] = (), *, base
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _merge(data, loaded)
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    # One rule of precedence for every job (#27): the command line beats the config file, also where two
+    # keys name the same thing (`pretrained=` and the file's `vae`, `text_encoder` or `model`): the file's
+    # gives way to the command line's. Named together at one level, the job's validate() refuses them
+    # unless they agree.
+    for key, names_also in getattr(cls, "NAMES_ALSO", {}).items():
+        if key in given:
+            for other in names_also:
+                if other in loaded and other not in given:
+                    data[other] = to_dict(cls())[other]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")

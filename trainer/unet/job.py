@@ -78,6 +78,10 @@ class UNetJob:
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
     wandb_project: str = "ldm"  # wandb project name
 
+
+    # pretrained= on the command line replaces a config file's model (trainer/core/config.py)
+    NAMES_ALSO = {"pretrained": ("model",)}
+
     def validate(self) -> None:
         if not self.data.urls:
             raise config_lib.ConfigError("data.urls is empty: name the latent cache to train on")
