@@ -455,3 +455,29 @@ def test_a_unet_whose_cross_attention_does_not_take_the_caches_text_is_refused_b
                     f"pretrained={broken}", "total_samples=8", "batch_per_rank=8"], check=False, env=_quiet())
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "its UNet expects 48-d text embeddings, the cache holds 32-d ones" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_lora_adapter_is_never_applied_silently_to_another_base(lora_runs, folders, tmp_path):
+    """#27: the base's fingerprint is recorded with every LoRA checkpoint (and export); sampling or exporting
+    the run against a pretrained folder whose UNet weights changed is refused in one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from trainer.core.config import ConfigError
+    from trainer.unet.sampling import load_run
+
+    split, *_ = lora_runs
+    recorded = checkpoint.info(checkpoint.latest(str(split)))["lora_base"]
+    assert json.load(open(os.path.join(_export(split, tmp_path / "lora"), "ldm.json")))["base_fingerprint"] == recorded
+    other = tmp_path / "other_base"
+    shutil.copytree(folders["sd15"], other)
+    weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(weights)).items()}, str(weights))  # another fine-tune of it
+    run = tmp_path / "run"
+    shutil.copytree(split, run, ignore=shutil.ignore_patterns("run.lock"))
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(folders["sd15"], str(other)))
+    with pytest.raises(ConfigError, match=rf"^the LoRA adapter of {run} was trained on a base UNet whose weights "
+                                          rf"differ from pretrained={other}'s now \(fingerprint {recorded}, now "):
+        load_run(str(run))
+    load_run(str(split))  # its own base: fine

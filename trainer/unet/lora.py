@@ -38,6 +38,7 @@ def add_lora(unet, cfg):
         raise ConfigError(f"lora_rank={cfg.lora_rank} is above the smaller side of every adapted layer (at most "
                           f"{max(sides)} in {targets}): a larger rank adds nothing; use at most {max(sides)} "
                           "(LoRA ranks are usually 4-128)")
+    unet.ldm_base_fingerprint = base_fingerprint(unet)  # before the adapters rename the layers they wrap
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -48,6 +49,33 @@ def add_lora(unet, cfg):
     if not any(p.requires_grad for p in unet.parameters()):
         raise ConfigError(f"lora_targets={list(cfg.lora_targets)} matched no layer of the UNet")
     return unet
+
+
+def base_fingerprint(unet) -> str:
+    """A short identity of the frozen base's weights: names, shapes and about 1,000 values per tensor. Two
+    fine-tunes of one architecture differ in it (their weights all moved); recorded with every LoRA
+    checkpoint and export, so that an adapter is never applied, silently, to a base it was not trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in unet.state_dict().items():
+            flat = p.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 1024)].float().cpu()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base(unet, recorded: str | None, where: str, pretrained: str) -> None:
+    """Refuse an adapter recorded as trained on another base than `unet`'s (None: recorded before #27)."""
+    from trainer.core.config import ConfigError
+
+    have = getattr(unet, "ldm_base_fingerprint", None)
+    if recorded and have and recorded != have:
+        raise ConfigError(f"{where} was trained on a base UNet whose weights differ from pretrained={pretrained}'s "
+                          f"now (fingerprint {recorded}, now {have}): the adapter would be applied to another model; "
+                          "point pretrained at the base it was trained on")
 
 
 def trainable_state(module) -> dict[str, torch.Tensor]:

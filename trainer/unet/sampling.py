@@ -18,7 +18,7 @@ from trainer.core import checkpoint
 from trainer.core import config as config_lib
 from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
-from trainer.unet.lora import load_adapter
+from trainer.unet.lora import check_base, load_adapter
 from trainer.unet.pretrained import build_model, training_schedule
 
 
@@ -44,6 +44,9 @@ def load_run(run_dir: str, weights: str = "ema"):
     folder = os.path.join(ckpt, EMA_DIR if weights == "ema" and os.path.isdir(os.path.join(ckpt, EMA_DIR)) else "unet")
     if cfg.lora_rank:  # the checkpoint holds the adapters; the frozen base is pretrained's
         unet = lora_unet(cfg, manifest)
+        recorded = checkpoint.info(ckpt).get("lora_base")  # the base it was trained on (#27)
+        check_base(unet, recorded if isinstance(recorded, str) else None, f"the LoRA adapter of {run_dir}",
+                   cfg.pretrained)
         load_adapter(unet, folder)
     else:
         unet = UNet2DConditionModel.from_pretrained(folder)

@@ -35,6 +35,7 @@ from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
 from trainer.unet.job import UNetJob, make_plan
+from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
 from trainer.unet.step import DTYPES, build_unet_engine, step_setup, train_step, unet_ds_config
 
@@ -109,6 +110,8 @@ def train_unet(cfg: UNetJob) -> str:
         elastic = written_by != w.size
         state = engine_part.state
         manifest.check_expected(cfg.data.urls, cfg.cache, state["cache"])
+        if lora:
+            check_base(unet, state.get("lora_base"), f"checkpoint {resume}", cfg.pretrained)
         loader_state, nonfinite_steps, log_from = state["loader"], state.get("nonfinite_steps", 0), state["step"]
         # Progress is samples: at another world size the global batch differs, so the step
         # (and with it the learning rate and the end) is the one at the same sample count.
@@ -143,7 +146,8 @@ def train_unet(cfg: UNetJob) -> str:
 
     def save_checkpoint() -> None:
         state = {"step": step, "samples": samples, "world_size": w.size, "zero_stage": cfg.zero_stage,
-                 "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict()}
+                 "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict(),
+                 **({"lora_base": unet.ldm_base_fingerprint} if lora else {})}
         parts = [EnginePart(engine, state, exclude_frozen=lora), *([ema] if ema is not None else [])]
         checkpoint.save(root, samples, parts, keep_last=cfg.keep_last, endpoint_url=endpoint)
 
