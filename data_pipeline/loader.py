@@ -252,12 +252,15 @@ class ShardBatches(IterableDataset):
                 if self.quarantine is None:
                     raise
                 self.quarantine(s.get("__url__"), s.get("__key__"), str(e))
-        if not decoded and ahead is not None:  # every rank must still take this step
+        stand_in = not decoded and ahead is not None
+        if stand_in:  # every rank must still take this step
             decoded = self._stand_in(ahead, stream, raw)
         if not decoded:
             raise DataError(f"every sample of a batch failed to decode (first: {raw[0].get('__url__')}:"
                             f"{raw[0].get('__key__')})")
         batch = default_collate(decoded)
+        if stand_in:  # its own turn comes later: here it only fills the step, and weighs nothing in the loss
+            batch["loss_weight"] = torch.zeros(len(decoded))
         batch["epoch"] = epoch
         # Bytes read for this batch, so the trainer can log read throughput (MB/s).
         batch["bytes"] = sum(len(v) for s in raw for k, v in s.items() if not k.startswith("__"))

@@ -66,7 +66,7 @@ def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tens
 
 def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,
                   generator, *, min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
-                  added_cond: dict | None = None) -> torch.Tensor:
+                  added_cond: dict | None = None, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's epsilon or v prediction at a random timestep.
 
     min_snr_gamma > 0 weights each sample by min(SNR, gamma) / SNR (epsilon) or
@@ -75,7 +75,8 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     via Min-SNR Weighting Strategy"; gamma = 5 there). offset_noise > 0 adds a per-image,
     per-channel constant to the noise so the model can change an image's mean brightness
     (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual value). `added_cond`: SDXL's
-    {"text_embeds": pooled, "time_ids": [B, 6]} for a UNet with text_time conditioning.
+    {"text_embeds": pooled, "time_ids": [B, 6]} for a UNet with text_time conditioning. `sample_weight`
+    [B] scales each sample's loss (0: a stand-in the loader only filled a step with).
     """
     b = z0.shape[0]
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
@@ -92,6 +93,8 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
         s = snr(schedule, t)
         clipped = torch.clamp(s, max=min_snr_gamma)
         per_sample = per_sample * (clipped / s if schedule.config.prediction_type == "epsilon" else clipped / (s + 1))
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()
 
 

@@ -29,6 +29,20 @@ class _Recorder(torch.nn.Module):
         return type("Out", (), {"sample": self.pred})()
 
 
+def test_a_sample_weight_of_zero_takes_a_sample_out_of_the_loss():
+    """The loader's stand-in for a batch whose samples all failed weighs 0 (#27: exactly once at batch size 1)."""
+    sched = noise_schedule("epsilon")
+    z0, pred, ctx = torch.randn(4, 4, 8, 8), torch.zeros(4, 4, 8, 8, requires_grad=True), torch.zeros(4, 3, 8)
+    base = training_loss(_Recorder(pred), z0, ctx, sched, torch.Generator().manual_seed(1))
+    ones = training_loss(_Recorder(pred), z0, ctx, sched, torch.Generator().manual_seed(1),
+                         sample_weight=torch.ones(4))
+    torch.testing.assert_close(ones, base)
+    zero = training_loss(_Recorder(pred), z0, ctx, sched, torch.Generator().manual_seed(1),
+                         sample_weight=torch.zeros(4))
+    zero.backward()
+    assert float(zero) == 0 and float(pred.grad.abs().max()) == 0
+
+
 def test_min_snr_weights_each_sample_by_its_clipped_snr():
     sched = noise_schedule("epsilon")
     z0, pred = torch.randn(6, 4, 8, 8), torch.zeros(6, 4, 8, 8)

@@ -241,13 +241,19 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
                disable=not w.is_main)
     t0, done_since = time.time(), 0
     while step < last_step:
-        x = next(batches)["x"].to(device)
+        got = next(batches)
+        x = got["x"].to(device)
+        # A stand-in for a batch whose images all failed weighs nothing (data_pipeline/loader.py): the step
+        # is still taken on every rank, and no image is trained on twice.
+        keep = got["loss_weight"].float().mean().to(device) if "loss_weight" in got else None
         seen = step * batch
         lr = lr_at(seen, cfg.lr, cfg.warmup_samples, cfg.total_samples)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast():
             loss, recon, logs = objective.generator_loss(model, x, seen, step_generator(cfg.seed, step, w.rank))
+        if keep is not None:
+            loss = loss * keep
         if not torch.isfinite(loss):
             raise TrainingError(f"autoencoder loss is {loss.item()} at step {step}; lower lr (now {cfg.lr})")
         opt.zero_grad(set_to_none=True)
@@ -259,6 +265,8 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
         if objective.gan_active(seen):
             with autocast():
                 d_loss, d_logs = objective.discriminator_loss(x, recon)
+            if keep is not None:
+                d_loss = d_loss * keep
             if not torch.isfinite(d_loss):
                 raise TrainingError(f"discriminator loss is {d_loss.item()} at step {step}; "
                                     f"lower disc_lr (now {cfg.disc_lr})")

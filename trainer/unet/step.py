@@ -123,7 +123,7 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
         gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
         z0, context, added = micro_inputs(batch, gen, s)
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
-                             offset_noise=s.offset_noise, added_cond=added)
+                             offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"))
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
