@@ -8,6 +8,7 @@ import os
 import runpy
 import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -26,6 +27,22 @@ UNET_TWO_RANKS = ("model=tiny", "batch_per_rank=8", "lr=0.002", "warmup_samples=
 LEFT_BEHIND: list[str] = []  # commands whose processes outlived them (reported at the end of the run)
 
 
+class LoadDeadline:
+    """A deadline of `seconds` on an idle machine: while the load average is above the number of cores,
+    time counts slower by that ratio, so a wait fails on a hang and not because another job shares the
+    machine (#27: the autoencoder's preemption test timed out at load 2.7 on 2 cores)."""
+
+    def __init__(self, seconds: float):
+        self.left, self.last = float(seconds), time.monotonic()
+
+    def expired(self) -> bool:
+        now = time.monotonic()
+        busy = os.getloadavg()[0] / (os.cpu_count() or 1)
+        self.left -= (now - self.last) / max(1.0, busy)
+        self.last = now
+        return self.left <= 0
+
+
 def run_cmd(args: list[str], check: bool = True, env: dict | None = None, timeout: int = 600):
     """Run a project command from the repository root; returns the CompletedProcess.
 
@@ -37,13 +54,17 @@ def run_cmd(args: list[str], check: bool = True, env: dict | None = None, timeou
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
     proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, err = proc.communicate()
-        timed_out = True
+    deadline, timed_out = LoadDeadline(timeout), False
+    while True:
+        try:
+            out, err = proc.communicate(timeout=5)
+            break
+        except subprocess.TimeoutExpired:
+            if deadline.expired():
+                _kill_group(proc.pid)
+                out, err = proc.communicate()
+                timed_out = True
+                break
     if _kill_group(proc.pid):
         LEFT_BEHIND.append(" ".join(args)[:200])
     if timed_out:

@@ -17,7 +17,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import PY, UNET_TWO_RANKS, assert_same_losses, run_cmd, unet_losses
+from conftest import PY, UNET_TWO_RANKS, LoadDeadline, assert_same_losses, run_cmd, unet_losses
 from trainer.core import checkpoint
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -90,8 +90,8 @@ def jobs(cluster, job_id) -> list[dict]:
 
 
 def wait(cluster, job_id, timeout=240) -> list[dict]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = LoadDeadline(timeout)  # seconds of an idle machine: a loaded one waits longer
+    while not deadline.expired():
         found = jobs(cluster, job_id)
         if found and all(j["JobState"] in TERMINAL for j in found):
             return found
@@ -100,8 +100,8 @@ def wait(cluster, job_id, timeout=240) -> list[dict]:
 
 
 def wait_for_rows(path, n, job_id, cluster, timeout=180):
-    deadline, polls = time.time() + timeout, 0
-    while time.time() < deadline:
+    deadline, polls = LoadDeadline(timeout), 0
+    while not deadline.expired():
         if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
             return
         polls += 1
@@ -111,13 +111,18 @@ def wait_for_rows(path, n, job_id, cluster, timeout=180):
     raise AssertionError(f"{path} did not reach {n} rows in {timeout} s")
 
 
-def assert_same_weights(reference, run_dir):
+def assert_same_weights(reference, run_dir, tol: float = 1e-5):
+    """Equal up to `tol`: the data, the random draws and every state a checkpoint holds are the same, so a
+    resumed run differs from the uninterrupted one only where a fresh process's CPU kernels round
+    differently (oneDNN's vectorised loops can take another path for a buffer at another alignment: one
+    unit in the last place at some step, grown to about 1e-6 over the run's steps, #27). Anything real (a
+    lost optimizer state, a replayed or skipped batch) moves the weights by 1e-3 or more."""
     for folder in ("unet", "ema_unet"):
         wa = load_file(os.path.join(checkpoint.latest(str(reference)), folder, "diffusion_pytorch_model.safetensors"))
         wb = load_file(os.path.join(checkpoint.latest(str(run_dir)), folder, "diffusion_pytorch_model.safetensors"))
         assert wa.keys() == wb.keys()
         for k in wa:
-            assert (wa[k] - wb[k]).abs().max() <= 1e-6, (folder, k)
+            assert (wa[k] - wb[k]).abs().max() <= tol, (folder, k, float((wa[k] - wb[k]).abs().max()))
 
 
 def slurm_out(run_dir, job_id):
