@@ -239,6 +239,8 @@ def identity(url: str, endpoint_url: str | None = None) -> str:
     fs, path = filesystem(url, endpoint_url)
     try:
         info = fs.info(path)
+    except FileNotFoundError:
+        raise DataError(f"shard not found: {url}") from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot stat {url}: {_describe(e)}") from None
     if "://" not in url or url.startswith("file://"):

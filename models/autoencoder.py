@@ -136,8 +136,10 @@ def load_autoencoder(source: str) -> AutoencoderKL | VQModel | IdentityAutoencod
             raise FileNotFoundError(f"{source}/config.json is not valid JSON ({e.msg})") from None
         try:
             model = cls.from_pretrained(source)
-        except (OSError, EnvironmentError) as e:
-            raise FileNotFoundError(f"cannot load autoencoder weights from {source}: {str(e).splitlines()[0]}") from None
+        except (OSError, EnvironmentError, ValueError, RuntimeError) as e:  # ValueError: a tensor of another shape
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FileNotFoundError(f"cannot load autoencoder weights from {source}: {first.split('. If you')[0][:200]}"
+                                    ) from None
     elif source.count("/") >= 1 and not source.startswith(("/", ".")):
         repo, _, subfolder = source.partition("::")
         try:

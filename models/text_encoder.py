@@ -193,9 +193,14 @@ def load_pipeline_text_encoder(spec: str, layer: str = "last") -> CLIPTextEncode
         model = CLIPTextModel.from_pretrained(model_at, dtype=torch.float32, **sub)
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_at, **({"subfolder": "tokenizer"} if hub else {}))
     except Exception as e:  # OSError for missing weights; network errors for hub ids
-        where = f"the hub or its local cache ({type(e).__name__})" if hub else f"{spec}: {str(e).splitlines()[0][:160]}"
-        raise FileNotFoundError(f"cannot load the text encoder and tokenizer of pipeline '{spec}' from {where}; "
-                                "download the pipeline where there is network and name the local folder") from None
+        text = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if not hub:  # the folder is here: what is wrong is in it (a missing file, a tensor of another shape)
+            if "ignore_mismatched_sizes" in text:
+                text = "a weight in text_encoder/ has another shape than its config.json gives it"
+            raise FileNotFoundError(f"cannot load the text encoder and tokenizer of pipeline '{spec}': {text}") from None
+        raise FileNotFoundError(f"cannot load the text encoder and tokenizer of pipeline '{spec}' from the hub or its "
+                                f"local cache ({type(e).__name__}); download the pipeline where there is network and "
+                                "name the local folder") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     try:

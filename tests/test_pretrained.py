@@ -481,3 +481,28 @@ def test_a_lora_adapter_is_never_applied_silently_to_another_base(lora_runs, fol
                                           rf"differ from pretrained={other}'s now \(fingerprint {recorded}, now "):
         load_run(str(run))
     load_run(str(split))  # its own base: fine
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_weights_of_another_shape_than_the_config_are_one_line(folders, tmp_path, part):
+    """#27: mismatched shapes in a pipeline folder's weights: one line naming the folder, not a traceback."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from models.autoencoder import load_autoencoder
+    from models.pipeline import load_unet, part_spec
+    from models.text_encoder import load_text_encoder
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["sd15"], broken)
+    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(broken / part / name))
+    key = next(k for k, v in weights.items() if v.dim() == 2)
+    weights[key] = torch.zeros(weights[key].shape[0] + 3, weights[key].shape[1])
+    save_file(weights, str(broken / part / name))
+    load = {"unet": lambda: load_unet(str(broken)), "vae": lambda: load_autoencoder(part_spec(str(broken), "vae")),
+            "text_encoder": lambda: load_text_encoder(str(broken))}[part]
+    with pytest.raises(FileNotFoundError) as e:
+        load()
+    assert "\n" not in str(e.value) and str(broken) in str(e.value), str(e.value)
