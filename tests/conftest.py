@@ -83,6 +83,8 @@ def run_script(script: str, argv: list[str], capfd) -> tuple[int, str, str]:
     traceback fails the test as it would in a real process. Each script keeps one test that
     runs it as a real process."""
     old_argv, old_path, old_cwd = sys.argv, list(sys.path), os.getcwd()
+    old_exit = os.environ.get("LDM_FULL_EXIT")
+    os.environ["LDM_FULL_EXIT"] = "1"  # config.exit_now: sys.exit, not the end of this process
     path = os.path.join(ROOT, script)
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(path))  # as `python script` has it: benchmarks import their common.py
@@ -95,6 +97,10 @@ def run_script(script: str, argv: list[str], capfd) -> tuple[int, str, str]:
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
         os.chdir(old_cwd)
+        if old_exit is None:
+            os.environ.pop("LDM_FULL_EXIT", None)
+        else:
+            os.environ["LDM_FULL_EXIT"] = old_exit
     if isinstance(code, str):  # sys.exit("error: ...") prints to stderr in the interpreter, not here
         print(code, file=sys.stderr)
         code = 1

@@ -394,6 +394,29 @@ def one_line(e: BaseException) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def exit_now(code: int = 0, message: str = "") -> None:
+    """End a launch script's process: `message` (an error line) to stderr, then exit with `code` without
+    the interpreter's own teardown of its modules, which takes about 2 s of CPU after a job that
+    imported diffusers, transformers and DeepSpeed (measured on a 2-core machine: 1.9 s of a CPU-bound
+    free of every object, after the last atexit handler). Non-daemon threads are joined and the atexit
+    handlers run first (logging, weakref finalizers, wandb), so nothing that teardown would have done is
+    lost. With LDM_FULL_EXIT=1 (tests that run a script in their own process) it is sys.exit."""
+    import atexit
+    import threading
+
+    if os.environ.get("LDM_FULL_EXIT") == "1":
+        sys.exit(message or code)
+    if message:
+        print(message, file=sys.stderr)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run(cls, job, description: str = ""):
     """Entry point of a launch script: parse, then run `job(cfg)`; known input problems
     (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
@@ -401,13 +424,15 @@ def run(cls, job, description: str = ""):
 
     cfg = parse_cli(cls, description=description)
     try:
-        return job(cfg)
+        result = job(cfg)
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError, LaunchError) as e:
-        sys.exit(f"error: {one_line(e)}")
+        exit_now(1, f"error: {one_line(e)}")
     except RuntimeError as e:  # a peer rank died or hung: one line, not a traceback per rank
         from trainer.core.dist import lost_peer
 
         why = lost_peer(e)
         if why is None:
             raise
-        sys.exit(f"error: {why}")
+        exit_now(1, f"error: {why}")
+    exit_now(0)
+    return result

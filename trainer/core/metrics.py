@@ -100,8 +100,9 @@ class RunLog:
     (files under run_dir/wandb, sync later) or `online`.
 
     `run_dir/loss.png` (the `plot_keys` losses, the learning rate and the gradient norm) is
-    redrawn from the history held in memory while the run goes, at most once every
-    `plot_every_s` seconds so that it costs nothing noticeable, and once more at close().
+    redrawn from the history held in memory while the run goes, every `plot_every_s` seconds so
+    that it costs nothing noticeable (the first time `plot_every_s` after the start: a drawing
+    takes about a second, most of it importing matplotlib), and once more at close().
     """
 
     def __init__(self, run_dir: str, is_main: bool, resume_step: int = 0, resume_samples: int | None = None,
@@ -110,7 +111,7 @@ class RunLog:
                  plot_title: str = "", plot_every_s: float = 30.0):
         self.is_main, self.path, self.wandb = is_main, os.path.join(run_dir, "log.jsonl"), None
         self.png, self.plot_keys, self.plot_title = os.path.join(run_dir, "loss.png"), plot_keys, plot_title
-        self.plot_every_s, self.plotted_at, self.plots = plot_every_s, None, 0
+        self.plot_every_s, self.plotted_at, self.plots = plot_every_s, time.monotonic(), 0
         self.history: list[dict] = []
         if not is_main:
             return
@@ -140,7 +141,7 @@ class RunLog:
         self.history.append(row)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
-        if self.plotted_at is None or time.monotonic() - self.plotted_at >= self.plot_every_s:
+        if time.monotonic() - self.plotted_at >= self.plot_every_s:
             self.plot()
 
     def plot(self) -> None:

@@ -30,7 +30,7 @@ from trainer.core.ema import EMA
 from trainer.core.engine import global_grad_norm, resolve_precision, set_lr
 from trainer.core.errors import TrainingError
 from trainer.core.flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
-from trainer.core.metrics import RunLog, StepTally, plot_loss
+from trainer.core.metrics import RunLog, StepTally
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
@@ -217,12 +217,10 @@ def train_unet(cfg: UNetJob) -> str:
     bar.close()
     runlog.close()
 
-    # --- the end: a loss curve beside the final checkpoint ---------------------------------------------
+    # --- the end: the final checkpoint and the loss curve (drawn by runlog.close) ----------------------
     final = checkpoint.latest(root, endpoint)
     if w.is_main:
-        png = plot_loss(os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "loss.png"),
-                        title=f"UNet {cfg.pretrained or cfg.model}, {cfg.prediction_type} loss")
-        print(f"final checkpoint: {final}\nloss curve: {png}")
+        print(f"final checkpoint: {final}\nloss curve: {runlog.png}")
     dist.barrier()
     preemption.finish(final)  # stopped by SLURM's warning signal: rank 0 requeues the job
     return final
