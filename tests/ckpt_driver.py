@@ -79,13 +79,13 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="from the newest complete checkpoint under --root")
     p.add_argument("--resume-from", help="from this checkpoint")
     p.add_argument("--universal", action="store_true")
-    p.add_argument("--log")
+    p.add_argument("--loss-log")
     p.add_argument("--local-dir")
     p.add_argument("--local-rank", "--local_rank", type=int)  # the deepspeed launcher passes it
     a = p.parse_args()
 
     w = dist.init()
-    log = open(a.log, "a") if a.log and w.is_main else None
+    log = open(a.loss_log, "a") if a.loss_log and w.is_main else None
     stages = [int(z) for z in a.zero.split(",")]
     for zero in stages:  # one process for several stages: the launcher's start-up is most of a run's time
         root = a.root if len(stages) == 1 else os.path.join(a.root, f"zero{zero}", "checkpoints")

@@ -16,6 +16,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+TORCHRUN = os.path.join(os.path.dirname(PY), "torchrun")
+
+
+def ranks_of(n: int, port: int | None = None) -> list[str]:
+    """The command prefix that starts `n` ranks of a script on this host. torchrun: its ranks start about
+    4 s sooner than the deepspeed launcher's (which imports DeepSpeed twice before starting them), and the
+    jobs read either launcher's environment (trainer/core/dist.py). The tests of the deepspeed launcher
+    itself (its /dev/shm buffers, a launcher per host, SLURM's per-node launch) use DEEPSPEED."""
+    if n == 1:
+        return [PY]
+    return [TORCHRUN, "--nproc_per_node", str(n), "--master_addr", "127.0.0.1", "--master_port",
+            str(port or free_port())]
 # The tiny UNet at ZeRO-2, 60 steps of a global batch of 16 (2 ranks x 8), a log row every step
 # and a checkpoint every 10: the one config that single-node runs (test_train_unet.py) and
 # multi-node ones (test_slurm.py, test_multinode.py) train, so that their losses compare.

@@ -10,19 +10,18 @@ import pickle
 
 import pytest
 
-from conftest import PY, free_port, run_cmd
+from conftest import PY, ranks_of, run_cmd
 from trainer.core import checkpoint
 from trainer.core.checkpoint_deepspeed import CONVERTED, EnginePart, to_universal
 from trainer.core.checkpoint_trust import verify_files
 
-DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"
 
 
 def _driver(ranks: int, *args) -> list[str]:
     if ranks == 1:
         return [PY, DRIVER, *map(str, args)]
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), DRIVER, *map(str, args)]
+    return [*ranks_of(ranks), DRIVER, *map(str, args)]
 
 
 def _losses(log, zero: int | None = None) -> dict[int, float]:
@@ -45,7 +44,7 @@ def s3_run(s3_endpoint, tmp_path_factory):
     root = "s3://ckpt-tests/run"
     common = ("--root", root, "--endpoint-url", s3_endpoint, "--zero", 2, "--local-dir", tmp / "local")
     out = run_cmd(_driver(2, *common, "--steps", 8, "--save-every", 2, "--crash-before-marker", 8,
-                          "--log", tmp / "straight.jsonl"), check=False)
+                          "--loss-log", tmp / "straight.jsonl"), check=False)
     assert out.returncode != 0, out.stdout[-2000:]
     return root, s3_endpoint, common, _losses(tmp / "straight.jsonl"), tmp
 
@@ -87,7 +86,7 @@ def test_s3_checkpoint_counts_only_with_its_marker_written_last(s3_run):
 def test_zero2_on_s3_resumes_on_one_rank_through_a_universal_checkpoint(s3_run):
     root, endpoint, common, straight, tmp = s3_run
     run_cmd(_driver(1, *common, "--steps", 8, "--resume-from", f"{root}/samples_000000000048", "--universal",
-                    "--log", tmp / "elastic.jsonl"))
+                    "--loss-log", tmp / "elastic.jsonl"))
     # the weights (step 7) and the optimizer state (step 8) are the 2-rank run's
     _close(straight, _losses(tmp / "elastic.jsonl"), (7, 8), 1e-5)
     keys = _moto_keys("ckpt-tests")
@@ -102,7 +101,7 @@ def test_zero2_on_s3_resumes_on_one_rank_through_a_universal_checkpoint(s3_run):
 def test_resume_from_s3_skips_the_interrupted_save_and_continues_exactly(s3_run):
     root, endpoint, common, straight, tmp = s3_run
     out = run_cmd(_driver(2, *common, "--steps", 10, "--save-every", 2, "--keep-last", 3, "--resume",
-                          "--log", tmp / "resumed.jsonl"))
+                          "--loss-log", tmp / "resumed.jsonl"))
     assert f"resumed from {root}/samples_000000000048 at step 6" in out.stdout
     resumed = _losses(tmp / "resumed.jsonl")
     assert sorted(resumed) == [7, 8, 9, 10]
@@ -110,14 +109,14 @@ def test_resume_from_s3_skips_the_interrupted_save_and_continues_exactly(s3_run)
     # the new save of step 8 replaced the interrupted one's files, its marker came last
     assert checkpoint.complete_tags(root, endpoint) == ["samples_000000000048", "samples_000000000064", "samples_000000000080"]
     files = {k: v.last_modified for k, v in _moto_keys("ckpt-tests").items() if k.startswith("run/samples_000000000064/")}
-    assert max(files, key=files.get) == f"run/samples_000000000064/{checkpoint.MARKER}" and len(files) == 4
+    assert max(files, key=files.get) == f"run/samples_000000000064/{checkpoint.MARKER}" and len(files) == 5  # + STARTED
 
 
 def test_zero3_and_zero0_saved_by_two_ranks_resume_on_one(tmp_path):
     """ZeRO-3 through a universal checkpoint; ZeRO-0 as it is: it keeps the whole optimizer
     state in the model file, so `load(universal=True)` makes no conversion for it."""
     run_cmd(_driver(2, "--root", tmp_path, "--zero", "3,0", "--steps", 6, "--save-every", 4,
-                    "--log", tmp_path / "a.jsonl"))
+                    "--loss-log", tmp_path / "a.jsonl"))
     z3, z0 = (checkpoint.latest(str(tmp_path / f"zero{z}" / "checkpoints")) for z in (3, 0))
     assert checkpoint.info(z3)["zero_stage"] == 3
     assert sorted(n for n in os.listdir(z0) if n.endswith(".pt")) == ["mp_rank_00_model_states.pt"]
@@ -136,7 +135,7 @@ def test_zero3_and_zero0_saved_by_two_ranks_resume_on_one(tmp_path):
         checkpoint.load(z3, [EnginePart(Engine(2), universal=True)])
 
     run_cmd(_driver(1, "--root", tmp_path, "--zero", "3,0", "--steps", 6, "--resume", "--universal",
-                    "--log", tmp_path / "b.jsonl"))
+                    "--loss-log", tmp_path / "b.jsonl"))
     for zero in (3, 0):
         _close(_losses(tmp_path / "a.jsonl", zero), _losses(tmp_path / "b.jsonl", zero), (5, 6), 1e-5)
     assert os.path.exists(os.path.join(z3, "universal", CONVERTED))

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
-from conftest import PY, ROOT, free_port, run_cmd
+from conftest import PY, ROOT, ranks_of, run_cmd
 from trainer.core import checkpoint
 from trainer.core.checkpoint_deepspeed import EnginePart, to_universal
 
-DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 DRIVER = "tests/ckpt_driver.py"
 
 
@@ -105,7 +104,7 @@ def test_a_symlinked_folder_in_a_universal_checkpoint_is_refused_before_unpickli
     """The pickle check walks real folders; DeepSpeed's universal loader follows links. A
     `universal/zero` that links to planted pickles must be refused, not loaded."""
     common = ("--root", tmp_path / "ckpt", "--zero", 2)
-    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), DRIVER, *map(str, common),
+    run_cmd([*ranks_of(2), DRIVER, *map(str, common),
              "--steps", "2", "--save-every", "2"])
     ckpt = checkpoint.latest(str(tmp_path / "ckpt"))
     to_universal(ckpt)  # converted once, as an elastic resume would

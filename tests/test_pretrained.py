@@ -9,11 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PY, free_port, run_cmd
+from conftest import PY, ranks_of, run_cmd
 from sd_pipelines import build_pipeline
 from trainer.core import checkpoint
 
-DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
 PROMPT = "a red circle at the center on a white background"
 TRAIN = ("batch_per_rank=8", "warmup_samples=16", "log_every_samples=16", "checkpoint_every_samples=32",
          "ema_halflife_samples=100", "ema_rampup_ratio=0")
@@ -51,16 +50,16 @@ def caches(folders, shards32, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetune(folders, caches, tmp_path_factory):
-    """SD 1.x fine-tuned on 2 ranks at ZeRO-2 under the DeepSpeed launcher."""
+    """SD 1.x fine-tuned on 2 ranks at ZeRO-2."""
     run = tmp_path_factory.mktemp("ft15") / "run"
-    run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_unet.py",
+    run_cmd([*ranks_of(2), "launch/train_unet.py",
              f"run_dir={run}", f"data.urls={caches['sd15']}", f"pretrained={folders['sd15']}", "total_samples=32",
              "zero_stage=2", "lr=1e-3", *TRAIN], env=_quiet())
     return run
 
 
 def _lora_args(run, folders, caches, *extra):
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train_unet.py", f"run_dir={run}",
+    return [*ranks_of(2), "launch/train_unet.py", f"run_dir={run}",
             f"data.urls={caches['sd15']}", f"pretrained={folders['sd15']}", "total_samples=64", "zero_stage=2",
             "lr=1e-2", "lora_rank=4", *TRAIN, *extra]
 

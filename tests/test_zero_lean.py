@@ -82,16 +82,15 @@ def test_lean_zero_optimizer_repoints_parameters_only_when_moved(process_group):
 def test_zero0_gradients_are_the_mean_over_ranks():
     """ZeRO-0 on 2 ranks: the flat all-reduce (one _chunk_cat copy in, one foreach copy out) gives each rank the
     mean of every rank's gradients (`--deepspeed-own` runs the same check on DeepSpeed's own all-reduce)."""
-    from conftest import DEEPSPEED, free_port, run_cmd
+    from conftest import ranks_of, run_cmd
 
-    out = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/allreduce_driver.py"])
+    out = run_cmd([*ranks_of(2), "tests/allreduce_driver.py"])
     assert "gradients are the mean over 2 ranks (flat all-reduce)" in out.stdout
 
 
 def test_zero12_flat_gradients_match_deepspeed_on_two_ranks():
     """ZeRO-1 and ZeRO-2 on 2 ranks (all-reduce of each bucket, this rank's share of it into its partition)."""
-    from conftest import DEEPSPEED, free_port, run_cmd
+    from conftest import ranks_of, run_cmd
 
-    out = run_cmd([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tests/allreduce_driver.py",
-                   "--zero12"])
+    out = run_cmd([*ranks_of(2), "tests/allreduce_driver.py", "--zero12"])
     assert "ZeRO-1/2 flat gradients train to DeepSpeed's weights on 2 ranks" in out.stdout
