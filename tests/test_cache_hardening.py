@@ -259,11 +259,25 @@ def test_an_output_that_would_be_an_input_shard_is_refused_however_it_is_spelt(t
     assert sorted(os.listdir(real)) == sorted(os.listdir(tiny_shards))
 
 
-def test_one_bucket_through_two_endpoints_is_one_place():
+def test_one_bucket_through_two_endpoints_is_one_place(s3_bucket, tiny_shards):
+    """The same S3 server spelt 127.0.0.1 and localhost: the cache job refuses to write over its input."""
+    import s3fs
+
     from trainer.cache.checks import output_over_input
 
     assert output_over_input("s3://b/images", "http://localhost:9000", "s3://b/images", "http://127.0.0.1:9000/")
     assert not output_over_input("s3://b/images", "http://127.0.0.1:9001", "s3://b/images", "http://127.0.0.1:9000")
+    url, endpoint = s3_bucket
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    name = sorted(os.listdir(tiny_shards))[0]
+    fs.put_file(os.path.join(tiny_shards, name), f"{url.removeprefix('s3://')}/images/{name}")
+    before = fs.cat_file(f"{url.removeprefix('s3://')}/images/{name}")
+    other = endpoint.replace("127.0.0.1", "localhost")
+    with pytest.raises(ConfigError, match="is the input shards' folder"):
+        load_config(CacheJob, None, [f"data.urls={url}/images/{name}", f"data.endpoint_url={endpoint}",
+                                     f"out_url={url}/images", f"out_endpoint_url={other}", "vae=preset:tiny",
+                                     "data.resolution=16"])
+    assert fs.cat_file(f"{url.removeprefix('s3://')}/images/{name}") == before
 
 
 def test_a_rerun_over_an_input_that_changed_under_the_same_name_caches_it_again(tiny_shards, tmp_path):
