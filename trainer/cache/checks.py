@@ -2,6 +2,7 @@
 its own input, and a rerun into a cache made with other settings."""
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 
@@ -112,3 +113,24 @@ def settings_mismatch(entry: dict, settings: dict, sidecar: str) -> str | None:
                     f"{key}={value!r}: a rerun into an existing cache must use its settings; write to a new "
                     "out_url (or delete the old cache)")
     return None
+
+
+def other_slices_mismatch(out_url: str, out_endpoint_url: str | None, names: list[str], mine: set[str],
+                          settings: dict) -> str | None:
+    """A finished shard of another slice of this job made with other settings, found before this slice
+    writes anything (#27: it used to write its shards, then refuse when writing the manifest). One
+    listing and one sidecar read: the shards of one cache share their settings."""
+    try:
+        sidecars = storage.expand_shards(out_url, out_endpoint_url, suffix=".tar.json")
+    except storage.DataError:  # none yet
+        return None
+    wanted = set(names) - mine
+    for url in sidecars:
+        if os.path.basename(url.split("://")[-1])[:-len(".json")] in wanted:
+            return settings_mismatch(json.loads(storage.read_bytes(url, out_endpoint_url)), settings, url)
+    return None
+
+
+def place_of(spec: str) -> str:
+    """A local folder as its real path, anything else (hub id, preset) as written."""
+    return os.path.realpath(spec) if os.path.exists(spec) else spec.rstrip("/")

@@ -35,7 +35,8 @@ from models.autoencoder import autoencoder_identity, downsample_factor, latent_c
 from models.pipeline import is_local, part_spec
 from models.text_encoder import load_text_encoder
 
-from trainer.cache.checks import output_is_an_input, output_over_input, settings_mismatch
+from trainer.cache.checks import (other_slices_mismatch, output_is_an_input, output_over_input, place_of,
+                                  settings_mismatch)
 from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader, shm_workers
 from trainer.cache.manifest import BucketCount, ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
 from trainer.core import config as config_lib
@@ -119,7 +120,7 @@ class CacheJob:
             own = {"vae": part_spec(self.pretrained, "vae"), "text_encoder": self.pretrained}
             for key, theirs in own.items():
                 mine = getattr(self, key)
-                if mine and _place(mine) != _place(theirs):
+                if mine and place_of(mine) != place_of(theirs):
                     raise config_lib.ConfigError(
                         f"{key}={mine} and pretrained={self.pretrained} both name the {key.replace('_', ' ')}: name "
                         f"one (pretrained= on the command line replaces a config file's {key}), or a {key} that "
@@ -131,11 +132,6 @@ class CacheJob:
         config_lib.check_positive(self, ("batch_size",))
         if self.shard_slice and not re.fullmatch(r"\d*:\d*", self.shard_slice, re.ASCII):
             raise config_lib.ConfigError(f"shard_slice must look like START:STOP, got {self.shard_slice!r}")
-
-
-def _place(spec: str) -> str:
-    """A local folder as its real path, anything else (hub id, preset) as written."""
-    return os.path.realpath(spec) if os.path.exists(spec) else spec.rstrip("/")
 
 
 def encoder_dtype(precision: str) -> torch.dtype:
@@ -220,21 +216,6 @@ def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
     return inputs, names, list(chosen)[w.rank::w.size]
 
 
-def _other_slices_mismatch(cfg: CacheJob, names: list[str], mine: set[str], settings: dict) -> str | None:
-    """A finished shard of another slice of this job made with other settings, found before this slice
-    writes anything (#27: it used to write its shards, then refuse when writing the manifest). One
-    listing and one sidecar read: the shards of one cache share their settings."""
-    try:
-        sidecars = storage.expand_shards(cfg.out_url, cfg.out_endpoint_url, suffix=".tar.json")
-    except storage.DataError:  # none yet
-        return None
-    wanted = set(names) - mine
-    for url in sidecars:
-        if os.path.basename(url.split("://")[-1])[:-len(".json")] in wanted:
-            return settings_mismatch(json.loads(storage.read_bytes(url, cfg.out_endpoint_url)), settings, url)
-    return None
-
-
 def cache_latents(cfg: CacheJob) -> str:
     """Run the job on this rank; returns the manifest URL (written by rank 0)."""
     cfg.validate()  # also when called directly, not from a command line: nothing is written before it
@@ -290,7 +271,8 @@ def cache_latents(cfg: CacheJob) -> str:
         else:
             todo.append((i, inputs[i]))
     if mismatch is None and w.is_main:  # another slice's shard already there (SLURM arrays): the same settings?
-        mismatch = _other_slices_mismatch(cfg, names, {names[i] for i in mine}, settings)
+        mismatch = other_slices_mismatch(cfg.out_url, cfg.out_endpoint_url, names, {names[i] for i in mine},
+                                         settings)
     # Every rank learns of any rank's mismatch, so that all stop together (none waits for the others).
     mismatches = [m for m in dist.all_gather_objects(mismatch) if m]
     if mismatches:
