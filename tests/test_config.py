@@ -12,7 +12,7 @@ import yaml
 from conftest import PY, ROOT, run_cmd
 from trainer.autoencoder.job import AutoencoderJob
 from trainer.cache.job import CacheJob
-from trainer.core.config import ConfigError, dump, load_config, save_resolved
+from trainer.core.config import release_run_dir, ConfigError, dump, load_config, save_resolved
 from trainer.unet.job import UNetJob
 
 
@@ -284,7 +284,8 @@ def test_save_resolved_same_config_twice(tmp_path):
     assert first == dump(cfg)
     assert save_resolved(load_config(Job, path), run_dir) == path
     assert open(path).read() == first
-    assert sorted(os.listdir(run_dir)) == ["config.yaml"]  # no temp file left
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "run.lock"]  # no temp file left (run.lock: run_dir.py)
+    release_run_dir(run_dir)
 
 
 def test_a_field_added_since_the_run_is_no_difference_at_its_default(tmp_path):

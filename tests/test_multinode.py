@@ -194,7 +194,7 @@ def test_bad_slurm_variables_are_one_line_naming_the_variable(monkeypatch):
             dist.slurm_rendezvous()
     monkeypatch.setenv("SLURM_JOB_ID", "-h")
     with pytest.raises(LaunchError, match="SLURM_JOB_ID='-h' is not a job number"):
-        dist.init()
+        dist.slurm_job_id()  # what dist.init checks first, and preemption.requeue hands to scontrol
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
     assert dist.slurm_rendezvous() == ("gpu07", 20000 + 4242)

@@ -106,6 +106,10 @@ class Manifest:
         for f in dataclasses.fields(self):
             if f.default is not dataclasses.MISSING and getattr(self, f.name) == f.default:
                 del raw[f.name]
+        for entry, shard in zip(raw["shards"], self.shards):  # ShardEntry.source_identity: since #27
+            for f in dataclasses.fields(shard):
+                if f.default is not dataclasses.MISSING and getattr(shard, f.name) == f.default:
+                    del entry[f.name]
         return json.dumps(raw, indent=1)
 
     @classmethod

@@ -360,6 +360,9 @@ def exit_now(code: int = 0, message: str = "") -> None:
 
     if os.environ.get("LDM_FULL_EXIT") == "1":
         sys.exit(message or code)
+    if "tqdm" in sys.modules:  # a progress bar left open ends its line, as its finalizer would have
+        for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", ())):
+            bar.close()
     if message:
         print(message, file=sys.stderr)
     for thread in threading.enumerate():
