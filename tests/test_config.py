@@ -414,3 +414,33 @@ def test_one_rule_of_precedence_for_pretrained_and_the_encoders_it_names(tmp_pat
     assert load_config(UNetJob, str(unet_file), ["data.urls=x", f"pretrained={folder}"]).model == UNetJob.model
     with pytest.raises(ConfigError, match="both name the UNet"):
         load_config(UNetJob, str(unet_file), ["data.urls=x", f"pretrained={folder}", "model=sd15"])
+
+
+def test_a_run_directory_held_from_another_host_is_waited_for_then_refused(tmp_path, capsys):
+    """A holder on another host may be a crashed node whose lock the file server has not expired yet: the job
+    SLURM requeued waits (here 1 s) before refusing; a holder that lets go during the wait is not waited out."""
+    import subprocess
+    import sys
+
+    from trainer.core import run_dir as rd
+
+    run_dir = tmp_path / "run"
+    script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1] + '/run.lock', os.O_RDWR | os.O_CREAT); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'pid 1 on node-that-crashed\\n', 0); "
+              "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    run_dir.mkdir()
+    for hold_s, refused in ((60, True), (2.5, False)):
+        holder = subprocess.Popen([sys.executable, "-c", script, str(run_dir), str(hold_s)], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            if refused:
+                with pytest.raises(ConfigError, match=r"in use by another trainer \(pid 1 on node-that-crashed\)"):
+                    rd.claim_run_dir(str(run_dir), other_host_wait_s=1)
+            else:
+                rd.claim_run_dir(str(run_dir), other_host_wait_s=30)  # the holder lets go after 2.5 s
+                rd.release_run_dir(str(run_dir))
+            assert "waiting up to" in capsys.readouterr().out
+        finally:
+            holder.kill()
+            holder.wait()

@@ -10,26 +10,41 @@ from trainer.core.errors import ConfigError
 _HELD: dict[str, int] = {}  # run directories this process holds: real path -> the locked file's descriptor
 
 
-def claim_run_dir(run_dir: str) -> None:
+def claim_run_dir(run_dir: str, other_host_wait_s: float = 180.0) -> None:
     """Hold `run_dir/run.lock` for as long as this process runs (or until `release_run_dir`): a second
     trainer on the same run directory is refused in one line instead of resuming the first one's
     checkpoint, training beside it and rewriting its log (#27). flock: released by the kernel when
-    the process ends, however it ends; NFS and Lustre mounted with locking carry it across nodes."""
+    the process ends, however it ends; NFS and Lustre mounted with locking carry it across nodes.
+
+    A lock held from another host may be a node that crashed: its lock lives on until the file
+    server's lease runs out (NFSv4: 90 s by default), and the job SLURM requeued after the crash must
+    not be refused for it. So a holder on another host is waited for, up to `other_host_wait_s`."""
     import fcntl
     import socket
+    import time
 
     os.makedirs(run_dir, exist_ok=True)
     key = os.path.realpath(run_dir)
     if key in _HELD:
         return
     fd = os.open(os.path.join(run_dir, "run.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        raise ConfigError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it to end "
-                          "or give this run its own run_dir") from None
+    here, waited_since = socket.gethostname(), None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        elsewhere = holder.startswith("pid ") and not holder.endswith(f" on {here}")
+        if waited_since is None and elsewhere and other_host_wait_s > 0:
+            waited_since = time.monotonic()
+            print(f"run directory {run_dir} is held by {holder}: waiting up to {other_host_wait_s:.0f} s in case "
+                  "that node is gone and its lock has not expired yet", flush=True)
+        if waited_since is None or time.monotonic() - waited_since > other_host_wait_s:
+            os.close(fd)
+            raise ConfigError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it to "
+                              "end or give this run its own run_dir")
+        time.sleep(2.0)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _HELD[key] = fd
