@@ -41,7 +41,7 @@ demo-long:
 test: venv
 	$(PY) -m pytest -q tests
 
-# The benchmarks (benchmarks/run_all.py; not part of test): about 10 minutes on a quiet 2-core CPU,
+# The benchmarks (benchmarks/run_all.py; not part of test): about 13 minutes on a quiet 2-core CPU,
 # writes benchmarks/RESULTS.md, each benchmark's JSON and report in runs/bench/.
 bench: venv
 	$(PY) benchmarks/run_all.py
