@@ -8,7 +8,7 @@ Each benchmark runs as its own process, one after another (they would compete fo
 writes its figures with `--json` into --json-dir and its printed report into a .log beside it.
 RESULTS.md then gathers the machine, the software versions, the date, every figure with its
 median over repeats and its spread, and for each target of issue 8 whether it was met, with a
-sentence where it was not. The settings keep `make bench` within about 10 minutes on a quiet
+sentence where it was not. The settings keep `make bench` within about 13 minutes on a quiet
 2-core CPU (20 at most); a benchmark that fails is reported in RESULTS.md and makes the exit
 status non-zero, and the others still run. benchmarks/gpu.py runs only where CUDA is present.
 """
