@@ -75,7 +75,8 @@ def _item(shard: int, index: int, batch: list, last: bool, failed: list) -> dict
     # its shard, so that the main process notices a batch lost on the way (#27: a worker whose batch
     # did not fit /dev/shm dropped it, and the cache job exited 0 with shards missing).
     keys, xs, captions, metas = zip(*batch) if batch else ((), (), (), ())
-    return {"shard": shard, "index": index, "keys": list(keys), "x": torch.stack(xs) if xs else None, "captions": list(captions),
+    return {"shard": shard, "index": index, "keys": list(keys), "x": torch.stack(xs) if xs else None,
+            "captions": list(captions),
             "metas": list(metas), "last": last, "failed": failed}
 
 

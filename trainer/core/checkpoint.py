@@ -5,8 +5,9 @@ Layout: ROOT/samples_000000012800/ holds `STARTED` (written first), the files of
 *parts* and `COMPLETE` (JSON: samples, world_size and each part's scalars such as step and
 zero_stage), written last by rank 0 after all ranks finished. A directory without `COMPLETE` is an
 interrupted save and is ignored; one without `STARTED` or `COMPLETE` was not written by a
-checkpointer (an export, a user's folder) and is never deleted, whatever its name (#27). The UNet job's parts are its DeepSpeed engine (every rank writes its shard: a save
-gated on rank 0 hangs under ZeRO, diffusers #2606; the model in diffusers format under `unet/`;
+checkpointer (an export, a user's folder) and is never deleted, whatever its name (#27). The
+UNet job's parts are its DeepSpeed engine (every rank writes its shard: a save gated on rank 0
+hangs under ZeRO, diffusers #2606; the model in diffusers format under `unet/`;
 trainer/core/checkpoint_deepspeed.py) and its EMA (`ema_unet/`); the autoencoder's are its
 weights (`model.safetensors`, `discriminator.safetensors`), its EMA (`ema/`) and
 `training_state.pt` (optimizers, codebook usage, loader positions, step).
@@ -24,8 +25,8 @@ number does not (an elastic resume onto more ranks makes the global batch larger
 step smaller). A complete checkpoint is never overwritten, and is deleted only by `prune`,
 when `keep_last` complete checkpoints further in samples exist. `resume` loads the newest intact
 checkpoint: one whose marker or files are damaged (empty, cut short, missing) is named and passed
-over for the one before it. Folders named `step_*` (the
-older layout) are still found and ordered by the samples in their marker.
+over for the one before it. Folders named `step_*` (the older layout) are still found and
+ordered by the samples in their marker.
 
 ROOT is `default_root(run_dir)` or a URL; a URL is written through a private node-local
 staging folder and read through a per-rank download (trainer/core/checkpoint_io.py). A
@@ -53,9 +54,9 @@ from trainer.core.checkpoint_trust import (CheckpointError, DamagedCheckpoint, c
 MARKER = "COMPLETE"
 STARTED = "STARTED"  # the checkpointer's own mark, written before any part: what prune may delete
 
-__all__ = ["CheckpointError", "DamagedCheckpoint", "MARKER", "STARTED", "resume", "SafetensorsPart", "TorchState", "begin", "complete_tags", "default_root",
-           "fetch", "info", "latest", "load", "mark_complete", "prune", "refuse_links", "resolve_root", "save",
-           "tag_for"]
+__all__ = ["CheckpointError", "DamagedCheckpoint", "MARKER", "STARTED", "SafetensorsPart", "TorchState", "begin",
+           "complete_tags", "default_root", "fetch", "info", "latest", "load", "mark_complete", "prune",
+           "refuse_links", "resolve_root", "resume", "save", "tag_for"]
 
 
 def default_root(run_dir: str) -> str:

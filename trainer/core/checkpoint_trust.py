@@ -98,9 +98,12 @@ def unreadable(path: str, e: Exception) -> CheckpointError:
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     if not (found or detail or isinstance(e, pickle.UnpicklingError)):
         first = text.splitlines()[0][:160] if text else "no data"
-        return DamagedCheckpoint(f"checkpoint file {path} is damaged: it cannot be read ({type(e).__name__}: {first})")
-    what = f"it holds {found.group(1)}" if found else f"it is not plain tensor data ({detail.group(1) if detail else type(e).__name__})"
-    return CheckpointError(f"refusing checkpoint file {path}: {what}, which this trainer never writes; it was not loaded")
+        return DamagedCheckpoint(f"checkpoint file {path} is damaged: it cannot be read "
+                                 f"({type(e).__name__}: {first})")
+    kind = detail.group(1) if detail else type(e).__name__
+    what = f"it holds {found.group(1)}" if found else f"it is not plain tensor data ({kind})"
+    return CheckpointError(f"refusing checkpoint file {path}: {what}, which this trainer never writes; "
+                           "it was not loaded")
 
 
 def check_safetensors(path: str, checkpoint_path: str) -> None:
