@@ -375,6 +375,12 @@ def test_a_second_trainer_on_a_run_directory_is_refused_while_the_first_holds_it
     config_lib.claim_run_dir(str(run_dir))  # free once its holder is gone, however it ended
     config_lib.claim_run_dir(str(run_dir))  # and this process may claim it again
     config_lib.release_run_dir(str(run_dir))
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "run.lock").symlink_to(tmp_path / "elsewhere")  # a link where the lock goes: one line, nothing made
+    with pytest.raises(config_lib.ConfigError, match=f"^cannot open {planted}/run.lock to hold the run directory"):
+        config_lib.claim_run_dir(str(planted))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_one_rule_of_precedence_for_pretrained_and_the_encoders_it_names(tmp_path):

@@ -27,7 +27,12 @@ def claim_run_dir(run_dir: str, other_host_wait_s: float = 180.0) -> None:
     key = os.path.realpath(run_dir)
     if key in _HELD:
         return
-    fd = os.open(os.path.join(run_dir, "run.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    path = os.path.join(run_dir, "run.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:  # a link planted there (ELOOP), a folder this user cannot write
+        raise ConfigError(f"cannot open {path} to hold the run directory: {e.strerror}; it must be a plain file "
+                          "this user can write") from None
     here, waited_since = socket.gethostname(), None
     while True:
         try:
