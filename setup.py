@@ -31,6 +31,9 @@ setup(
         "tqdm>=4.66",
         # Loss-curve PNGs; plotting by hand with PIL would be more code than it saves.
         "matplotlib>=3.7",
+        # Hugging Face datasets (save_to_disk folders, parquet) read by launch/make_shards.py (#28): their
+        # Arrow files and Image features are the library's own format; reading them by hand would repeat it.
+        "datasets>=2.19",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5"]},
 )

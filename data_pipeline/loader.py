@@ -1,35 +1,33 @@
 """A resumable, deterministic, elastic batch stream over WebDataset shards.
 
 The data is cut into V *virtual streams* (V = `virtual_ranks`, fixed for the life of a
-run). Each epoch the shard list is permuted by (seed, epoch) and stream v reads shards
-v, v+V, ... of the permutation through a shuffle buffer seeded by (seed, epoch, v). A
-stream's batches are therefore a pure function of (seed, V, v), whatever the world size.
+run). Which samples stream v trains on in an epoch, and how many batches that makes, is
+data_pipeline/epoch_plan.py's arithmetic on per-shard sample counts: samples, not shards,
+are split, so a set smaller than one shard still feeds every rank and worker, and every
+sample is in exactly one stream's share of every epoch. A stream reads the shards its share
+touches, keeps its samples, mixes them through a shuffle buffer seeded by (seed, epoch, v)
+and cuts them into batches of one aspect-ratio bucket each (one bucket without buckets).
+A stream's batches are therefore a pure function of (seed, V, v), whatever the world size.
 
 A job with W ranks gives rank r the streams r, r+W, r+2W, ... (V/W of them) and takes
-one batch from each in turn (a stream that is behind first); DataLoader worker w serves every num_workers-th of them,
-matching the DataLoader's own round-robin. The loader's whole state is the number of
-batches consumed from each stream. Restoring it replays each stream from its position
-(the skipped batches are read but not decoded), so a restart continues exactly; and
-because positions are kept per stream, not per rank, a restart with another world size
-(any W that divides V) continues the same epoch with no sample seen twice or skipped.
+one batch from each in turn (a stream that is behind first); DataLoader worker w serves every
+num_workers-th of them, matching the DataLoader's own round-robin. The loader's whole state
+is the number of batches consumed from each stream. Every stream yields the same number of
+batches per epoch, known before reading, so restoring the state skips whole epochs unread
+and replays the current one (read, not decoded): a restart continues exactly, and because
+positions are kept per stream, not per rank, a restart with another world size (any W that
+divides V) continues the same epoch with no sample seen twice or skipped.
 
-When per-shard counts are known (latent caches record them), every stream yields the
-same number of batches per epoch: as many as the poorest stream can fill. The samples
-beyond that are left out of that epoch; they differ from epoch to epoch because the
-shard permutation does. Without counts (one rank only) each stream's last batch of an
-epoch is smaller instead, and nothing is left out. With aspect-ratio buckets every batch
-holds one bucket's shape; a stream then yields (bucket count - 1) batches fewer per epoch
-than its counts could fill, so that it can always fill what it promised. Samples that fail to decode are quarantined: their batch comes
-out smaller instead of being refilled, so batch boundaries stay a function of the raw
-data and resuming stays exact. A batch whose samples all fail (one bad image at batch
-size 1) cannot come out empty, since every rank must take the same number of steps: it
-becomes the next sample of the same stream that decodes, looked up in the stream's
-following batches (which still come out as usual). That choice depends on the stream's
-data alone, so a resumed run makes it the same way.
+Batches have a fixed size. A bucket's last batch in a stream is filled with copies weighted 0
+(`loss_weight`), and a stream with fewer batches than the others adds whole batches weighted
+0, so nothing is dropped and every rank takes the same steps. A sample that fails to decode
+is quarantined and its place weighted 0 too. A batch whose samples all fail (one bad image
+at batch size 1) is filled with the next sample of the same stream that decodes, looked up
+in the stream's following batches (which still come out as usual), weighted 0. That choice
+depends on the stream's data alone, so a resumed run makes it the same way.
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
@@ -38,34 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from .epoch_plan import EpochPlan, keeps
 from .quarantine import Quarantine
 from .shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 from .storage import DataError
-
-
-class _Plan:
-    """The epoch-by-epoch assignment of shards to virtual streams."""
-
-    def __init__(self, n_shards: int, virtual_ranks: int, batch_size: int, seed: int,
-                 counts: list[int] | None, shuffle: bool, resampled: bool, slack: int = 0):
-        self.n, self.V, self.b, self.seed = n_shards, virtual_ranks, batch_size, seed
-        self.counts, self.shuffle, self.resampled, self.slack = counts, shuffle, resampled, slack
-
-    def shards(self, epoch: int, stream: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.resampled:  # with replacement: for sets too large to ever finish an epoch
-            order = rng.integers(0, self.n, size=self.n)
-        else:
-            order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        return order[stream::self.V].tolist()
-
-    @functools.lru_cache(maxsize=64)
-    def batches_per_stream(self, epoch: int) -> int | None:
-        if self.counts is None:
-            return None
-        fill = min(sum(self.counts[i] for i in self.shards(epoch, v)) // self.b for v in range(self.V))
-        return max(0, fill - self.slack)
-
 
 # How many samples after an all-failed batch are tried for a stand-in before giving up:
 # that many failures in a row exceed any sensible max_error_rate anyway.
@@ -87,47 +61,86 @@ class _Ahead:
         return self.buffer[i]
 
 
+def count_samples(urls: list[str], endpoint_url: str | None = None, bucketer=None, read_shard=None,
+                  max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)) -> list[list[int]]:
+    """Samples per shard and bucket, by reading the shards (not decoding): what the loader will read,
+    so samples the tar reader passes over (bad names, oversize members, a damaged rest) are left out;
+    the loader quarantines them when it meets them."""
+    read_shard, buckets = read_shard or iter_samples, len(bucketer.buckets) if bucketer is not None else 1
+    out = []
+    for url in urls:
+        row = [0] * buckets
+        for s in read_shard(url, endpoint_url, on_error=_pass_over, max_member_bytes=max_member_bytes):
+            row[bucketer(s) if bucketer is not None else 0] += 1
+        out.append(row)
+    return out
+
+
+def _pass_over(url, key, message) -> None:
+    """Counting passes over bad samples; the loader quarantines them when it reads them."""
+
+
 class ShardBatches(IterableDataset):
-    """Collated batches for one rank, continuing from `positions` (batches consumed per stream)."""
+    """Collated batches for one rank, continuing from `positions` (batches consumed per stream).
+
+    `counts`: samples per shard, or per shard and bucket of `bucketer` (read from the shards when
+    None). `repeats`: times each shard is in an epoch (1). `weights`: the loss weight of each
+    shard's samples (1.0; DreamBooth's class images take prior_loss_weight)."""
 
     def __init__(self, urls: list[str], decode, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, virtual_ranks: int = 0,
-                 counts: list[int] | None = None, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 resampled: bool = False, bucketer=None,
+                 counts: list | None = None, repeats: list[int] | None = None, weights: list[float] | None = None,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False, bucketer=None,
                  quarantine: Quarantine | None = None, endpoint_url: str | None = None,
                  checksums: list[str] | None = None, read_shard=None,
                  max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)):
-        V = virtual_ranks or world_size * max(1, num_workers)
-        per_rank = V // world_size
-        if V % world_size or per_rank % max(1, num_workers):
+        workers = max(1, num_workers)
+        V = virtual_ranks or world_size * workers
+        if V % world_size or (V // world_size) % workers:
             raise DataError(f"virtual_ranks={V} must be a multiple of world size {world_size} x "
-                            f"num_workers {max(1, num_workers)}")
+                            f"num_workers {workers}")
         if not urls:
             raise DataError("the shard list is empty")
-        if len(urls) < V:
-            raise DataError(f"{len(urls)} shards cannot feed {V} virtual ranks ({world_size} ranks x "
-                            f"{max(1, num_workers)} workers or more): write at least {V} (smaller) shards")
-        if counts is None and world_size > 1:
-            raise DataError("per-shard sample counts are needed to give every rank the same number of "
-                            "batches; read a latent cache (its manifest has them)")
-        if counts is not None and len(counts) != len(urls):
+        self.read_shard = read_shard or iter_samples
+        if counts is None:
+            counts = count_samples(urls, endpoint_url, bucketer, self.read_shard, max_member_bytes)
+        counts = [list(c) if isinstance(c, (list, tuple)) else [c] for c in counts]
+        if len(counts) != len(urls):
             raise ValueError("counts must have one entry per shard")
+        buckets = len(bucketer.buckets) if bucketer is not None else 1
+        if any(len(c) != buckets for c in counts):
+            if bucketer is None or any(len(c) != 1 for c in counts):
+                raise ValueError(f"counts must give {buckets} bucket counts per shard")
+            counts = count_samples(urls, endpoint_url, bucketer, self.read_shard, max_member_bytes)
+        for name, values in (("repeats", repeats), ("weights", weights)):
+            if values is not None and len(values) != len(urls):
+                raise ValueError(f"{name} must have one entry per shard")
         self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
         self.rank, self.world_size, self.virtual_ranks = rank, world_size, V
-        self.num_workers, self.loader_workers = max(1, num_workers), num_workers
+        self.num_workers, self.loader_workers = workers, num_workers
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
-        # With aspect-ratio buckets a stream can hold up to one unfinished batch per bucket,
-        # so it is promised that many batches fewer than its counts would fill.
         self.bucketer = bucketer
-        slack = len(bucketer.buckets) - 1 if bucketer is not None else 0
-        self.plan = _Plan(len(urls), V, batch_size, seed, counts, shuffle, resampled, slack)
+        self.weights = [float(x) for x in weights] if weights is not None else [1.0] * len(urls)
+        self.plan = EpochPlan(counts, V, batch_size, seed, shuffle=shuffle, resampled=resampled, repeats=repeats)
+        self._check_epoch(0)
         self.positions = [0] * V  # batches consumed per stream; Loader.load_state_dict restores them
         self.quarantine, self.endpoint_url = quarantine, endpoint_url
-        self.checksums = checksums  # sha256 per shard, verified while reading (latent caches)
+        self.checksums = checksums  # check value per shard, verified while reading (latent caches)
         self.max_member_bytes = max_member_bytes  # larger tar members are skipped unread, their sample quarantined
-        # Reads one shard, called as iter_samples is (`sha256=` gets checksums[i]); latent caches
-        # pass latents.read_cached_shard, whose per-shard check is the order of the keys.
-        self.read_shard = read_shard or iter_samples
+
+    def _check_epoch(self, epoch: int) -> None:
+        """Every stream needs a sample per epoch: what cannot hold is refused with the cheapest fix."""
+        if self.plan.fewest_samples_per_stream(epoch) > 0:
+            return
+        n, V, W, nw = self.plan.samples(epoch), self.virtual_ranks, self.world_size, self.num_workers
+        if V > W * nw:
+            fix = f"set data.virtual_ranks to at most {n} (a multiple of {W * nw})"
+        elif nw > 1 and n >= W:
+            fix = f"set data.num_workers={max(1, min(nw - 1, n // W))} (a set this small needs no parallel reading)"
+        else:
+            fix = f"run on at most {n} ranks, or repeat the data (data.repeats)"
+        raise DataError(f"epoch {epoch} has {n} samples, fewer than the {V} data streams ({W} ranks x {nw} loader "
+                        f"workers) it must feed, each needing one: {fix}")
 
     # -- which streams a rank serves, in the order its batches come from them ------------
     def streams_of(self, rank: int) -> list[int]:
@@ -145,23 +158,54 @@ class ShardBatches(IterableDataset):
                 out[v] += (consumed - j + per_rank - 1) // per_rank if consumed > j else 0
         return out
 
-    def batches_per_epoch(self, epoch: int = 0) -> int | None:
-        """Batches each rank yields in `epoch`, or None when counts are unknown."""
-        n = self.plan.batches_per_stream(epoch)
-        return None if n is None else n * self.virtual_ranks // self.world_size
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        """Batches each rank yields in `epoch`."""
+        return self.plan.batches_per_stream(epoch) * self.virtual_ranks // self.world_size
 
-    def samples_per_epoch(self, epoch: int = 0) -> int | None:
-        """Samples the whole job (all ranks) trains on in `epoch`."""
-        n = self.plan.batches_per_stream(epoch)
-        return None if n is None else n * self.virtual_ranks * self.batch_size
+    def samples_per_epoch(self, epoch: int = 0) -> int:
+        """Samples the whole job (all ranks) trains on in `epoch` (repeats included, fill not)."""
+        return self.plan.samples(epoch)
+
+    def slots_per_epoch(self, epoch: int = 0) -> int:
+        """Batch places the whole job fills in `epoch`: its samples and the fill weighted 0."""
+        return self.plan.batches_per_stream(epoch) * self.virtual_ranks * self.batch_size
 
     # -- one stream -----------------------------------------------------------------------
-    def _raw_samples(self, epoch: int, stream: int):
-        shards = self.plan.shards(epoch, stream)
+    def _share(self, epoch: int, stream: int):
+        """(bucket, sample) of the stream's share of the epoch, in shard order. Samples the tar reader
+        drops are reported once, by the stream that keeps the good sample before them in the shard (or,
+        at its start, after them), though every stream whose share touches the shard reads them."""
+        ranges = self.plan.ranges(epoch, stream)
         sums = self.checksums or [None] * len(self.urls)
-        samples = (s for i in shards
-                   for s in self.read_shard(self.urls[i], self.endpoint_url, on_error=self.quarantine, sha256=sums[i],
-                                            max_member_bytes=self.max_member_bytes))
+        for shard, first, owns_empty in self.plan.visits(epoch, stream):
+            seen, pending, previous_kept = [0] * len(first), [], None
+
+            def held(url, key, message):
+                pending.append((url, key, message))
+
+            for s in self.read_shard(self.urls[shard], self.endpoint_url, on_error=held, sha256=sums[shard],
+                                     max_member_bytes=self.max_member_bytes):
+                k = self.bucketer(s) if self.bucketer is not None else 0
+                kept = keeps(ranges[k], first[k] + seen[k])
+                seen[k] += 1
+                if pending:
+                    self._report(pending, kept if previous_kept is None else previous_kept)
+                previous_kept = kept
+                if kept:
+                    yield k, {**s, "__weight__": self.weights[shard]}
+            if pending:
+                self._report(pending, owns_empty if previous_kept is None else previous_kept)
+
+    def _report(self, pending: list, mine: bool) -> None:
+        if mine:
+            for url, key, message in pending:
+                if self.quarantine is None:
+                    raise DataError(f"shard {url}: sample {key}: {message}" if key else f"shard {url}: {message}")
+                self.quarantine(url, key, message)
+        pending.clear()
+
+    def _shuffled(self, epoch: int, stream: int):
+        samples = self._share(epoch, stream)
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -177,45 +221,45 @@ class ShardBatches(IterableDataset):
         for j in rng.permutation(len(buf)):
             yield buf[j]
 
+    def _epoch_batches(self, epoch: int, stream: int):
+        """The stream's batches of the epoch as (bucket, raw samples): exactly plan.batches_per_stream."""
+        b, sizes = self.batch_size, self.plan.stream_sizes(epoch, stream)
+        taken, made, pending, last = [0] * len(sizes), [0] * len(sizes), {}, None
+        for k, s in self._shuffled(epoch, stream):
+            if taken[k] == sizes[k]:  # more of a bucket than the counts said: the data changed; not this epoch
+                continue
+            taken[k] += 1
+            last = pending.setdefault(k, [])
+            last.append(s)
+            if len(last) == b:
+                yield k, pending.pop(k)
+                made[k] += 1
+        if last is None:
+            raise DataError(f"stream {stream} read none of its {sum(sizes)} samples in epoch {epoch} from "
+                            f"{[self.urls[v[0]] for v in self.plan.visits(epoch, stream)]}")
+        filler = last[0]
+        for k in range(len(sizes)):  # each bucket's last batch, filled; fewer samples than counted: filled too
+            while made[k] * b < sizes[k]:
+                real = pending.pop(k, [])
+                yield k, real + [{**(real[0] if real else filler), "__weight__": 0.0}] * (b - len(real))
+                made[k] += 1
+        for _ in range(self.plan.batches_per_stream(epoch) - sum(made)):  # a stream with fewer batches than others
+            yield 0 if self.bucketer is None else self.bucketer(filler), [{**filler, "__weight__": 0.0}] * b
+
     def _stream_batches(self, stream: int, skip: int):
         """Stream `stream`'s endless batches of raw samples, tagged with their epoch, from `skip` on."""
         epoch = 0
         while True:
-            limit = self.plan.batches_per_stream(epoch)
-            if limit == 0:
-                raise DataError(f"in epoch {epoch} a stream of virtual_ranks={self.virtual_ranks} gets fewer than "
-                                f"batch_size={self.batch_size} samples; use fewer ranks or workers, more shards, "
-                                "or a smaller batch")
-            if limit is not None and skip >= limit:  # whole epoch consumed: jump over it unread
-                skip, epoch = skip - limit, epoch + 1
+            per_epoch = self.plan.batches_per_stream(epoch)
+            if skip >= per_epoch:  # whole epoch consumed: jump over it unread
+                skip, epoch = skip - per_epoch, epoch + 1
                 continue
-            made, pending = 0, {}  # bucket -> samples waiting for a full batch
-            for s in self._raw_samples(epoch, stream):
-                k = self.bucketer(s) if self.bucketer is not None else 0
-                batch = pending.setdefault(k, [])
-                batch.append(s)
-                if len(batch) < self.batch_size:
-                    continue
-                del pending[k]
+            self._check_epoch(epoch)
+            for k, batch in self._epoch_batches(epoch, stream):
                 if skip > 0:
                     skip -= 1
                 else:
                     yield epoch, self._tag(k, batch)
-                made += 1
-                if made == limit:
-                    break
-            if limit is None:  # one rank: the epoch's last, smaller batches are not dropped
-                for k in sorted(pending):
-                    if skip > 0:
-                        skip -= 1
-                    else:
-                        yield epoch, self._tag(k, pending[k])
-                    made += 1
-            if limit is not None and made < limit:
-                raise DataError(f"stream {stream} read fewer samples in epoch {epoch} than the shard counts "
-                                f"promise: {[self.urls[i] for i in self.plan.shards(epoch, stream)]}")
-            if made == 0:
-                raise DataError(f"stream {stream} found fewer than batch_size={self.batch_size} samples in its shards")
             epoch += 1
 
     def _tag(self, bucket: int, batch: list[dict]) -> list[dict]:
@@ -234,7 +278,7 @@ class ShardBatches(IterableDataset):
             for s in ahead.peek(i)[1]:
                 tried += 1
                 try:
-                    return [self.decode(s)]
+                    return self.decode(s)
                 except DataError:
                     continue
             i += 1
@@ -242,28 +286,34 @@ class ShardBatches(IterableDataset):
                         f"next {tried} samples of its stream {stream} failed to decode")
 
     def _collate(self, epoch: int, raw: list[dict], ahead: _Ahead | None = None, stream: int = 0) -> dict:
-        decoded = []
+        decoded, weights, done = [], [], {}  # a sample and its fill copies are decoded once
         for s in raw:
-            try:
-                decoded.append(self.decode(s))
-                if self.quarantine is not None:
-                    self.quarantine.ok()
-            except DataError as e:
-                if self.quarantine is None:
-                    raise
-                self.quarantine(s.get("__url__"), s.get("__key__"), str(e))
-        stand_in = not decoded and ahead is not None
-        if stand_in:  # every rank must still take this step
-            decoded = self._stand_in(ahead, stream, raw)
-        if not decoded:
-            raise DataError(f"every sample of a batch failed to decode (first: {raw[0].get('__url__')}:"
-                            f"{raw[0].get('__key__')})")
-        batch = default_collate(decoded)
-        if stand_in:  # its own turn comes later: here it only fills the step, and weighs nothing in the loss
-            batch["loss_weight"] = torch.zeros(len(decoded))
+            key = (s.get("__url__"), s.get("__key__"))
+            if key not in done:
+                try:
+                    done[key] = self.decode(s)
+                    if self.quarantine is not None and s["__weight__"]:
+                        self.quarantine.ok()
+                except DataError as e:
+                    if self.quarantine is None:
+                        raise
+                    if s["__weight__"]:
+                        self.quarantine(s.get("__url__"), s.get("__key__"), str(e))
+                    done[key] = None
+            decoded.append(done[key])
+            weights.append(s["__weight__"] if done[key] is not None else 0.0)
+        good = next((d for d in decoded if d is not None), None)
+        if good is None:  # every rank must still take this step
+            if ahead is None:
+                raise DataError(f"every sample of a batch failed to decode (first: {raw[0].get('__url__')}:"
+                                f"{raw[0].get('__key__')})")
+            good = self._stand_in(ahead, stream, raw)
+        batch = default_collate([d if d is not None else good for d in decoded])
+        batch["loss_weight"] = torch.tensor(weights, dtype=torch.float32)
+        batch["keys"] = [f"{s.get('__url__')}:{s.get('__key__')}" for s in raw]  # which samples (data.log_samples)
         batch["epoch"] = epoch
         # Bytes read for this batch, so the trainer can log read throughput (MB/s).
-        batch["bytes"] = sum(len(v) for s in raw for k, v in s.items() if not k.startswith("__"))
+        batch["bytes"] = sum(len(v) for s in raw if s["__weight__"] for k, v in s.items() if not k.startswith("__"))
         return batch
 
     def __iter__(self):

@@ -33,7 +33,7 @@ def claim_output_folder(out_url: str, prefix: str, overwrite: bool, endpoint_url
         raise DataError(f"--out {out_url} is not empty ({len(names)} entries, e.g. {names[0]}): new shards beside "
                         "old ones would be read together; write to an empty folder, or pass --overwrite to "
                         "replace the shards an earlier run left there")
-    ours = re.compile(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.partial)?")
+    ours = re.compile(rf"\.?{re.escape(prefix)}-(\d{{6}}\.tar(\.partial)?|skipped\.jsonl(\.tmp)?)")
     foreign = [n for n in names if not ours.fullmatch(n)]
     if foreign:
         raise DataError(f"--overwrite deletes only earlier {prefix}-NNNNNN.tar shards, but {out_url} also holds "

@@ -64,7 +64,7 @@ def test_every_batch_has_one_shape_and_an_epoch_has_every_sample_once(mixed):
             break
         assert batch["x"].ndim == 4  # stacking succeeded: one shape in the batch
         shapes.add(tuple(batch["x"].shape[2:]))
-        keys += batch["key"]
+        keys += [k for k, w in zip(batch["key"], batch["loss_weight"]) if w > 0]
     assert sorted(keys) == [f"{i:04d}" for i in range(48)]
     assert len(shapes) >= 3  # wide, tall and square batches
 
@@ -101,5 +101,47 @@ def test_bucketed_ranks_stay_in_step_with_counts(mixed):
     for ds in ranks:
         batches = list(itertools.islice(make_loader(ds), per_epoch + 1))
         assert [int(b["epoch"]) for b in batches] == [0] * per_epoch + [1]
-        seen += [k for b in batches[:per_epoch] for k in b["key"]]
-    assert len(seen) == len(set(seen)) == per_epoch * 2 * 4
+        seen += [k for b in batches[:per_epoch] for k, w in zip(b["key"], b["loss_weight"]) if w > 0]
+    assert sorted(seen) == [f"{i:04d}" for i in range(48)]
+
+
+# Five bucket shapes of make_buckets(64, 16, 2.0), in uneven numbers: 40 images.
+FIVE = [(96, 48)] * 3 + [(80, 48)] * 7 + [(64, 64)] * 17 + [(48, 80)] * 9 + [(48, 96)] * 4
+
+
+@pytest.fixture(scope="module")
+def forty(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forty")
+    samples = ({"__key__": f"{i:04d}", "png": image(size, split=False), "txt": b"x"} for i, size in enumerate(FIVE))
+    return write_shards(samples, str(root), per_shard=1000)  # one shard
+
+
+def weighed(batches, epoch):
+    return [k for b in batches if int(b["epoch"]) == epoch for k, w in zip(b["key"], b["loss_weight"]) if w > 0]
+
+
+def test_forty_images_in_five_buckets_all_seen_every_epoch_on_two_ranks_two_workers(forty):
+    """#28: incomplete bucket batches are filled (weighted 0), never dropped: the fraction of the
+    set seen per epoch is 1.0, on 2 ranks x 2 workers from one shard, also across a resume."""
+    def rank(r):
+        return dataset(forty, num_workers=2, rank=r, world_size=2)
+    per_epoch = rank(0).batches_per_epoch(0)
+    got = {r: list(itertools.islice(make_loader(rank(r)), 3 * per_epoch)) for r in (0, 1)}
+    for epoch in (0, 1, 2):
+        seen = weighed(got[0], epoch) + weighed(got[1], epoch)
+        assert sorted(seen) == [f"{i:04d}" for i in range(40)], f"epoch {epoch}"
+        assert len(set(seen)) / 40 == 1.0
+    for b in got[0] + got[1]:
+        assert b["x"].shape[0] == 4  # fixed batch size: the rest of a bucket's last batch is fill
+    # A stop mid-epoch 1 and a resume continue exactly.
+    loader = make_loader(rank(0))
+    it = iter(loader)
+    for _ in range(per_epoch + 3):
+        next(it)
+    state = loader.state_dict()
+    del it
+    for r in (0, 1):
+        resumed = make_loader(rank(r))
+        resumed.load_state_dict(state)
+        assert [list(b["key"]) for b in itertools.islice(resumed, 5)] == \
+            [list(b["key"]) for b in got[r][per_epoch + 3:per_epoch + 8]]

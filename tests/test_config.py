@@ -259,9 +259,9 @@ def test_real_job_unknown_key_lists_its_fields():
         load_config(UNetJob, None, ["data.urls=x", "data.resolution=32"])
     import dataclasses
 
-    from trainer.core.data import ShardData
+    from trainer.core.data import LatentData
 
-    valid = ", ".join(sorted(f.name for f in dataclasses.fields(ShardData)))
+    valid = ", ".join(sorted(f.name for f in dataclasses.fields(LatentData)))
     assert "urls" in valid and "resolution" not in valid
     assert str(e.value) == f"unknown config key 'data.resolution'; valid keys in data: {valid}"
 

@@ -47,13 +47,14 @@ def decode(sample):
 
 
 def keys_of(urls, qfile, batch=2, **kw):
-    """Keys of one epoch through the loader (one rank, in shard order) and the quarantine entries."""
+    """Keys trained on (weight > 0) in one epoch through the loader (one rank, in shard order) and the
+    quarantine entries."""
     ds = ShardBatches(urls, decode, batch, num_workers=0, shuffle=False, quarantine=Quarantine(str(qfile), 1.0), **kw)
     keys = []
     for b in make_loader(ds):
         if b["epoch"] > 0:
             break
-        keys += b["key"]
+        keys += [k for k, w in zip(b["key"], b["loss_weight"]) if w > 0]
     entries = [json.loads(line) for line in qfile.read_text().splitlines()] if qfile.exists() else []
     return keys, {e["key"]: e["error"] for e in entries}
 

@@ -34,12 +34,18 @@ def all_keys(sizes) -> list[str]:
 
 
 def take(ds: ShardBatches, n: int) -> list[tuple[int, tuple[str, ...]]]:
-    """The first n batches through the real DataLoader, as (epoch, keys)."""
+    """The first n batches through the real DataLoader, as (epoch, keys); fill weighted 0 is shown as '-'."""
     it = iter(make_loader(ds, prefetch_factor=2))
     try:
-        return [(int(b["epoch"]), tuple(b["key"])) for b in itertools.islice(it, n)]
+        return [(int(b["epoch"]), tuple(k if w > 0 else "-" for k, w in zip(b["key"], b["loss_weight"].tolist())))
+                for b in itertools.islice(it, n)]
     finally:
         del it
+
+
+def trained(batches, epoch=None) -> list[str]:
+    """Keys trained on (weight > 0), of one epoch or all."""
+    return [k for e, keys in batches if epoch is None or e == epoch for k in keys if k != "-"]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +62,11 @@ def test_resume_replays_the_same_stream(uneven, num_workers, with_counts):
     ds = ShardBatches(uneven, decode, 5, **kw)
     n_after = 8
     ref = take(ds, 13 + n_after)
-    if with_counts:
-        assert all(len(keys) == 5 for _, keys in ref)
-    else:  # one rank without counts: an epoch's last batch is smaller, nothing is dropped
-        assert sorted(k for e, keys in ref if e == 0 for k in keys) == sorted(all_keys(UNEVEN))
-    if with_counts:
-        per_epoch = ds.batches_per_epoch(0)
-        assert per_epoch < 13  # the resume points below include one in a later epoch
-        assert [e for e, _ in ref[:per_epoch + 1]] == [0] * per_epoch + [1]
-    else:
-        assert max(e for e, _ in ref[13:]) >= 1
+    assert all(len(keys) == 5 for _, keys in ref)  # fixed batch shape: the last of an epoch is filled
+    per_epoch = ds.batches_per_epoch(0)
+    assert per_epoch < 13  # the resume points below include one in a later epoch
+    assert [e for e, _ in ref[:per_epoch + 1]] == [0] * per_epoch + [1]
+    assert sorted(trained(ref, 0)) == sorted(all_keys(UNEVEN))  # nothing dropped
     for start in (1, 5, 13):
         resumed = take(restored(ShardBatches(uneven, decode, 5, **kw), state_after(ShardBatches(uneven, decode, 5, **kw),
                                                                                     start)), n_after)
@@ -101,32 +102,27 @@ def test_exact_resume_two_ranks_two_workers_after_batch_13(uneven):
     assert state_after(rank(0), 13) == state_after(rank(1), 13)
 
 
-def epoch0_keys(batches) -> list[str]:
-    return [k for e, keys in batches if e == 0 for k in keys]
-
-
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4)])
 def test_elastic_resume_sees_each_sample_of_the_epoch_once(tmp_path, before, after):
-    """Resume mid-epoch with another world size: the epoch's samples are exactly those of an
-    uninterrupted run, none twice, none skipped."""
-    urls = build_shards(tmp_path, (6, 9, 7, 8, 5, 10, 6, 9))
-    kw = dict(seed=3, virtual_ranks=4, counts=[6, 9, 7, 8, 5, 10, 6, 9], shuffle_buffer=4, num_workers=0)
+    """Resume mid-epoch with another world size: the epoch's samples are exactly all samples,
+    none twice, none skipped."""
+    sizes = (6, 9, 7, 8, 5, 10, 6, 9)
+    urls = build_shards(tmp_path, sizes)
+    kw = dict(seed=3, virtual_ranks=4, counts=list(sizes), shuffle_buffer=4, num_workers=0)
 
     def world(size):
         return [ShardBatches(urls, decode, 2, rank=r, world_size=size, **kw) for r in range(size)]
 
     per_rank = world(1)[0].batches_per_epoch(0)
-    reference = epoch0_keys(take(world(1)[0], per_rank))
-    assert len(reference) == len(set(reference)) == world(1)[0].samples_per_epoch(0)
-
+    assert world(1)[0].samples_per_epoch(0) == sum(sizes)
     first = world(before)
     k = (per_rank // before) // 2 + 1  # batches each rank trains before the restart: mid-epoch
-    seen = [key for ds in first for key in epoch0_keys(take(ds, k))]
+    seen = [key for ds in first for key in trained(take(ds, k), 0)]
     state = state_after(first[0], k)
     assert state == state_after(first[-1], k)
     # After the restart each rank runs to the end of epoch 0 (and a little into epoch 1).
-    rest = [key for ds in world(after) for key in epoch0_keys(take(restored(ds, state), per_rank // after + 2))]
-    assert sorted(seen + rest) == sorted(reference)
+    rest = [key for ds in world(after) for key in trained(take(restored(ds, state), per_rank // after + 2), 0)]
+    assert sorted(seen + rest) == sorted(all_keys(sizes))
 
 
 def test_resume_in_process_matches_worker_processes(uneven):
@@ -139,34 +135,38 @@ def test_resume_in_process_matches_worker_processes(uneven):
 # -- data parallel ranks ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_ranks_get_equal_batches_and_disjoint_samples(uneven, num_workers):
+def test_ranks_get_equal_batches_and_every_sample_once(uneven, num_workers):
     bs = 2
     ranks = [ShardBatches(uneven, decode, bs, seed=11, rank=r, world_size=2, num_workers=num_workers,
                           counts=list(UNEVEN), shuffle_buffer=6) for r in (0, 1)]
     e0, e1 = ranks[0].batches_per_epoch(0), ranks[0].batches_per_epoch(1)
     assert [r.batches_per_epoch(0) for r in ranks] == [e0, e0]
     assert [r.batches_per_epoch(1) for r in ranks] == [e1, e1]
-    assert e0 > 0 and e1 > 0
-    assert ranks[1].samples_per_epoch(0) == e0 * bs * 2
+    assert ranks[1].samples_per_epoch(0) == sum(UNEVEN) <= ranks[1].slots_per_epoch(0) == e0 * bs * 2
     streams = [take(r, e0 + e1 + 1) for r in ranks]
     for stream in streams:  # the epoch switches at the same batch on both ranks
         assert [e for e, _ in stream] == [0] * e0 + [1] * e1 + [2]
-    keys = [[k for _, batch in stream[:e0] for k in batch] for stream in streams]
-    both = keys[0] + keys[1]
-    assert len(both) == 2 * e0 * bs
-    assert len(set(both)) == len(both), "a sample was read twice within one epoch"
-    assert set(both) <= set(all_keys(UNEVEN))
-    shards_of = [{k.split("_")[0] for k in rank_keys} for rank_keys in keys]
-    assert not shards_of[0] & shards_of[1], "a shard was read by both ranks in one epoch"
-    epoch1 = [k for stream in streams for _, batch in stream[e0:e0 + e1] for k in batch]
-    assert len(set(epoch1)) == len(epoch1)
+    for epoch in (0, 1):
+        both = trained(streams[0], epoch) + trained(streams[1], epoch)
+        assert sorted(both) == sorted(all_keys(UNEVEN)), f"epoch {epoch}: a sample twice or left out"
+    assert set(trained(streams[0], 0)) != set(trained(streams[0], 1))  # shares change per epoch
+
+
+@pytest.mark.parametrize("world, workers, batch", [(2, 2, 2), (8, 4, 1), (4, 1, 3)])
+def test_one_small_shard_feeds_many_ranks_and_workers(tmp_path, world, workers, batch):
+    """#28: 40 images in one shard, 2 ranks x 2 workers and 8 x 4: every image exactly once per epoch."""
+    urls = build_shards(tmp_path, (40,))
+    ranks = [ShardBatches(urls, decode, batch, seed=1, rank=r, world_size=world, num_workers=workers,
+                          shuffle_buffer=8) for r in range(world)]
+    per_epoch = ranks[0].batches_per_epoch(0)
+    got = [take(ds, 2 * per_epoch) for ds in ranks]
+    for epoch in (0, 1):
+        assert sorted(k for g in got for k in trained(g, epoch)) == sorted(all_keys((40,)))
+    # Filling is bounded: at most one batch per stream more than the samples need.
+    assert ranks[0].slots_per_epoch(0) <= 40 + world * workers * batch
 
 
 # -- shuffling -------------------------------------------------------------------------------------------
-
-def epoch_keys(stream, epoch):
-    return [k for e, batch in stream if e == epoch for k in batch]
-
 
 def test_shuffle_is_seeded_and_changes_per_epoch(uneven):
     def run(seed):
@@ -176,41 +176,38 @@ def test_shuffle_is_seeded_and_changes_per_epoch(uneven):
 
     a, again, other = run(0), run(0), run(1)
     assert a == again
-    assert epoch_keys(a, 0) != epoch_keys(a, 1)
-    assert epoch_keys(a, 0) != epoch_keys(other, 0)
-    assert epoch_keys(a, 0) != sorted(epoch_keys(a, 0))
+    assert trained(a, 0) != trained(a, 1)
+    assert trained(a, 0) != trained(other, 0)
+    assert trained(a, 0) != sorted(trained(a, 0))
 
 
 def test_no_shuffle_keeps_file_order(uneven):
     ds = ShardBatches(uneven, decode, 4, num_workers=0, counts=list(UNEVEN), shuffle=False)
     per_epoch = ds.batches_per_epoch(0)
-    assert per_epoch == sum(UNEVEN) // 4
+    assert per_epoch == -(-sum(UNEVEN) // 4)
     stream = take(ds, 2 * per_epoch)
-    flat = all_keys(UNEVEN)[:per_epoch * 4]
-    assert epoch_keys(stream, 0) == flat
-    assert epoch_keys(stream, 1) == flat
+    assert trained(stream, 0) == all_keys(UNEVEN) == trained(stream, 1)
 
 
 # -- refusals ---------------------------------------------------------------------------------------------
 
-def test_too_few_shards_for_ranks_and_workers(tmp_path):
-    urls = build_shards(tmp_path, (4, 4, 4))
+def test_too_few_samples_for_ranks_and_workers(tmp_path):
+    urls = build_shards(tmp_path, (2, 1))
     with pytest.raises(DataError) as e:
-        ShardBatches(urls, decode, 2, world_size=2, num_workers=2, counts=[4, 4, 4])
-    assert str(e.value) == ("3 shards cannot feed 4 virtual ranks (2 ranks x 2 workers or more): "
-                            "write at least 4 (smaller) shards")
-    with pytest.raises(DataError, match=r"^3 shards cannot feed 4 virtual ranks \(1 ranks x 4 workers"):
-        ShardBatches(urls, decode, 2, num_workers=4)
+        ShardBatches(urls, decode, 2, world_size=2, num_workers=2, counts=[2, 1])
+    assert str(e.value) == ("epoch 0 has 3 samples, fewer than the 4 data streams (2 ranks x 2 loader workers) it "
+                            "must feed, each needing one: set data.num_workers=1 (a set this small needs no parallel "
+                            "reading)")
+    with pytest.raises(DataError, match=r"fewer than the 4 data streams \(4 ranks x 1 loader workers\) .*: run on at "
+                                        r"most 3 ranks, or repeat the data \(data.repeats\)$"):
+        ShardBatches(urls, decode, 2, world_size=4, rank=1, num_workers=0, counts=[2, 1])
     with pytest.raises(DataError, match=r"^virtual_ranks=6 must be a multiple of world size 2 x num_workers 2"):
-        ShardBatches(urls * 2, decode, 2, world_size=2, num_workers=2, virtual_ranks=6, counts=[4] * 6)
-    ShardBatches(urls, decode, 2, num_workers=3)  # exactly enough
+        ShardBatches(urls * 2, decode, 2, world_size=2, num_workers=2, virtual_ranks=6, counts=[2, 1] * 2)
+    ShardBatches(urls, decode, 2, num_workers=3)  # exactly enough: one sample per stream
 
 
-def test_counts_needed_for_several_ranks(tmp_path):
+def test_bad_arguments(tmp_path):
     urls = build_shards(tmp_path, (4, 4))
-    with pytest.raises(DataError) as e:
-        ShardBatches(urls, decode, 2, world_size=2, num_workers=0, counts=None)
-    assert str(e.value).startswith("per-shard sample counts are needed to give every rank the same number of batches")
     with pytest.raises(DataError, match=r"^the shard list is empty$"):
         ShardBatches([], decode, 2)
     with pytest.raises(ValueError, match=r"^counts must have one entry per shard$"):
@@ -224,46 +221,16 @@ def test_wrong_worker_count_is_refused(tmp_path):
         next(iter(ds))
 
 
-def first_batch_or_timeout(ds, seconds: float):
-    """next(iter(ds)) in this process, or the string 'hung' after `seconds`."""
-    def alarm(*_):
-        raise TimeoutError
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return next(iter(ds))
-    except TimeoutError:
-        return "hung"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def test_small_data_without_counts_gives_a_smaller_batch(tmp_path):
+def test_small_data_fills_the_batch(tmp_path):
     urls = build_shards(tmp_path, (1, 1))
     ds = ShardBatches(urls, decode, 4, num_workers=0, shuffle=False)
-    assert take(ds, 2) == [(0, ("00_000", "01_000")), (1, ("00_000", "01_000"))]
+    assert take(ds, 2) == [(0, ("00_000", "01_000", "-", "-")), (1, ("00_000", "01_000", "-", "-"))]
 
 
-def test_a_stream_without_samples_is_an_error(tmp_path):
+def test_shards_without_samples_are_an_error(tmp_path):
     urls = build_shards(tmp_path, (0, 0))
-    with pytest.raises(DataError, match=r"^stream 0 found fewer than batch_size=4 samples in its shards$"):
-        first_batch_or_timeout(ShardBatches(urls, decode, 4, num_workers=0), 5.0)
-
-
-def test_slot_with_less_than_one_batch_is_an_error_with_counts(tmp_path):
-    # With counts, an epoch in which some stream cannot fill one batch must raise, not skip
-    # epochs forever.
-    urls = build_shards(tmp_path, (1, 1))
-    ds = ShardBatches(urls, decode, 4, num_workers=0, counts=[1, 1])
-    assert ds.batches_per_epoch(0) == 0
-    try:
-        result = first_batch_or_timeout(ds, 2.0)
-    except DataError as e:
-        result = e
-    assert result != "hung", "ShardBatches with counts loops forever when no slot can fill a batch"
-    assert isinstance(result, DataError) and "batch_size=4" in str(result)
+    with pytest.raises(DataError, match=r"^epoch 0 has 0 samples, fewer than the 1 data streams"):
+        ShardBatches(urls, decode, 4, num_workers=0)
 
 
 def test_s3_shards_stream_and_resume_like_local_ones(uneven, s3_bucket):

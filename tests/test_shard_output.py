@@ -82,14 +82,13 @@ def test_overwrite_deletes_nothing_it_did_not_write(photos, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--per-shard", "0"], "--per-shard must be a positive number of samples, got 0"),
-    (["--per-shard", "-3"], "--per-shard must be a positive number of samples, got -3"),
+    (["--per-shard", "-3"], "--per-shard must be a positive number of samples (or 0: picked), got -3"),
     (["--prefix", "../up"], "--prefix '../up' must be a plain name"),
     (["--prefix", ""], "--prefix '' must be a plain name"),
 ])
 def test_make_shards_refuses_numbers_and_names_that_cannot_work(args, message, photos, tmp_path, monkeypatch,
                                                                 capsys):
-    """Before: --per-shard 0 (or negative) silently wrote every sample into one shard."""
+    """Before: a negative --per-shard silently wrote every sample into one shard (0 now picks a size)."""
     out = tmp_path / "out"
     code, _, err = run_script("make_shards.py", ["--images", str(photos), "--out", str(out), *args],
                               monkeypatch, capsys)

@@ -204,11 +204,10 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
 
     # --- data -----------------------------------------------------------------------------
     urls = expand_shards(cfg.data.urls, cfg.data.endpoint_url)
-    counts = None  # several ranks take the same number of batches per epoch: counted by rank 0
-    if w.size > 1 and not cfg.data.resampled:
-        counts = dist.all_gather_objects(image_shard_counts(urls, cfg.data.endpoint_url, cfg.run_dir,
-                                                            cfg.data.max_member_bytes)
-                                         if w.is_main else None)[0]
+    # The loader splits samples (per bucket) across ranks and workers: counted once, by rank 0.
+    counts = dist.all_gather_objects(image_shard_counts(urls, cfg.data.endpoint_url, cfg.run_dir,
+                                                        cfg.data.bucketer(), cfg.data.max_member_bytes)
+                                     if w.is_main else None)[0]
     loader = build_loader(cfg.data, urls, functools.partial(decode_image_sample, **cfg.data.decode_options()),
                           cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir, counts=counts,
                           state=loader_state)

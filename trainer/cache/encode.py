@@ -8,6 +8,7 @@ import os
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline import source_info
 from data_pipeline.images import crop_top_left, image_and_caption, original_crop_box
 from data_pipeline.shards import iter_samples
 from data_pipeline.storage import DataError
@@ -47,11 +48,13 @@ class ShardImages(IterableDataset):
                 target = self.bucketer.buckets[bucket] if self.bucketer is not None else self.options["resolution"]
                 try:
                     x, caption, size = image_and_caption(sample, **{**self.options, "resolution": target})
+                    info = source_info.parse(sample)  # make_shards' (or img2dataset's) .json
                 except DataError as e:
                     failed.append({"key": sample["__key__"], "error": str(e)})
                     continue
                 batch = pending.setdefault(bucket, [])
-                batch.append((sample["__key__"], x, caption, sample_meta(size, target)))
+                meta = sample_meta(size, target, info.original_size)
+                batch.append((sample["__key__"], x, caption, meta, info.repeats))
                 if len(batch) == self.batch_size:
                     yield _item(shard, next(seq), pending.pop(bucket), False, [])
             rest = [pending[b] for b in sorted(pending)]
@@ -60,12 +63,14 @@ class ShardImages(IterableDataset):
             yield _item(shard, next(seq), rest[-1] if rest else [], True, failed)
 
 
-def sample_meta(size: tuple[int, int], target) -> dict:
+def sample_meta(size: tuple[int, int], target, original_size: tuple[int, int] | None = None) -> dict:
     """What a cached sample records of its image (KEY.json): the original (w, h), the crop box in the
-    original's pixels, the encoded (w, h), and (top, left) cut from the resized image. The last
-    three are SDXL's micro-conditioning (original size, crop, target size)."""
+    image's pixels, the encoded (w, h), and (top, left) cut from the resized image. The original size,
+    crop and target size are SDXL's micro-conditioning; `original_size`: the size before a resize the
+    source did (img2dataset's), which SDXL is to be conditioned on, else the image's own."""
     target = (target, target) if isinstance(target, int) else tuple(target)
-    return {"original_size": list(size), "crop_box": [round(v, 2) for v in original_crop_box(size, target)],
+    return {"original_size": list(original_size or size),
+            "crop_box": [round(v, 2) for v in original_crop_box(size, target)],
             "target_size": list(target), "crop_top_left": list(crop_top_left(size, target))}
 
 
@@ -74,10 +79,10 @@ def _item(shard: int, index: int, batch: list, last: bool, failed: list) -> dict
     # per image (each shared tensor costs a file descriptor hand-over). `index`: the batch's place in
     # its shard, so that the main process notices a batch lost on the way (#27: a worker whose batch
     # did not fit /dev/shm dropped it, and the cache job exited 0 with shards missing).
-    keys, xs, captions, metas = zip(*batch) if batch else ((), (), (), ())
+    keys, xs, captions, metas, repeats = zip(*batch) if batch else ((), (), (), (), ())
     return {"shard": shard, "index": index, "keys": list(keys), "x": torch.stack(xs) if xs else None,
-            "captions": list(captions),
-            "metas": list(metas), "last": last, "failed": failed}
+            "captions": list(captions), "metas": list(metas), "repeats": list(repeats), "last": last,
+            "failed": failed}
 
 
 PREFETCH = 4  # batches each worker keeps ready

@@ -148,6 +148,7 @@ class _ShardOut:
         self.cfg, self.out, self.source, self.cfg_settings = cfg, out, source, settings
         self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
         self.count, self.failed, self.stats, self.keys, self.buckets = 0, [], None, [], {}
+        self.repeats = {}  # repeat count (kohya's folders, via make_shards' .json) -> samples with it
         self.next_index = 0
 
     def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
@@ -182,6 +183,7 @@ class _ShardOut:
             self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
             shape = "x".join(map(str, item["metas"][i]["target_size"]))
             self.buckets[shape] = self.buckets.get(shape, 0) + 1
+            self.repeats[item["repeats"][i]] = self.repeats.get(item["repeats"][i], 0) + 1
             self.keys.append(key)
             self.count += 1
 
@@ -190,9 +192,14 @@ class _ShardOut:
         self.writer.__exit__(None, None, None)
         for f in self.failed:
             print(f"quarantined {self.source}:{f['key']}: {f['error']}")
+        # The loader repeats shards, not samples: a shard holds one repeat count (make_shards writes it so).
+        repeats = max(self.repeats, key=lambda r: (self.repeats[r], r)) if self.repeats else 1
+        if len(self.repeats) > 1:
+            print(f"note: {self.source} mixes samples of repeat counts {sorted(self.repeats)}: all are repeated "
+                  f"{repeats} times (write each count to its own shards: launch/make_shards.py does)")
         return {"shard": os.path.basename(self.out), "count": self.count, "source": self.source,
                 "keys_sha256": keys_digest(self.keys), "settings": self.cfg_settings, "quarantined": self.failed,
-                "buckets": self.buckets,
+                "buckets": self.buckets, **({"repeats": repeats} if repeats != 1 else {}),
                 "stats": (self.stats or ChannelStats(0)).to_json()}
 
 
@@ -351,7 +358,10 @@ def cache_latents(cfg: CacheJob) -> str:
             num_samples=sum(e["count"] for e in all_entries),
             num_quarantined=sum(len(e["quarantined"]) for e in all_entries),
             shards=tuple(ShardEntry(**{k: e[k] for k in ("shard", "count", "sha256", "keys_sha256", "source")},
-                                    source_identity=e.get("source_identity", "")) for e in all_entries),
+                                    source_identity=e.get("source_identity", ""), repeats=e.get("repeats", 1),
+                                    bucket_counts=tuple(e.get("buckets", {}).get(f"{w_}x{h_}", 0)
+                                                        for w_, h_ in bucketer.buckets) if bucketer else ())
+                         for e in all_entries),
             resolution=cfg.data.resolution,
             crop="resize to cover, centre crop",
             flip=cfg.flip,

@@ -39,6 +39,9 @@ class ShardEntry:
     keys_sha256: str  # digest of its sample keys in order (latents.keys_digest): the loader's end-of-shard check
     source: str  # URL of the image shard it was encoded from
     source_identity: str = ""  # that shard's size and ETag (or mtime) then: a rerun redoes it when it changed
+    repeats: int = 1  # times its samples are in an epoch (kohya's folder repeats, from make_shards' .json)
+    bucket_counts: tuple[int, ...] = ()  # its samples per bucket of the manifest's `buckets`, in their order
+    #   (since #28: the loader splits each bucket exactly across ranks); (): no buckets, or an older cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +199,20 @@ class Manifest:
         if self.buckets and sum(b.count for b in self.buckets) != self.num_samples:
             raise bad("buckets", f"counts add up to {sum(b.count for b in self.buckets)}, not num_samples "
                       f"{self.num_samples}")
+        for i, s in enumerate(self.shards):
+            if not 1 <= s.repeats <= 10_000:
+                raise bad(f"shards[{i}].repeats", f"must be 1..10000, got {s.repeats}")
+            if s.bucket_counts and (len(s.bucket_counts) != len(self.buckets) or min(s.bucket_counts) < 0
+                                    or sum(s.bucket_counts) != s.count):
+                raise bad(f"shards[{i}].bucket_counts", f"must be {len(self.buckets)} counts >= 0 (one per bucket) "
+                          f"adding up to its count {s.count}, got {_show(s.bucket_counts)}")
+
+    def shard_counts(self) -> list[list[int]] | list[int]:
+        """What the loader splits: samples per shard, per bucket where the cache has several (an older cache
+        without per-shard bucket counts: per shard only, and the loader counts its buckets by reading)."""
+        if len(self.buckets) > 1 and all(s.bucket_counts for s in self.shards):
+            return [list(s.bucket_counts) for s in self.shards]
+        return [s.count for s in self.shards]
 
     # --- what readers derive from it ---------------------------------------------------------------
     def bucket_shapes(self) -> list[tuple[int, int]]:

@@ -8,9 +8,9 @@ import os
 from data_pipeline import storage
 from data_pipeline.buckets import ImageBucketer, make_buckets
 from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
-from data_pipeline.loader import Loader, ShardBatches, make_loader
+from data_pipeline.loader import Loader, ShardBatches, count_samples, make_loader
 from data_pipeline.quarantine import Quarantine
-from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB, iter_samples
+from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB
 
 from trainer.core.config import ConfigError, check_endpoint, check_non_negative, check_positive
 from trainer.core.dist import World
@@ -55,6 +55,30 @@ class ShardData:
 
 
 @dataclasses.dataclass
+class LatentData(ShardData):
+    repeats: int = 1  # times each sample is in an epoch (times kohya folder repeats recorded in the cache)
+    class_urls: str = ""  # DreamBooth prior preservation (Ruiz et al. 2023): a second latent cache of class images
+    #   ("a photo of a dog"), made with the same encoders; its samples train beside the instance data every epoch
+    class_repeats: int = 1  # times each class image is in an epoch
+    prior_loss_weight: float = 1.0  # the loss weight of class images (the paper's lambda; 1.0 there)
+    log_samples: bool = False  # write run_dir/samples/rank-R.jsonl: the samples (and loss weights) of every step
+
+    def validate(self, prefix: str = "data.") -> None:
+        super().validate(prefix)
+        check_positive(self, ("repeats", "class_repeats"), prefix)
+        for key in ("repeats", "class_repeats"):
+            if getattr(self, key) > 10_000:
+                raise ConfigError(f"{prefix}{key} must be at most 10000, got {getattr(self, key)}")
+        if not 0.0 <= self.prior_loss_weight <= 100.0:
+            raise ConfigError(f"{prefix}prior_loss_weight must be in [0, 100], got {self.prior_loss_weight}")
+        if not self.class_urls and (self.class_repeats != 1 or self.prior_loss_weight != 1.0):
+            raise ConfigError(f"{prefix}class_repeats/prior_loss_weight are set but {prefix}class_urls is empty: name "
+                              "the class images' latent cache")
+        if self.class_urls and self.class_urls.rstrip("/") == self.urls.rstrip("/"):
+            raise ConfigError(f"{prefix}class_urls is {prefix}urls: the class images must be their own cache")
+
+
+@dataclasses.dataclass
 class ImageData(ShardData):
     resolution: int = 32  # images are resized (shorter side) and centre-cropped to this
     min_size: int = 0  # images whose shorter side is below this are quarantined (0: upscale anything)
@@ -92,37 +116,34 @@ class ImageData(ShardData):
                              tuple(self.image_formats))
 
 
-def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str,
-                       max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)) -> list[int]:
-    """Samples per image shard: several ranks need them to take the same number of batches
-    (a latent cache's manifest has them; image shards do not). Counted once by reading the
-    tars without decoding, and kept by URL in run_dir/shard_counts.json for later runs.
-    The count is of what the loader will read: samples it quarantines while reading the tar
-    (bad names, oversize members, a damaged rest) are left out here, and reported there."""
+def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str, bucketer=None,
+                       max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)) -> list[list[int]]:
+    """Samples per image shard (and per bucket of `bucketer`): what the loader splits across ranks
+    (a latent cache's manifest has them; image shards do not). Counted once by reading the tars
+    without decoding (image headers only, for buckets), and kept by URL in run_dir/shard_counts.json
+    for later runs. The count is of what the loader will read (data_pipeline.loader.count_samples)."""
     path = os.path.join(run_dir, "shard_counts.json")
+    # The buckets' shapes are part of the key: a run with other buckets counts again.
+    tag = "" if bucketer is None else "|" + ",".join(f"{w}x{h}" for w, h in bucketer.buckets)
     known = {}
     if os.path.exists(path):
         with open(path) as f:
             known = json.load(f)
-    missing = [u for u in urls if u not in known]
-    for url in missing:
-        known[url] = sum(1 for _ in iter_samples(url, endpoint_url, on_error=_not_yet,
-                                                 max_member_bytes=max_member_bytes))
+    missing = [u for u in urls if u + tag not in known]
+    for url, row in zip(missing, count_samples(missing, endpoint_url, bucketer, max_member_bytes=max_member_bytes)):
+        known[url + tag] = row
     if missing:
         os.makedirs(run_dir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(known, f, indent=1)
         os.replace(path + ".tmp", path)
-    return [known[u] for u in urls]
-
-
-def _not_yet(url, key, message) -> None:
-    """Counting passes over bad samples; the loader quarantines them when it reads them."""
+    return [known[u + tag] if isinstance(known[u + tag], list) else [known[u + tag]] for u in urls]
 
 
 def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, world: World, *, seed: int,
                  run_dir: str, counts: list[int] | None = None, checksums: list[str] | None = None,
-                 state: dict | None = None, read_shard=None, bucketer=None) -> Loader:
+                 state: dict | None = None, read_shard=None, bucketer=None, repeats: list[int] | None = None,
+                 weights: list[float] | None = None) -> Loader:
     """The rank's loader; `state` (a Loader.state_dict() from a checkpoint) continues a run.
 
     A resumed run keeps the stream count it started with, so that a different world size
@@ -133,6 +154,7 @@ def build_loader(data: ShardData, urls: list[str], decode, batch_per_rank: int, 
     virtual_ranks = state["virtual_ranks"] if state else data.virtual_ranks
     dataset = ShardBatches(urls, decode, batch_per_rank, seed=seed, rank=world.rank, world_size=world.size,
                            num_workers=data.num_workers, virtual_ranks=virtual_ranks, counts=counts,
+                           repeats=repeats, weights=weights,
                            shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
                            bucketer=bucketer if bucketer is not None else data.bucketer(),
                            quarantine=Quarantine(os.path.join(run_dir, "quarantine.jsonl"), data.max_error_rate),

@@ -265,3 +265,36 @@ def plot_loss(log_path: str, png_path: str, keys: tuple[str, ...] = ("loss",), t
     """Plot a log.jsonl's losses, learning rate and gradient norm against samples seen."""
     render_curves(read_log(log_path), png_path, keys, title)
     return png_path
+
+
+class SampleLog:
+    """`run_dir/samples/rank-R.jsonl`: per optimizer step, the samples each rank trained on, as
+    `{"samples": samples seen before the step, "keys": ["SHARD_URL:KEY", ...], "epochs": [...], "weights": [...]}`
+    (weight 0: fill or a stand-in, not trained on). What a user checks data order, repeats and exactly-once
+    with (data.log_samples). On resume every rank's file loses the lines from the resumed sample count
+    on (those steps run again), also the files of ranks an elastic resume no longer has; rank 0 does
+    that before any rank appends (`dist.barrier()` between)."""
+
+    def __init__(self, run_dir: str, rank: int, resume_samples: int, is_main: bool):
+        folder = os.path.join(run_dir, "samples")
+        self.path = os.path.join(folder, f"rank-{rank}.jsonl")
+        if is_main:
+            os.makedirs(folder, exist_ok=True)
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                keep = [line for line in open(path) if _samples_of(line) < resume_samples]
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(path + ".tmp", path)
+
+    def write(self, samples: int, keys: list[str], epochs: list[int], weights: list[float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"samples": samples, "keys": keys, "epochs": epochs, "weights": weights}) + "\n")
+
+
+def _samples_of(line: str) -> float:
+    try:
+        return json.loads(line)["samples"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a kill: dropped
+

@@ -7,14 +7,14 @@ import math
 
 from trainer.cache.manifest import CacheExpect
 from trainer.core import config as config_lib
-from trainer.core.data import ShardData
+from trainer.core.data import LatentData
 from trainer.core.job_checks import check_guidance, check_pretrained, check_unet_model
 
 
 @dataclasses.dataclass
 class UNetJob:
     run_dir: str = "runs/unet"  # checkpoints, log.jsonl, loss.png, config.yaml
-    data: ShardData = dataclasses.field(default_factory=ShardData)  # data.urls: the latent cache root
+    data: LatentData = dataclasses.field(default_factory=LatentData)  # data.urls: the latent cache root
     cache: CacheExpect = dataclasses.field(default_factory=CacheExpect)  # what the cache must have been made with
     latent_norm: str = "scaling_factor"  # scaling_factor (the VAE's) | per_channel (the cache's measured mean/std)
     random_flip: bool = False  # train on the mirrored image's moments half the time (cache made with flip=true)

@@ -63,6 +63,9 @@ class StepResult:
     applied: torch.Tensor  # bool, 0-d: the optimizer step changed the weights (not skipped for non-finite gradients)
     wait_s: float  # seconds spent waiting for the batches
     read_bytes: int  # shard bytes of the batches (the loader's `bytes`)
+    keys: list  # the samples of the micro batches, "SHARD_URL:KEY" (the loader's `keys`)
+    epochs: list  # the loader's epoch of each
+    weights: list  # their loss weights (0: fill, not trained on), read from the loader's CPU tensor
 
 
 def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor,
@@ -114,12 +117,16 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
     Nothing in it waits for the device: the loss stays a tensor, the gradient norm, clipping and the
     skip of a non-finite step happen on the device (trainer/core/engine.py), so a GPU runs ahead of
     the host for the whole step (issue #26: each host read waits for every queued kernel)."""
-    loss_sum, skipped_before, wait_s, read_bytes = None, skipped_steps(engine), 0.0, 0
+    loss_sum, skipped_before, wait_s, read_bytes, keys, epochs, weights = None, skipped_steps(engine), 0.0, 0, [], [], []
     for micro in range(s.grad_accum):
         t_wait = time.perf_counter()
         batch = next(batches)
         wait_s += time.perf_counter() - t_wait
         read_bytes += batch["bytes"]
+        keys += batch.get("keys", [])
+        epochs += [int(batch.get("epoch", 0))] * len(batch.get("keys", []))
+        if "loss_weight" in batch and not batch["loss_weight"].is_cuda:  # a CPU tensor: no device sync
+            weights += batch["loss_weight"].tolist()
         gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
         z0, context, added = micro_inputs(batch, gen, s)
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
@@ -128,7 +135,7 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     mean_loss = loss_sum if s.grad_accum == 1 else loss_sum / s.grad_accum
-    return StepResult(mean_loss, step_applied(engine, skipped_before), wait_s, read_bytes)
+    return StepResult(mean_loss, step_applied(engine, skipped_before), wait_s, read_bytes, keys, epochs, weights)
 
 
 def prepare_unet(unet, cfg: UNetJob):

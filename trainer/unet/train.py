@@ -17,8 +17,7 @@ from safetensors.torch import load as st_load
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.buckets import LatentBucketer
-from data_pipeline.latents import EMPTY_CAPTION, CachedSampleDecoder, read_cached_shard
+from data_pipeline.latents import EMPTY_CAPTION, read_cached_shard
 from models.unet import needs_time_ids
 
 from trainer.cache.manifest import Manifest
@@ -30,10 +29,11 @@ from trainer.core.ema import EMA
 from trainer.core.engine import global_grad_norm, resolve_precision, set_lr
 from trainer.core.errors import TrainingError
 from trainer.core.flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
-from trainer.core.metrics import RunLog, StepTally
+from trainer.core.metrics import RunLog, SampleLog, StepTally
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
+from trainer.unet.data import training_data
 from trainer.unet.job import UNetJob, make_plan
 from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
@@ -52,7 +52,7 @@ def train_unet(cfg: UNetJob) -> str:
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
             "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
             "validation_prompts", "validation_steps", "validation_guidance", "validation_negative_prompt",
-            "max_nonfinite_steps", "compile", "elastic_resume",
+            "max_nonfinite_steps", "compile", "elastic_resume", "data.log_samples",
             "dist_timeout_s"))
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
@@ -122,26 +122,29 @@ def train_unet(cfg: UNetJob) -> str:
                   (f" (elastic: written by {written_by} ranks, {state['samples']} samples)" if elastic else ""))
 
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
-    # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it).
-    urls, bucketed = manifest.shard_urls(cfg.data.urls), len(manifest.buckets) > 1
-    decode = CachedSampleDecoder(needs_time_ids(unet.config), manifest.vae.downsample_factor, bucketed,
-                                 expect={"latent_shape": manifest.latent_shape, "text": manifest.text,
-                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim})
-    loader = build_loader(cfg.data, urls, decode, cfg.batch_per_rank, w, seed=cfg.seed,
-                          run_dir=cfg.run_dir, counts=[s.count for s in manifest.shards],
-                          checksums=[s.keys_sha256 for s in manifest.shards], read_shard=read_cached_shard,
-                          state=loader_state, bucketer=LatentBucketer(manifest.bucket_shapes()) if bucketed else None)
+    # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it). With
+    # data.class_urls, the class images' cache trains beside it (DreamBooth prior preservation).
+    td = training_data(cfg.data, manifest, needs_time_ids(unet.config), cfg.random_flip)
+    loader = build_loader(cfg.data, td.urls, td.decode, cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir,
+                          counts=td.counts, checksums=td.checksums, read_shard=read_cached_shard, state=loader_state,
+                          bucketer=td.bucketer, repeats=td.repeats, weights=td.weights)
     batches, dataset = iter(loader), loader.dataset
-    samples_per_epoch = dataset.samples_per_epoch()
+    # An epoch is every sample once (repeats included) plus the fill of bucket's last batches, weighted 0.
+    samples_per_epoch, slots_per_epoch = dataset.samples_per_epoch(), dataset.slots_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, resume_samples=samples, wandb_mode=cfg.wandb,
                     wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg),
                     plot_title=f"UNet {cfg.pretrained or cfg.model}, {cfg.prediction_type} loss")
+    sample_log = SampleLog(cfg.run_dir, w.rank, samples, w.is_main) if cfg.data.log_samples else None
+    dist.barrier()  # rank 0 cut the sample logs back to the resumed step before anyone appends
     validator = None
     if plan.validate_every_steps:
         validator = Validator(cfg, manifest, device, w.is_main)
     if w.is_main:
+        dreambooth = (f" with {td.class_samples} class images x{cfg.data.class_repeats} weighted "
+                      f"{cfg.data.prior_loss_weight}" if td.class_samples else "")
         print(f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {w.size} ranks, global batch "
-              f"{plan.global_batch}, {plan.total_steps} steps, {samples_per_epoch} samples per epoch, {precision}, "
+              f"{plan.global_batch}, {plan.total_steps} steps, {samples_per_epoch} samples per epoch{dreambooth} "
+              f"({1 - samples_per_epoch / slots_per_epoch:.0%} of its batch places filled, weighted 0), {precision}, "
               f"{flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward)")
 
     def save_checkpoint() -> None:
@@ -163,6 +166,8 @@ def train_unet(cfg: UNetJob) -> str:
         lr = lr_at(step, cfg.lr, plan.warmup_steps, plan.total_steps, cfg.lr_schedule, cfg.lr_final_ratio)
         set_lr(engine, lr)
         result = train_step(engine, batches, step, step_cfg)
+        if sample_log is not None:
+            sample_log.write(samples, result.keys, result.epochs, result.weights)
         wait_s, read_bytes = wait_s + result.wait_s, read_bytes + result.read_bytes
         step, samples = step + 1, samples + plan.global_batch
         bar.update(1)
@@ -196,7 +201,7 @@ def train_unet(cfg: UNetJob) -> str:
             loss = tally.read_loss()
             images_per_s = (step - logged_steps) * plan.global_batch / elapsed
             tflops = images_per_s / w.size * flops_per_sample / 1e12  # per device
-            runlog.log(step, samples=samples, epoch=samples / samples_per_epoch, loss=loss, lr=lr,
+            runlog.log(step, samples=samples, epoch=samples / slots_per_epoch, loss=loss, lr=lr,
                        images_per_s=images_per_s, data_wait_share=wait_s / elapsed,
                        read_mb_per_s_per_rank=read_bytes / elapsed / 1e6, tflops_per_device=tflops,
                        mfu=tflops / peak if peak else None, peak_memory_gb=peak_memory_gb(),

@@ -1,0 +1,69 @@
+"""What the UNet job reads: the latent cache, and for DreamBooth a second cache of class images.
+
+Both caches' shards go into one loader (data_pipeline/loader.py), which splits samples, not
+shards, across ranks: each shard comes with its repeats per epoch (the cache's kohya folder
+repeats times data.repeats or data.class_repeats) and the loss weight of its samples (1, or
+data.prior_loss_weight for class images: prior preservation, Ruiz et al. 2023, eq. 2, where the
+class images' loss is added with weight lambda; here they are samples of the same batches).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from data_pipeline.buckets import LatentBucketer
+from data_pipeline.latents import CachedSampleDecoder
+
+from trainer.cache.manifest import Manifest
+from trainer.core.errors import ConfigError
+
+
+@dataclasses.dataclass
+class TrainingData:
+    urls: list[str]
+    counts: list  # per shard: samples, or samples per bucket
+    checksums: list[str]  # per shard: keys_sha256, checked at the end of each shard
+    repeats: list[int]
+    weights: list[float]
+    bucketer: LatentBucketer | None
+    decode: CachedSampleDecoder
+    class_samples: int  # samples of the class cache (0: none)
+
+
+# What two caches must share to be trained on in one batch.
+_SAME = ("made_with", "latent_shape", "text", "text_emb_shape", "pooled_dim", "bucket_shapes")
+
+
+def check_class_cache(manifest: Manifest, other: Manifest, urls: str, class_urls: str, random_flip: bool) -> None:
+    for key in _SAME:
+        a, b = getattr(manifest, key), getattr(other, key)
+        a, b = (a(), b()) if callable(a) else (a, b)
+        if a != b:
+            raise ConfigError(f"data.class_urls {class_urls} has {key} {b!r:.120}, data.urls {urls} has {a!r:.120}: "
+                              "make the class images' cache with the same cache config (encoders, resolution, buckets)")
+    if random_flip and not other.flip:
+        raise ConfigError(f"random_flip needs caches made with flip=true; data.class_urls {class_urls} has none")
+
+
+def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bool) -> TrainingData:
+    """The shards, counts, repeats and weights of `data` (a LatentData) over `manifest` (data.urls's)."""
+    caches = [(data.urls, manifest, data.repeats, 1.0)]
+    if data.class_urls:
+        other = Manifest.read(data.class_urls, data.endpoint_url)
+        check_class_cache(manifest, other, data.urls, data.class_urls, random_flip)
+        caches.append((data.class_urls, other, data.class_repeats, data.prior_loss_weight))
+    bucketed = len(manifest.buckets) > 1
+    urls, counts, checksums, repeats, weights = [], [], [], [], []
+    for url, m, times, weight in caches:
+        urls += m.shard_urls(url)
+        counts += m.shard_counts()
+        checksums += [s.keys_sha256 for s in m.shards]
+        repeats += [s.repeats * times for s in m.shards]
+        weights += [weight] * len(m.shards)
+    if any(isinstance(c, int) for c in counts) and any(isinstance(c, list) for c in counts):
+        counts = [c if isinstance(c, int) else sum(c) for c in counts]  # an older cache: the loader counts buckets
+    decode = CachedSampleDecoder(with_time_ids, manifest.vae.downsample_factor, bucketed,
+                                 expect={"latent_shape": manifest.latent_shape, "text": manifest.text,
+                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim})
+    return TrainingData(urls, counts, checksums, repeats, weights,
+                        LatentBucketer(manifest.bucket_shapes()) if bucketed else None, decode,
+                        caches[1][1].num_samples if len(caches) > 1 else 0)
