@@ -44,9 +44,10 @@ class ReferenceStep:
     def step(self, batch: dict, step: int) -> torch.Tensor:
         s = self.setup
         gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step))
-        z0, context, added = micro_inputs(batch, gen, s)
+        z0, context, added, mask = micro_inputs(batch, gen, s)
         loss = training_loss(self.model, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
-                             offset_noise=s.offset_noise, added_cond=added)
+                             offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"),
+                             loss_mask=mask)
         loss.backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)

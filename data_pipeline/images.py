@@ -128,7 +128,7 @@ def _refused(data: bytes, where: str, formats: tuple[str, ...]) -> DataError:
 
 
 def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0, resolution: int | None = None,
-          formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[Image.Image, tuple[int, int]]:
+          formats: tuple[str, ...] = DEFAULT_FORMATS, convert=None) -> tuple[Image.Image, tuple[int, int]]:
     """Open lazily (only `formats`), check the claimed size, pick a JPEG draft scale, decode,
     apply the EXIF orientation and convert to RGB. Returns (RGB image, original (w, h) after
     rotation). Every failure, whatever a decoder raised, is a one-line DataError."""
@@ -167,7 +167,7 @@ def _open(data: bytes, where: str, max_pixels: int, min_size: int = 0, resolutio
         img.load()
         if orientation != 1:
             img = img.transpose(_ORIENTATION[orientation])
-        return _to_rgb(img), size
+        return (convert or _to_rgb)(img), size
     except Exception as e:  # noqa: BLE001 - as above; MemoryError too: one image's demand, not the job's
         raise DataError(f"cannot decode image {where}: {_one_line(e)}") from None
 
@@ -311,3 +311,38 @@ def grid(images: list[Image.Image], cols: int) -> Image.Image:
     for i, im in enumerate(images):
         out.paste(im, ((i % cols) * w, (i // cols) * h))
     return out
+
+
+MASK_MEMBER = "mask.png"  # a loss mask beside an image in a shard (make_shards: NAME.mask.png beside NAME.jpg)
+MASK_MODES = ("none", "alpha", "file", "auto")
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    return img.convert("RGBA").getchannel("A") if img.has_transparency_data else None
+
+
+def loss_mask(sample: dict, resolution, size: tuple[int, int], mode: str, factor: int,
+              max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] = DEFAULT_FORMATS) -> torch.Tensor:
+    """[h, w] weights in [0, 1] on the latent grid (the crop of `resolution` / `factor`): where a sample's
+    loss counts. `mode`: file (the sample's mask.png member: white counts, black does not; resized to the
+    image's `size` if it differs), alpha (the image's transparency: opaque counts), auto (file, else alpha).
+    Cropped as the image is (resize to cover, centre crop), then averaged over each latent cell. A sample
+    without one weighs 1 everywhere; a damaged mask is a DataError naming it."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    mask = None
+    if mode in ("file", "auto") and MASK_MEMBER in sample:
+        mask, _ = _open(sample[MASK_MEMBER], f"{where} (its {MASK_MEMBER})", max_pixels, formats=("PNG",),
+                        convert=lambda im: im.convert("L"))
+        if mask.size != tuple(size):
+            mask = mask.resize(tuple(size), Image.Resampling.BILINEAR)
+    if mask is None and mode in ("alpha", "auto"):
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is not None:
+            mask, _ = _open(sample[ext], where, max_pixels, formats=formats, convert=_alpha)
+    tw, th = _size(resolution)
+    if mask is None:
+        return torch.ones(th // factor, tw // factor)
+    crop, _ = resize_center_crop(mask, resolution)
+    x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0)
+    return torch.nn.functional.avg_pool2d(x[None, None], factor)[0, 0]
+

@@ -16,7 +16,7 @@ import json
 import math
 
 from . import layouts, storage
-from .images import DEFAULT_FORMATS
+from .images import DEFAULT_FORMATS, MASK_MEMBER
 from .output_folder import claim_output_folder
 from .shards import ShardWriter
 from .source_info import SourceInfo
@@ -90,7 +90,7 @@ def ingest(path: str, out_url: str, *, layout: str = "", per_shard: int = 0, pre
                 shards.append(storage.join(out_url, f"{prefix}-{len(shards):06d}.tar"))
                 writer = writers[got.repeats] = ShardWriter(shards[-1], endpoint_url).__enter__()
             writer.write({"__key__": f"{written:09d}", got.ext: got.image, "txt": got.captions[0].encode(),
-                          "json": source_json(got)})
+                          "json": source_json(got), **({MASK_MEMBER: got.mask} if got.mask is not None else {})})
             written += 1
             repeats[got.repeats] += 1
             if writer.count == per_shard:

@@ -112,9 +112,12 @@ class CachedSampleDecoder:
     embedding of another width, SDXL's pooled embedding missing) is a DataError naming it, quarantined
     under the error budget, instead of a crash in collation on every rerun at the same place (#27)."""
 
-    def __init__(self, with_time_ids: bool, downsample_factor: int, check_shape: bool, expect: dict | None = None):
+    def __init__(self, with_time_ids: bool, downsample_factor: int, check_shape: bool, expect: dict | None = None,
+                 captions=None, masks: bool = False):
         self.with_time_ids, self.factor, self.check_shape = with_time_ids, downsample_factor, check_shape
         self.expect = expect
+        self.masks = masks  # loss masks: every sample has one (all ones where its cache made none); else dropped
+        self.captions = captions  # data_pipeline.captions.CaptionPicker: one of several captions, shuffled tags
 
     def _fits(self, sample: dict, tensors: dict) -> None:
         e, where = self.expect, f"latent sample {sample.get('__url__')}:{sample.get('__key__')}"
@@ -127,6 +130,10 @@ class CachedSampleDecoder:
                                   or (not self.check_shape and tuple(t.shape[1:]) != (height, width))):
                 raise DataError(f"{where} holds {key} of shape {tuple(t.shape)}, the cache's latents are "
                                 f"{channels}x{height}x{width}" + (" (in its bucket's shape)" if self.check_shape else ""))
+        m = tensors.get("mask")
+        if m is not None and (m.dim() != 2 or tuple(m.shape) != tuple(tensors["mean"].shape[-2:])):
+            raise DataError(f"{where} holds a loss mask of shape {tuple(m.shape)}, its latents are "
+                            f"{tuple(tensors['mean'].shape[-2:])}")
         tokens, width_text = e["text_emb_shape"]
         if e["text"] == "tokens":
             t = tensors.get("tokens")
@@ -144,6 +151,14 @@ class CachedSampleDecoder:
 
     def __call__(self, sample: dict) -> dict:
         tensors = decode_sample(sample)
+        if self.captions is not None:
+            tensors = self.captions(sample, tensors)
+        else:
+            tensors = {k: v for k, v in tensors.items() if not k.endswith("_alt")}
+        if self.masks and "mask" not in tensors and "mean" in tensors:
+            tensors["mask"] = torch.ones(tensors["mean"].shape[-2:], dtype=torch.float16)
+        elif not self.masks:
+            tensors.pop("mask", None)
         if self.expect is not None:
             self._fits(sample, tensors)
         if not (self.with_time_ids or self.check_shape):

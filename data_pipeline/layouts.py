@@ -1,7 +1,8 @@
 """The dataset layouts users arrive with, read as one kind of item for launch/make_shards.py.
 
 * `folder`: images with a same-name caption file beside them (`cat.jpg` + `cat.txt` or
-  `cat.caption`), searched recursively.
+  `cat.caption`), searched recursively. In the folder layouts a `cat.mask.png` beside an image is
+  its loss mask (white trains, black does not; the cache job's mask=file reads it).
 * `kohya`: kohya's sd-scripts convention, `10_sks dog/` = 10 repeats of the class "sks dog":
   captions in `.txt` or `.caption` files beside the images, else the class is the caption.
 * `imagefolder`: Hugging Face's / diffusers' layout, `metadata.jsonl` or `metadata.csv` (in the
@@ -32,6 +33,7 @@ from .storage import DataError
 
 LAYOUTS = ("folder", "kohya", "imagefolder", "hf", "webdataset")
 KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
+MASK = ".mask.png"  # NAME.mask.png beside NAME.jpg: its loss mask, not an image of its own
 CAPTION_COLUMNS = ("text", "caption", "prompt")  # tried in this order when --caption-column is not given
 MAX_CAPTION_BYTES = 64 * 1024  # a caption file larger than this is not a caption
 
@@ -44,6 +46,7 @@ class Item:
     captions: list[str]  # one or more captions (the trainer picks one per sample per epoch)
     repeats: int = 1  # times per epoch (kohya's folder prefix)
     original_size: tuple[int, int] | None = None  # (w, h) before a resize the source did (img2dataset)
+    mask: bytes | None = None  # a loss mask: NAME.mask.png beside the image (white trains, black does not)
 
 
 @dataclasses.dataclass
@@ -109,7 +112,7 @@ def _image_files(root: str) -> list[str]:
     out = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        out += [os.path.join(folder, f) for f in sorted(files) if _ext(f) in IMAGE_EXTS]
+        out += [os.path.join(folder, f) for f in sorted(files) if _ext(f) in IMAGE_EXTS and not f.endswith(MASK)]
     return out
 
 
@@ -134,15 +137,17 @@ def _caption_beside(image: str) -> str | None:
 
 
 def _from_file(root: str, image: str, captions: list[str], repeats: int = 1) -> Item:
-    ext = _ext(image)
-    return Item(os.path.relpath(image, root), _read_file(image), "jpg" if ext == "jpeg" else ext, captions, repeats)
+    ext, mask = _ext(image), os.path.splitext(image)[0] + MASK
+    return Item(os.path.relpath(image, root), _read_file(image), "jpg" if ext == "jpeg" else ext, captions, repeats,
+                mask=_read_file(mask) if os.path.isfile(mask) else None)
 
 
 def _folder(root: str) -> Iterator[Item | Problem]:
     for image in _image_files(root):
         caption = _caption_beside(image)
         if caption is None:
-            yield Problem(os.path.relpath(image, root), f"no caption file ({' or '.join('.' + e for e in CAPTION_EXTS)})")
+            exts = " or ".join("." + e for e in CAPTION_EXTS)
+            yield Problem(os.path.relpath(image, root), f"no caption file ({exts})")
         else:
             yield _from_file(root, image, [caption])
 
@@ -157,7 +162,8 @@ def _kohya(root: str) -> Iterator[Item | Problem]:
         m = KOHYA_FOLDER.fullmatch(name)
         if m is None:
             for image in _image_files(folder):
-                yield Problem(os.path.relpath(image, root), f"its folder {name!r} is not named N_class (e.g. 10_sks dog)")
+                yield Problem(os.path.relpath(image, root),
+                              f"its folder {name!r} is not named N_class (e.g. 10_sks dog)")
             continue
         repeats, klass = int(m.group(1)), m.group(2).strip()
         if not 1 <= repeats <= MAX_REPEATS:
@@ -248,7 +254,8 @@ def _hf(path: str, caption_column: str = "", image_column: str = "") -> Iterator
             files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(glob.escape(path), "*.parquet")))
             ds = datasets.load_dataset("parquet", data_files=files, split="train")
     except Exception as e:  # the library's own errors: a damaged or foreign folder
-        raise DataError(f"--images {path} is not a readable Hugging Face dataset: {str(e).splitlines()[0][:200]}") from None
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(f"--images {path} is not a readable Hugging Face dataset: {why}") from None
     splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
     for split, part in splits:
         features = part.features

@@ -259,15 +259,14 @@ class ShardBatches(IterableDataset):
                 if skip > 0:
                     skip -= 1
                 else:
-                    yield epoch, self._tag(k, batch)
+                    yield epoch, self._tag(epoch, k, batch)
             epoch += 1
 
-    def _tag(self, bucket: int, batch: list[dict]) -> list[dict]:
-        """Tell the decoder the batch's shape (`__size__`, (w, h)) when buckets are on."""
-        if self.bucketer is not None:
-            size = self.bucketer.buckets[bucket]
-            batch = [{**s, "__size__": size} for s in batch]
-        return batch
+    def _tag(self, epoch: int, bucket: int, batch: list[dict]) -> list[dict]:
+        """Tell the decoder the epoch (`__epoch__`: per-epoch choices, such as a caption) and the batch's
+        shape (`__size__`, (w, h)) when buckets are on."""
+        size = {"__size__": self.bucketer.buckets[bucket]} if self.bucketer is not None else {}
+        return [{**s, "__epoch__": epoch, **size} for s in batch]
 
     def _stand_in(self, ahead: _Ahead, stream: int, raw: list[dict]) -> list:
         """The next sample of `stream` after the all-failed batch `raw` that decodes, found in

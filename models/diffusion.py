@@ -66,7 +66,8 @@ def draw_latents(mean: torch.Tensor, std: torch.Tensor, generator) -> torch.Tens
 
 def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMScheduler,
                   generator, *, min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
-                  added_cond: dict | None = None, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+                  added_cond: dict | None = None, sample_weight: torch.Tensor | None = None,
+                  loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's epsilon or v prediction at a random timestep.
 
     min_snr_gamma > 0 weights each sample by min(SNR, gamma) / SNR (epsilon) or
@@ -76,7 +77,9 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     per-channel constant to the noise so the model can change an image's mean brightness
     (Guttenberg 2023, "Diffusion with Offset Noise"; 0.1 is the usual value). `added_cond`: SDXL's
     {"text_embeds": pooled, "time_ids": [B, 6]} for a UNet with text_time conditioning. `sample_weight`
-    [B] scales each sample's loss (0: a stand-in the loader only filled a step with).
+    [B] scales each sample's loss (0: fill the loader weighted 0). `loss_mask` [B, h, w] weights each latent
+    position (0: its error is not trained on), averaged over every position as kohya's masked loss does, so
+    a half-masked image weighs half.
     """
     b = z0.shape[0]
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
@@ -88,7 +91,10 @@ def training_loss(unet, z0: torch.Tensor, context: torch.Tensor, schedule: DDPMS
     target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(z0, noise, t)
     extra = {"added_cond_kwargs": added_cond} if added_cond is not None else {}
     pred = unet(zt.to(context.dtype), t, context, **extra).sample
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
+    err = (pred.float() - target.float()).pow(2)
+    if loss_mask is not None:
+        err = err * loss_mask.to(err.device, err.dtype)[:, None]
+    per_sample = err.mean(dim=tuple(range(1, pred.dim())))
     if min_snr_gamma > 0:
         s = snr(schedule, t)
         clipped = torch.clamp(s, max=min_snr_gamma)

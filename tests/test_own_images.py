@@ -3,6 +3,7 @@ data_pipeline/ingest.py), and what the cache job keeps of them."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -73,7 +74,8 @@ def test_kohya_folders_give_repeats_class_captions_and_one_repeat_count_per_shar
     (src / "notes" / "y.png").write_bytes(png())
     assert layouts.detect(str(src)) == "kohya"
     s = summary_of(src, tmp_path / "out", per_shard=2)
-    by_shard = [[(x["txt"].decode(), parse(x).repeats) for x in iter_samples(u)] for u in expand_shards(str(tmp_path / "out"))]
+    by_shard = [[(x["txt"].decode(), parse(x).repeats) for x in iter_samples(u)]
+                for u in expand_shards(str(tmp_path / "out"))]
     assert by_shard == [[("sks dog", 10), ("sks dog on the grass", 10)], [("sks dog", 10)], [("dog", 1)]]
     assert s.repeats == {10: 3, 1: 1}
     assert [(p.name, p.reason) for p in s.skipped] == [("notes/y.png", "its folder 'notes' is not named N_class "
@@ -123,7 +125,8 @@ def test_hugging_face_dataset_on_disk_and_as_parquet(tmp_path):
         assert layouts.detect(str(tmp_path / name)) == "hf"
         summary_of(tmp_path / name, tmp_path / f"out_{name}")
         got = written(tmp_path / f"out_{name}")
-        assert [(x["png"], x["txt"]) for x in got] == [(png((9, 9, 9)), b"first"), (png((8, 8, 8), (16, 16)), b"second")]
+        assert [(x["png"], x["txt"]) for x in got] == [(png((9, 9, 9)), b"first"),
+                                                       (png((8, 8, 8), (16, 16)), b"second")]
     with pytest.raises(DataError, match="has no caption column .*name it with --caption-column"):
         summary_of(tmp_path / "disk", tmp_path / "out_x", caption_column="prompt")
     (tmp_path / "junk").mkdir()
@@ -305,3 +308,226 @@ def checkpoint_exists(run_dir) -> bool:
 
     return checkpoint.latest(str(run_dir)) is not None
 
+
+
+# --- captions: several per image, shuffled tags ------------------------------------------------------------
+
+def test_shuffle_tags_keeps_the_first_tags_and_is_a_function_of_the_generator():
+    import numpy as np
+
+    from data_pipeline.captions import shuffle_tags
+
+    caption = "sks dog, on grass, sunny, photo, 4k"
+    outs = {shuffle_tags(caption, 1, np.random.default_rng(s)) for s in range(20)}
+    assert len(outs) > 5 and all(o.startswith("sks dog, ") for o in outs)
+    assert all(sorted(o.split(", ")) == sorted(caption.split(", ")) for o in outs)
+    assert shuffle_tags(caption, 1, np.random.default_rng(3)) == shuffle_tags(caption, 1, np.random.default_rng(3))
+    assert shuffle_tags(" a,, b ,", 5, np.random.default_rng(0)) == "a, b"
+
+
+@pytest.fixture(scope="module")
+def two_caption_caches(tmp_path_factory):
+    """An imagefolder set whose images have two captions each, cached with text=tokens and text=embeddings."""
+    root = tmp_path_factory.mktemp("captions")
+    (root / "imf").mkdir()
+    rows = []
+    for i in range(4):
+        (root / "imf" / f"{i}.png").write_bytes(png((i * 50, 0, 0), (16, 16)))
+        rows.append({"file_name": f"{i}.png", "text": [f"red, square, number {i}", f"a drawing, of {i}, bold"]})
+    (root / "imf" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest(str(root / "imf"), str(root / "shards"))
+    for text in ("tokens", "embeddings"):
+        run_cmd([PY, "launch/cache_latents.py", f"data.urls={root / 'shards'}", "data.resolution=16",
+                 f"out_url={root / text}", "vae=preset:tiny", "text_encoder=tiny", "batch_size=4", f"text={text}"])
+    return root, rows
+
+
+def _decoded(cache, picker, epoch):
+    from data_pipeline.latents import CachedSampleDecoder
+
+    decode = CachedSampleDecoder(False, 4, False, captions=picker)
+    return {s["__key__"]: decode({**s, "__epoch__": epoch}) for u in expand_shards(str(cache)) for s in iter_samples(u)}
+
+
+def test_several_captions_are_cached_and_one_is_picked_per_sample_and_epoch(two_caption_caches):
+    import torch
+
+    from data_pipeline.captions import CaptionPicker
+    from models.text_encoder import load_text_encoder
+
+    root, rows = two_caption_caches
+    enc = load_text_encoder("tiny")
+    for text in ("tokens", "embeddings"):
+        seen = set()
+        for epoch in range(6):
+            got = _decoded(root / text, CaptionPicker(seed=1), epoch)
+            assert not any(k.endswith("_alt") for t in got.values() for k in t)
+            for key, tensors in got.items():
+                captions = rows[int(key)]["text"]
+                want = [enc.tokenize([c])[0].int() for c in captions] if text == "tokens" else \
+                    [enc.embed([c])["text_emb"][0].half() for c in captions]
+                have = tensors["tokens"] if text == "tokens" else tensors["text_emb"]
+                which = [i for i, w in enumerate(want) if torch.equal(have, w)]
+                assert len(which) == 1, (text, key)
+                seen.add((key, which[0]))
+        assert len(seen) == 8, text  # every caption of every image was picked in some epoch
+        assert _decoded(root / text, CaptionPicker(seed=1), 2)["000000001"]["tokens" if text == "tokens" else
+                                                                          "text_emb"].shape[0] > 0
+
+
+def test_caption_shuffle_tokenizes_the_shuffled_tags_and_needs_a_token_cache(two_caption_caches):
+    import torch
+
+    from data_pipeline.captions import CaptionPicker
+    from models.text_encoder import load_text_encoder
+    from trainer.cache.manifest import Manifest
+    from trainer.core.errors import ConfigError
+    from trainer.unet.data import caption_picker
+    from trainer.unet.job import UNetJob
+
+    root, rows = two_caption_caches
+    enc = load_text_encoder("tiny")
+    orders = set()
+    for epoch in range(8):
+        for key, tensors in _decoded(root / "tokens", CaptionPicker(1, True, 1, enc.tokenize), epoch).items():
+            candidates = []
+            for caption in rows[int(key)]["text"]:
+                first, *rest = caption.split(", ")
+                candidates += [", ".join([first, *p]) for p in itertools.permutations(rest)]
+            match = [c for c in candidates if torch.equal(enc.tokenize([c])[0].int(), tensors["tokens"])]
+            assert match, key
+            orders.add(match[0])
+    assert len(orders) > 8  # both captions, both tag orders
+    cfg = UNetJob(caption_shuffle=True, keep_tokens=1)
+    cfg.data.urls = str(root / "embeddings")
+    with pytest.raises(ConfigError, match="caption_shuffle=true needs a cache made with text=tokens"):
+        caption_picker(cfg, Manifest.read(str(root / "embeddings")), None)
+    with pytest.raises(ConfigError, match="keep_tokens=2 needs caption_shuffle=true"):
+        UNetJob(keep_tokens=2, data=UNetJob().data.__class__(urls="x")).validate()
+
+
+# --- masked loss ---------------------------------------------------------------------------------------------
+
+def test_a_masked_region_gets_zero_loss_gradient():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from models.diffusion import training_loss
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, pred):
+            super().__init__()
+            self.pred = pred
+
+        def forward(self, zt, t, context):
+            return type("Out", (), {"sample": self.pred})()
+
+    pred = torch.zeros(2, 4, 8, 8, requires_grad=True)
+    mask = torch.ones(2, 8, 8)
+    mask[:, :, :4] = 0  # the left half of each latent does not count
+    loss = training_loss(Fixed(pred), torch.randn(2, 4, 8, 8), torch.zeros(2, 3, 8), DDPMScheduler(),
+                         torch.Generator().manual_seed(0), loss_mask=mask)
+    loss.backward()
+    assert float(pred.grad[..., :4].abs().max()) == 0
+    assert float(pred.grad[..., 4:].abs().min()) > 0
+
+
+def test_masks_from_a_mask_file_or_the_alpha_channel_are_cached_on_the_latent_grid(tmp_path):
+    import torch
+    from safetensors.torch import load as st_load
+
+    from trainer.cache.manifest import Manifest
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "a.png").write_bytes(png((200, 0, 0), (32, 32)))
+    (src / "a.txt").write_text("masked by a file")
+    m = Image.new("L", (32, 32), 0)
+    m.paste(255, (16, 0, 32, 32))  # right half trains
+    m.save(src / "a.mask.png")
+    rgba = Image.new("RGBA", (32, 32), (0, 200, 0, 0))
+    rgba.paste((0, 200, 0, 255), (0, 0, 32, 16))  # top half opaque
+    rgba.save(src / "b.png")
+    (src / "b.txt").write_text("masked by its alpha")
+    (src / "c.png").write_bytes(png((0, 0, 200), (32, 32)))
+    (src / "c.txt").write_text("no mask")
+    s = ingest(str(src), str(tmp_path / "shards"))
+    assert s.written == 3  # the mask file is no image of its own
+    run_cmd([PY, "launch/cache_latents.py", f"data.urls={tmp_path / 'shards'}", "data.resolution=32",
+             f"out_url={tmp_path / 'latents'}", "vae=preset:tiny", "text_encoder=tiny", "batch_size=4", "mask=auto"])
+    assert Manifest.read(str(tmp_path / "latents")).mask == "auto"
+    masks = {bytes(x["txt"]).decode(): st_load(x["safetensors"])["mask"].float()
+             for x in written(tmp_path / "latents")}
+    assert masks["masked by a file"].shape == (8, 8)
+    assert torch.equal(masks["masked by a file"][:, :4], torch.zeros(8, 4))
+    assert torch.equal(masks["masked by a file"][:, 4:], torch.ones(8, 4))
+    assert torch.equal(masks["masked by its alpha"][:4], torch.ones(4, 8))
+    assert torch.equal(masks["masked by its alpha"][4:], torch.zeros(4, 8))
+    assert torch.equal(masks["no mask"], torch.ones(8, 8))
+
+
+def _each_layout(root) -> dict[str, str]:
+    """Eight images in each layout users arrive with; returns layout -> its folder."""
+    datasets = pytest.importorskip("datasets")
+    colours = [(i * 30, 200 - i * 20, 90) for i in range(8)]
+    sizes = [(16, 16), (24, 16), (16, 24), (20, 16)] * 2
+    (root / "folder").mkdir()
+    (root / "kohya" / "2_toy").mkdir(parents=True)
+    (root / "imagefolder").mkdir()
+    (root / "webdataset").mkdir()
+    rows, hf = [], {"image": [], "text": []}
+    with ShardWriter(str(root / "webdataset" / "00000.tar")) as w:
+        for i, (c, size) in enumerate(zip(colours, sizes)):
+            data = png(c, size)
+            (root / "folder" / f"{i}.png").write_bytes(data)
+            (root / "folder" / f"{i}.txt").write_text(f"folder {i}")
+            (root / "kohya" / "2_toy" / f"{i}.png").write_bytes(data)
+            (root / "imagefolder" / f"{i}.png").write_bytes(data)
+            rows.append(json.dumps({"file_name": f"{i}.png", "text": f"imagefolder {i}"}) + "\n")
+            hf["image"].append({"bytes": data, "path": None})
+            hf["text"].append(f"hf {i}")
+            w.write({"__key__": f"{i:09d}", "jpg": data, "txt": f"web {i}".encode(),
+                     "json": json.dumps({"original_width": 400, "original_height": 300}).encode()})
+    (root / "imagefolder" / "metadata.jsonl").write_text("".join(rows))
+    datasets.Dataset.from_dict(hf).cast_column("image", datasets.Image()).save_to_disk(str(root / "hf"))
+    return {name: str(root / name) for name in layouts.LAYOUTS}
+
+
+def test_every_layout_to_a_cache_feeds_two_ranks_by_two_workers_every_image_once_per_epoch(tmp_path):
+    """#28: each layout -> shards -> one cache -> the UNet job's loader on 2 ranks x 2 workers: every image
+    once per epoch (kohya's twice: 2 repeats), the .json's original size in the cache, from 8 images a layout."""
+    import collections
+
+    from data_pipeline.loader import ShardBatches, make_loader
+    from data_pipeline.latents import read_cached_shard
+    from trainer.cache.manifest import Manifest
+    from trainer.core.data import LatentData
+    from trainer.unet.data import training_data
+
+    sets = _each_layout(tmp_path)
+    outs = []
+    for name, folder in sets.items():
+        s = ingest(folder, str(tmp_path / f"shards_{name}"), prefix=name)
+        assert (s.layout, s.written, s.skipped) == (name, 8, [])
+        outs.append(str(tmp_path / f"shards_{name}"))
+    run_cmd([PY, "launch/cache_latents.py", f"data.urls={','.join(outs)}", "data.resolution=16", "data.buckets=true",
+             "data.bucket_step=8", f"out_url={tmp_path / 'latents'}", "vae=preset:tiny", "text_encoder=tiny",
+             "batch_size=8"])
+    manifest = Manifest.read(str(tmp_path / "latents"))
+    assert {s.shard: s.repeats for s in manifest.shards}["kohya-000000.tar"] == 2
+    web = [x for x in iter_samples(str(tmp_path / "latents" / "webdataset-000000.tar"))]
+    assert all(json.loads(x["json"])["original_size"] == [400, 300] for x in web)
+    td = training_data(LatentData(urls=str(tmp_path / "latents")), manifest, False, False)
+    ranks = [ShardBatches(td.urls, td.decode, 3, seed=4, rank=r, world_size=2, num_workers=2, counts=td.counts,
+                          repeats=td.repeats, weights=td.weights, bucketer=td.bucketer, checksums=td.checksums,
+                          read_shard=read_cached_shard, shuffle_buffer=4) for r in range(2)]
+    per_epoch = ranks[0].batches_per_epoch(0)
+    want = collections.Counter({f"{n}:{i:09d}": 2 if n == "kohya" else 1 for n in sets for i in range(8)})
+    got = {0: collections.Counter(), 1: collections.Counter()}
+    for ds in ranks:
+        for b in itertools.islice(make_loader(ds), 2 * per_epoch):
+            for key, w in zip(b["keys"], b["loss_weight"].tolist()):
+                if w > 0:
+                    shard, k = os.path.basename(key.rsplit(":", 1)[0]), key.rsplit(":", 1)[1]
+                    got[int(b["epoch"])][f"{shard.split('-')[0]}:{k}"] += 1
+    assert got[0] == want and got[1] == want

@@ -242,8 +242,9 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     while step < last_step:
         got = next(batches)
         x = got["x"].to(device)
-        # A stand-in for a batch whose images all failed weighs nothing (data_pipeline/loader.py): the step
-        # is still taken on every rank, and no image is trained on twice.
+        # Fill weighs 0 (data_pipeline/loader.py: a bucket's last batch, a failed image's place, a stand-in
+        # for a batch whose images all failed): the batch's losses, computed over the whole batch (LPIPS, the
+        # discriminator), are scaled by its share of real images, and an all-fill batch trains on nothing.
         keep = got["loss_weight"].float().mean().to(device) if "loss_weight" in got else None
         seen = step * batch
         lr = lr_at(seen, cfg.lr, cfg.warmup_samples, cfg.total_samples)

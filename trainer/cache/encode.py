@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import source_info
-from data_pipeline.images import crop_top_left, image_and_caption, original_crop_box
+from data_pipeline.images import crop_top_left, image_and_caption, loss_mask, original_crop_box
 from data_pipeline.shards import iter_samples
 from data_pipeline.storage import DataError
 from models.autoencoder import encode_moments
@@ -33,9 +33,10 @@ class ShardImages(IterableDataset):
     """
 
     def __init__(self, jobs: list[tuple[int, str]], decode_options: dict, batch_size: int,
-                 endpoint_url: str | None, max_member_bytes: int, bucketer=None):
+                 endpoint_url: str | None, max_member_bytes: int, bucketer=None, mask: tuple[str, int] = ("none", 1)):
         self.jobs, self.options, self.batch_size = jobs, decode_options, batch_size
         self.endpoint_url, self.max_member_bytes, self.bucketer = endpoint_url, max_member_bytes, bucketer
+        self.mask_mode, self.factor = mask  # loss masks (cache mask=) on the latent grid of this downsample factor
 
     def __iter__(self):
         info = get_worker_info()
@@ -49,12 +50,18 @@ class ShardImages(IterableDataset):
                 try:
                     x, caption, size = image_and_caption(sample, **{**self.options, "resolution": target})
                     info = source_info.parse(sample)  # make_shards' (or img2dataset's) .json
+                    mask = None if self.mask_mode == "none" else loss_mask(
+                        sample, target, size, self.mask_mode, self.factor, self.options["max_pixels"],
+                        self.options["formats"])
                 except DataError as e:
                     failed.append({"key": sample["__key__"], "error": str(e)})
                     continue
                 batch = pending.setdefault(bucket, [])
                 meta = sample_meta(size, target, info.original_size)
-                batch.append((sample["__key__"], x, caption, meta, info.repeats))
+                alts = list(info.captions[1:]) if info.captions[:1] == (caption,) else []  # captions after the .txt's
+                if alts:
+                    meta["captions"] = [caption, *alts]  # the trainer picks one per sample and epoch
+                batch.append((sample["__key__"], x, caption, meta, info.repeats, alts, mask))
                 if len(batch) == self.batch_size:
                     yield _item(shard, next(seq), pending.pop(bucket), False, [])
             rest = [pending[b] for b in sorted(pending)]
@@ -79,10 +86,10 @@ def _item(shard: int, index: int, batch: list, last: bool, failed: list) -> dict
     # per image (each shared tensor costs a file descriptor hand-over). `index`: the batch's place in
     # its shard, so that the main process notices a batch lost on the way (#27: a worker whose batch
     # did not fit /dev/shm dropped it, and the cache job exited 0 with shards missing).
-    keys, xs, captions, metas, repeats = zip(*batch) if batch else ((), (), (), (), ())
+    keys, xs, captions, metas, repeats, alts, masks = zip(*batch) if batch else ((), (), (), (), (), (), ())
     return {"shard": shard, "index": index, "keys": list(keys), "x": torch.stack(xs) if xs else None,
-            "captions": list(captions), "metas": list(metas), "repeats": list(repeats), "last": last,
-            "failed": failed}
+            "captions": list(captions), "metas": list(metas), "repeats": list(repeats), "alts": list(alts),
+            "masks": list(masks), "last": last, "failed": failed}
 
 
 PREFETCH = 4  # batches each worker keeps ready

@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.images import MASK_MODES
 from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
@@ -65,6 +66,8 @@ class CacheJob:
     flip: bool = False  # also cache the moments of the mirrored image (for random flips in training)
     shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
     text: str = "embeddings"  # embeddings (per-token hidden states, fp16) | tokens (ids only; the trainer encodes)
+    mask: str = "none"  # loss masks, cached on the latent grid: none | file (NAME.mask.png beside the image: white
+    #   trains, black does not) | alpha (the image's transparency) | auto (file, else alpha, else everywhere)
 
     # pretrained= on the command line replaces a config file's vae and text_encoder (trainer/core/config.py)
     NAMES_ALSO = {"pretrained": ("vae", "text_encoder")}
@@ -87,6 +90,7 @@ class CacheJob:
             raise config_lib.ConfigError("vae is empty: name the autoencoder, or a pipeline folder with pretrained=")
         if not self.data.urls:
             raise config_lib.ConfigError("data.urls is empty: name the image shards to encode")
+        config_lib.check_choice("mask", self.mask, MASK_MODES)
         if self.text not in ("embeddings", "tokens"):
             raise config_lib.ConfigError(f"text must be embeddings or tokens, got {self.text!r}")
         self._validate_fields()
@@ -168,10 +172,12 @@ class _ShardOut:
             ok &= ok_f
         # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
         ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
-        if self.cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
-            text = {"tokens": text_encoder.tokenize(captions).int()}
-        else:  # text_emb, and SDXL's pooled embedding
-            text = {k: v.float().cpu() for k, v in text_encoder.embed(captions).items()}
+        text = self._text(captions, text_encoder)
+        # A sample's further captions (make_shards' .json), cached beside the first as KEY_alt[n-1, ...]:
+        # the trainer picks one caption per sample and epoch.
+        alts = item.get("alts") or [[] for _ in keys]
+        flat = [c for a in alts for c in a]
+        alt_text = self._text(flat, text_encoder) if flat else {}
         if self.stats is None:
             self.stats = ChannelStats(mean.shape[1])
         for i, key in enumerate(keys):
@@ -180,12 +186,22 @@ class _ShardOut:
                 continue
             self.stats.add(mean[i:i + 1], std[i:i + 1])
             tensors = {k: v[i] for k, v in {**moments, **text}.items()}
+            if item["masks"][i] is not None:
+                tensors["mask"] = item["masks"][i]
+            if alts[i]:
+                start = sum(len(a) for a in alts[:i])
+                tensors.update({f"{k}_alt": v[start:start + len(alts[i])] for k, v in alt_text.items()})
             self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
             shape = "x".join(map(str, item["metas"][i]["target_size"]))
             self.buckets[shape] = self.buckets.get(shape, 0) + 1
             self.repeats[item["repeats"][i]] = self.repeats.get(item["repeats"][i], 0) + 1
             self.keys.append(key)
             self.count += 1
+
+    def _text(self, captions: list[str], text_encoder) -> dict:
+        if self.cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
+            return {"tokens": text_encoder.tokenize(captions).int()}
+        return {k: v.float().cpu() for k, v in text_encoder.embed(captions).items()}  # text_emb, SDXL's pooled
 
     def close(self) -> dict:
         """Make the shard visible; returns its sidecar entry."""
@@ -250,7 +266,8 @@ def cache_latents(cfg: CacheJob) -> str:
     settings = {"format_version": FORMAT_VERSION, "resolution": cfg.data.resolution, "vae": identity,
                 "text_encoder": text_encoder.identity(), "flip": cfg.flip, "text": cfg.text,
                 "buckets": [list(b) for b in bucketer.buckets] if bucketer else None,
-                "sample_meta": "original_size crop_box target_size crop_top_left"}
+                "sample_meta": "original_size crop_box target_size crop_top_left",
+                **({"mask": cfg.mask} if cfg.mask != "none" else {})}
     if bucketer and any(w % factor or h % factor for w, h in bucketer.buckets):
         raise config_lib.ConfigError(f"data.bucket_step={cfg.data.bucket_step} is not a multiple of the autoencoder's "
                                      f"downsampling factor {factor}")
@@ -292,7 +309,8 @@ def cache_latents(cfg: CacheJob) -> str:
     workers = shm_workers(cfg.data.num_workers, cfg.batch_size * 3 * side * side * 4,
                           say=print if w.is_main else (lambda _: None))
     loader = iter(shard_images_loader(ShardImages(todo, cfg.data.decode_options(), cfg.batch_size,
-                                                  cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer),
+                                                  cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer,
+                                                  mask=(cfg.mask, factor)),
                                       workers))
     outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
     try:
@@ -378,6 +396,7 @@ def cache_latents(cfg: CacheJob) -> str:
                                            layer=text_encoder.layer,
                                            identity=text_encoder.identity()),
             pooled_dim=text_encoder.pooled_dim,
+            mask="" if cfg.mask == "none" else cfg.mask,
             buckets=tuple(BucketCount(w_, h_, counts.get(f"{w_}x{h_}", 0)) for w_, h_ in bucketer.buckets)
             if bucketer else (),
         )

@@ -97,6 +97,7 @@ class Manifest:
     vae: VaeRecord  # the frozen first stage that made the latents
     text_encoder: TextEncoderRecord  # the frozen text encoder that made the embeddings (or reads the tokens)
     pooled_dim: int = 0  # width of the pooled text embedding each sample also holds (SDXL: 1280); 0: none
+    mask: str = ""  # how each sample's loss mask was made (file | alpha | auto; since #28); "": no masks
     buckets: tuple[BucketCount, ...] = ()  # aspect-ratio buckets the images were encoded at, with their counts
     #   (sorted by aspect ratio); (): every image a square of `resolution` (then latent_shape holds for all)
 
@@ -189,6 +190,8 @@ class Manifest:
                       f"channel), got {len(stats.mean)} and {len(stats.std)}")
         if any(v < 0 for v in stats.std):
             raise bad("latent_channel_stats.std", "must be >= 0")
+        if self.mask not in ("", "file", "alpha", "auto"):
+            raise bad("mask", f"must be file, alpha, auto or absent, got {_show(self.mask)}")
         if self.pooled_dim < 0:
             raise bad("pooled_dim", f"must be >= 0, got {self.pooled_dim}")
         f = self.vae.downsample_factor

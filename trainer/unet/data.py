@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from data_pipeline.buckets import LatentBucketer
+from data_pipeline.captions import CaptionPicker
 from data_pipeline.latents import CachedSampleDecoder
 
 from trainer.cache.manifest import Manifest
@@ -44,8 +45,10 @@ def check_class_cache(manifest: Manifest, other: Manifest, urls: str, class_urls
         raise ConfigError(f"random_flip needs caches made with flip=true; data.class_urls {class_urls} has none")
 
 
-def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bool) -> TrainingData:
-    """The shards, counts, repeats and weights of `data` (a LatentData) over `manifest` (data.urls's)."""
+def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bool,
+                  captions: CaptionPicker | None = None) -> TrainingData:
+    """The shards, counts, repeats and weights of `data` (a LatentData) over `manifest` (data.urls's);
+    `captions` picks each sample's caption (one of several; shuffled tags)."""
     caches = [(data.urls, manifest, data.repeats, 1.0)]
     if data.class_urls:
         other = Manifest.read(data.class_urls, data.endpoint_url)
@@ -63,7 +66,21 @@ def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bo
         counts = [c if isinstance(c, int) else sum(c) for c in counts]  # an older cache: the loader counts buckets
     decode = CachedSampleDecoder(with_time_ids, manifest.vae.downsample_factor, bucketed,
                                  expect={"latent_shape": manifest.latent_shape, "text": manifest.text,
-                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim})
+                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim},
+                                 captions=captions, masks=any(m.mask for _, m, _, _ in caches))
     return TrainingData(urls, counts, checksums, repeats, weights,
                         LatentBucketer(manifest.bucket_shapes()) if bucketed else None, decode,
                         caches[1][1].num_samples if len(caches) > 1 else 0)
+
+
+def caption_picker(cfg, manifest: Manifest, text_encoder) -> CaptionPicker:
+    """One caption per sample and epoch (of several), its tags shuffled with cfg.caption_shuffle, which
+    needs the text encoded after shuffling: a cache of token ids (`text_encoder` loaded for it)."""
+    if cfg.caption_shuffle and manifest.text != "tokens":
+        raise ConfigError(f"caption_shuffle=true needs a cache made with text=tokens: {cfg.data.urls} holds each "
+                          "caption's embedding, encoded once, so its tags cannot be reordered; rebuild the cache "
+                          "with text=tokens (the frozen text encoder then runs in the training step) or set "
+                          "caption_shuffle=false")
+    return CaptionPicker(cfg.seed, cfg.caption_shuffle, cfg.keep_tokens,
+                         text_encoder.tokenize if text_encoder is not None else None)
+

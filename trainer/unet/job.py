@@ -31,6 +31,9 @@ class UNetJob:
     offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
     zero_terminal_snr: bool = False  # rescale betas to SNR(T)=0 (Lin et al. 2024); needs v_prediction
     caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
+    caption_shuffle: bool = False  # shuffle each caption's comma-separated tags per sample and epoch (kohya's
+    #   shuffle_caption); needs a cache with text=tokens: an embeddings cache holds each caption encoded once
+    keep_tokens: int = 0  # with caption_shuffle: the first N tags stay in front (kohya's keep_tokens; a trigger word)
     batch_per_rank: int = 64  # micro batch on each rank
     grad_accum: int = 1  # micro batches per optimizer step
     total_samples: int = 80_000  # training length in samples (all ranks together)
@@ -111,6 +114,9 @@ class UNetJob:
             raise config_lib.ConfigError(f"attention must be sdpa or eager, got {self.attention!r}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
+        if self.keep_tokens < 0 or (self.keep_tokens and not self.caption_shuffle):
+            raise config_lib.ConfigError(f"keep_tokens={self.keep_tokens} needs caption_shuffle=true (it keeps the first "
+                                         "tags in place while the rest are shuffled) and must be >= 0")
         if self.validate_every_samples > 0 and not self.validation_prompts:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
         if self.lora_rank < 0 or self.lora_alpha < 0:

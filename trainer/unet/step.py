@@ -83,13 +83,17 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
 def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
     """(z0, context, added conditioning or None) of one micro batch: latents drawn from the cached moments
     (the mirrored image's for a random half with random_flip) and normalised, the text embedding (or the
-    frozen encoder's, for a cache of token ids), a random share of captions replaced by the empty one."""
+    frozen encoder's, for a cache of token ids), a random share of captions replaced by the empty one, and the
+    loss mask (flipped with its image) where the cache has masks."""
     device = s.device
     mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None  # [B, h, w] loss weights
     if s.random_flip:  # the mirrored image's moments for a random half of the batch
         flip = (torch.rand(mean.shape[0], generator=gen, device=device) < 0.5)[:, None, None, None]
         mean = torch.where(flip, batch["mean_flip"].to(device, non_blocking=True), mean)
         std = torch.where(flip, batch["std_flip"].to(device, non_blocking=True), std)
+        if mask is not None:
+            mask = torch.where(flip[:, 0], mask.flip(-1), mask)
     z0 = ((draw_latents(mean, std, gen) - s.shift) * s.scale).to(s.dtype)
     if s.channels_last:
         z0 = z0.contiguous(memory_format=torch.channels_last)
@@ -107,7 +111,7 @@ def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
     if s.empty_pooled is not None:
         pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype, non_blocking=True))
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, s.dtype, non_blocking=True)}
-    return z0, context, added
+    return z0, context, added, mask
 
 
 def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> StepResult:
@@ -117,7 +121,8 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
     Nothing in it waits for the device: the loss stays a tensor, the gradient norm, clipping and the
     skip of a non-finite step happen on the device (trainer/core/engine.py), so a GPU runs ahead of
     the host for the whole step (issue #26: each host read waits for every queued kernel)."""
-    loss_sum, skipped_before, wait_s, read_bytes, keys, epochs, weights = None, skipped_steps(engine), 0.0, 0, [], [], []
+    loss_sum, skipped_before, wait_s, read_bytes = None, skipped_steps(engine), 0.0, 0
+    keys, epochs, weights = [], [], []
     for micro in range(s.grad_accum):
         t_wait = time.perf_counter()
         batch = next(batches)
@@ -128,9 +133,10 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
         if "loss_weight" in batch and not batch["loss_weight"].is_cuda:  # a CPU tensor: no device sync
             weights += batch["loss_weight"].tolist()
         gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
-        z0, context, added = micro_inputs(batch, gen, s)
+        z0, context, added, mask = micro_inputs(batch, gen, s)
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
-                             offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"))
+                             offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"),
+                             loss_mask=mask)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -33,7 +33,7 @@ from trainer.core.metrics import RunLog, SampleLog, StepTally
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
-from trainer.unet.data import training_data
+from trainer.unet.data import caption_picker, training_data
 from trainer.unet.job import UNetJob, make_plan
 from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
@@ -124,7 +124,8 @@ def train_unet(cfg: UNetJob) -> str:
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it). With
     # data.class_urls, the class images' cache trains beside it (DreamBooth prior preservation).
-    td = training_data(cfg.data, manifest, needs_time_ids(unet.config), cfg.random_flip)
+    td = training_data(cfg.data, manifest, needs_time_ids(unet.config), cfg.random_flip,
+                       caption_picker(cfg, manifest, text_encoder))
     loader = build_loader(cfg.data, td.urls, td.decode, cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir,
                           counts=td.counts, checksums=td.checksums, read_shard=read_cached_shard, state=loader_state,
                           bucketer=td.bucketer, repeats=td.repeats, weights=td.weights)
