@@ -27,7 +27,7 @@ import re
 from typing import Iterator
 
 from .images import CAPTION_EXTS, DEFAULT_FORMATS, IMAGE_EXTS, header_size
-from .shards import iter_samples
+from .shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 from .source_info import MAX_CAPTIONS, MAX_REPEATS
 from .storage import DataError
 
@@ -36,6 +36,7 @@ KOHYA_FOLDER = re.compile(r"(\d+)_(.+)")
 MASK = ".mask.png"  # NAME.mask.png beside NAME.jpg: its loss mask, not an image of its own
 CAPTION_COLUMNS = ("text", "caption", "prompt")  # tried in this order when --caption-column is not given
 MAX_CAPTION_BYTES = 64 * 1024  # a caption file larger than this is not a caption
+MAX_IMAGE_BYTES = int(DEFAULT_MAX_MEMBER_MB * 2**20)  # what readers of the shards accept by default
 
 
 @dataclasses.dataclass
@@ -124,7 +125,7 @@ def _read_file(path: str, limit: int | None = None) -> bytes:
     with open(path, "rb") as f:
         data = f.read(limit + 1 if limit else -1)
     if limit and len(data) > limit:
-        raise DataError(f"{path} is larger than {limit} bytes")
+        raise DataError(f"its {os.path.basename(path)} is larger than {limit} bytes")
     return data
 
 
@@ -136,15 +137,21 @@ def _caption_beside(image: str) -> str | None:
     return None
 
 
-def _from_file(root: str, image: str, captions: list[str], repeats: int = 1) -> Item:
+def _from_file(root: str, image: str, captions: list[str], repeats: int = 1) -> Item | Problem:
     ext, mask = _ext(image), os.path.splitext(image)[0] + MASK
+    if os.path.getsize(image) > MAX_IMAGE_BYTES:  # the loaders would skip it unread (data.max_member_mb)
+        return Problem(os.path.relpath(image, root), f"larger than {MAX_IMAGE_BYTES >> 20} MB (data.max_member_mb)")
     return Item(os.path.relpath(image, root), _read_file(image), "jpg" if ext == "jpeg" else ext, captions, repeats,
                 mask=_read_file(mask) if os.path.isfile(mask) else None)
 
 
 def _folder(root: str) -> Iterator[Item | Problem]:
     for image in _image_files(root):
-        caption = _caption_beside(image)
+        try:
+            caption = _caption_beside(image)
+        except DataError as e:
+            yield Problem(os.path.relpath(image, root), str(e))
+            continue
         if caption is None:
             exts = " or ".join("." + e for e in CAPTION_EXTS)
             yield Problem(os.path.relpath(image, root), f"no caption file ({exts})")
@@ -171,7 +178,11 @@ def _kohya(root: str) -> Iterator[Item | Problem]:
                 yield Problem(os.path.relpath(image, root), f"folder {name!r}: repeats must be 1..{MAX_REPEATS}")
             continue
         for image in _image_files(folder):
-            caption = _caption_beside(image)
+            try:
+                caption = _caption_beside(image)
+            except DataError as e:
+                yield Problem(os.path.relpath(image, root), str(e))
+                continue
             yield _from_file(root, image, [caption if caption else klass], repeats)
 
 

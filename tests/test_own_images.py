@@ -182,13 +182,20 @@ def test_nothing_usable_is_an_error_naming_why_and_the_output_is_untouched(tmp_p
         layouts.detect(str(tmp_path / "nowhere"))
 
 
-def test_a_huge_caption_file_is_not_read_whole(tmp_path):
+def test_a_huge_caption_or_image_file_is_skipped_unread(tmp_path, monkeypatch):
     src = tmp_path / "photos"
     src.mkdir()
     (src / "a.png").write_bytes(png())
     (src / "a.txt").write_bytes(b"x" * (layouts.MAX_CAPTION_BYTES + 1))
-    with pytest.raises(DataError, match="larger than"):
-        summary_of(src, tmp_path / "out")
+    (src / "b.png").write_bytes(png() + b"\0" * 2000)
+    (src / "b.txt").write_text("fine caption, too large an image")
+    (src / "c.png").write_bytes(png())
+    (src / "c.txt").write_text("fine")
+    monkeypatch.setattr(layouts, "MAX_IMAGE_BYTES", 2000)
+    s = summary_of(src, tmp_path / "out")
+    assert s.written == 1 and sorted((p.name, p.reason) for p in s.skipped) == [
+        ("a.png", f"its a.txt is larger than {layouts.MAX_CAPTION_BYTES} bytes"),
+        ("b.png", "larger than 0 MB (data.max_member_mb)")]
 
 
 def test_make_shards_command_line_detects_the_layout(tmp_path):
