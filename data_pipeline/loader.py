@@ -11,7 +11,9 @@ A stream's batches are therefore a pure function of (seed, V, v), whatever the w
 
 A job with W ranks gives rank r the streams r, r+W, r+2W, ... (V/W of them) and takes
 one batch from each in turn (a stream that is behind first); DataLoader worker w serves every
-num_workers-th of them, matching the DataLoader's own round-robin. The loader's whole state
+num_workers-th of them, matching the DataLoader's own round-robin. V defaults to ranks x workers;
+for an epoch too small to give each stream SMALL_EPOCH_BATCHES batches it defaults to the world size,
+and then every worker reads all of its rank's streams and collates every num_workers-th batch. The loader's whole state
 is the number of batches consumed from each stream. Every stream yields the same number of
 batches per epoch, known before reading, so restoring the state skips whole epochs unread
 and replays the current one (read, not decoded): a restart continues exactly, and because
@@ -28,6 +30,7 @@ depends on the stream's data alone, so a resumed run makes it the same way.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -40,6 +43,10 @@ from .epoch_plan import EpochPlan, keeps
 from .quarantine import Quarantine
 from .shards import DEFAULT_MAX_MEMBER_MB, iter_samples
 from .storage import DataError
+
+# Below this many batches per stream and epoch, the default virtual_ranks is the world size, not ranks x
+# workers: 40 images in 5 buckets on 2 ranks x 2 workers at batch 4 filled half of every epoch's batches.
+SMALL_EPOCH_BATCHES = 32
 
 # How many samples after an all-failed batch are tried for a stand-in before giving up:
 # that many failures in a row exceed any sensible max_error_rate anyway.
@@ -95,10 +102,6 @@ class ShardBatches(IterableDataset):
                  checksums: list[str] | None = None, read_shard=None,
                  max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)):
         workers = max(1, num_workers)
-        V = virtual_ranks or world_size * workers
-        if V % world_size or (V // world_size) % workers:
-            raise DataError(f"virtual_ranks={V} must be a multiple of world size {world_size} x "
-                            f"num_workers {workers}")
         if not urls:
             raise DataError("the shard list is empty")
         self.read_shard = read_shard or iter_samples
@@ -115,6 +118,15 @@ class ShardBatches(IterableDataset):
         for name, values in (("repeats", repeats), ("weights", weights)):
             if values is not None and len(values) != len(urls):
                 raise ValueError(f"{name} must have one entry per shard")
+        V = virtual_ranks or world_size * workers
+        if not virtual_ranks and workers > 1 and EpochPlan(counts, V, batch_size, seed, repeats=repeats) \
+                .batches_per_stream(0) < SMALL_EPOCH_BATCHES:
+            V = world_size  # a small epoch: a stream per worker would cut it into slivers of filled batches
+        if V % world_size:
+            raise DataError(f"virtual_ranks={V} must be a multiple of the world size {world_size}")
+        # Workers take whole streams when they divide the rank's; otherwise each reads all of the rank's
+        # streams (cheap for the small sets this is for) and collates every num_workers-th batch of them.
+        self.shared_streams = (V // world_size) % workers != 0
         self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
         self.rank, self.world_size, self.virtual_ranks = rank, world_size, V
         self.num_workers, self.loader_workers = workers, num_workers
@@ -133,14 +145,12 @@ class ShardBatches(IterableDataset):
         if self.plan.fewest_samples_per_stream(epoch) > 0:
             return
         n, V, W, nw = self.plan.samples(epoch), self.virtual_ranks, self.world_size, self.num_workers
-        if V > W * nw:
-            fix = f"set data.virtual_ranks to at most {n} (a multiple of {W * nw})"
-        elif nw > 1 and n >= W:
-            fix = f"set data.num_workers={max(1, min(nw - 1, n // W))} (a set this small needs no parallel reading)"
+        if V > W and n >= W:
+            fix = f"set data.virtual_ranks to a multiple of {W} up to {n} (or 0: picked from the data)"
         else:
             fix = f"run on at most {n} ranks, or repeat the data (data.repeats)"
-        raise DataError(f"epoch {epoch} has {n} samples, fewer than the {V} data streams ({W} ranks x {nw} loader "
-                        f"workers) it must feed, each needing one: {fix}")
+        raise DataError(f"epoch {epoch} has {n} samples, fewer than the {V} data streams ({W} ranks, "
+                        f"data.virtual_ranks={V}) it must feed, each needing one: {fix}")
 
     # -- which streams a rank serves, in the order its batches come from them ------------
     def streams_of(self, rank: int) -> list[int]:
@@ -323,11 +333,14 @@ class ShardBatches(IterableDataset):
             raise ValueError(f"built for {self.num_workers} workers, running in {workers}")
         # This worker's streams, each from its own position, taken in turn: together with
         # the DataLoader's worker round-robin this gives the rank's stream round-robin.
-        mine = self.streams_of(self.rank)[worker::workers]
+        mine = self.streams_of(self.rank)
+        if not self.shared_streams:
+            mine = mine[worker::workers]
         gens = [_Ahead(self._stream_batches(v, self.positions[v])) for v in mine]
-        while True:
-            for v, g in zip(mine, gens):
-                epoch, raw = next(g)
+        for i in itertools.count():
+            v, g = mine[i % len(mine)], gens[i % len(mine)]
+            epoch, raw = next(g)
+            if not self.shared_streams or i % workers == worker:  # the DataLoader takes batch i from worker i % n
                 yield self._collate(epoch, raw, g, v)
 
 

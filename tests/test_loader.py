@@ -192,17 +192,30 @@ def test_no_shuffle_keeps_file_order(uneven):
 
 def test_too_few_samples_for_ranks_and_workers(tmp_path):
     urls = build_shards(tmp_path, (2, 1))
+    # A set this small: its streams are one per rank, and the two workers of a rank share them.
+    ds = ShardBatches(urls, decode, 2, world_size=2, num_workers=2, counts=[2, 1])
+    assert ds.virtual_ranks == 2 and ds.shared_streams
     with pytest.raises(DataError) as e:
-        ShardBatches(urls, decode, 2, world_size=2, num_workers=2, counts=[2, 1])
-    assert str(e.value) == ("epoch 0 has 3 samples, fewer than the 4 data streams (2 ranks x 2 loader workers) it "
-                            "must feed, each needing one: set data.num_workers=1 (a set this small needs no parallel "
-                            "reading)")
-    with pytest.raises(DataError, match=r"fewer than the 4 data streams \(4 ranks x 1 loader workers\) .*: run on at "
-                                        r"most 3 ranks, or repeat the data \(data.repeats\)$"):
         ShardBatches(urls, decode, 2, world_size=4, rank=1, num_workers=0, counts=[2, 1])
-    with pytest.raises(DataError, match=r"^virtual_ranks=6 must be a multiple of world size 2 x num_workers 2"):
-        ShardBatches(urls * 2, decode, 2, world_size=2, num_workers=2, virtual_ranks=6, counts=[2, 1] * 2)
-    ShardBatches(urls, decode, 2, num_workers=3)  # exactly enough: one sample per stream
+    assert str(e.value) == ("epoch 0 has 3 samples, fewer than the 4 data streams (4 ranks, data.virtual_ranks=4) it "
+                            "must feed, each needing one: run on at most 3 ranks, or repeat the data (data.repeats)")
+    with pytest.raises(DataError, match=r"fewer than the 4 data streams \(2 ranks, data.virtual_ranks=4\) .*: set "
+                                        r"data.virtual_ranks to a multiple of 2 up to 3 \(or 0: picked from the data\)$"):
+        ShardBatches(urls, decode, 2, world_size=2, num_workers=2, virtual_ranks=4, counts=[2, 1])
+    with pytest.raises(DataError, match=r"^virtual_ranks=5 must be a multiple of the world size 2$"):
+        ShardBatches(urls * 4, decode, 2, world_size=2, num_workers=2, virtual_ranks=5, counts=[2, 1] * 4)
+    ShardBatches(urls, decode, 2, num_workers=0, virtual_ranks=3)  # exactly enough: one sample per stream
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_sharing_a_ranks_streams_give_the_batches_of_one_reader(uneven, workers):
+    """With fewer streams per rank than workers, each worker collates every n-th batch of all of them:
+    the batches are those of one process reading them, in the same order, and they resume alike."""
+    kw = dict(seed=6, counts=list(UNEVEN), shuffle_buffer=4, virtual_ranks=2, world_size=2, rank=1)
+    one = take(ShardBatches(uneven, decode, 3, num_workers=0, **kw), 20)
+    assert take(ShardBatches(uneven, decode, 3, num_workers=workers, **kw), 20) == one
+    state = state_after(ShardBatches(uneven, decode, 3, num_workers=workers, **kw), 7)
+    assert take(restored(ShardBatches(uneven, decode, 3, num_workers=workers, **kw), state), 13) == one[7:]
 
 
 def test_bad_arguments(tmp_path):
