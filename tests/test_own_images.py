@@ -234,10 +234,10 @@ def _cache(shards, out):
 
 
 def _trained(run_dir) -> list[tuple[str, int, float]]:
-    """(key, epoch, weight) of every slot every rank trained, from run_dir/samples/ (data.log_samples)."""
+    """(key, epoch, weight) of every slot every rank trained, from run_dir/data_log/ (data.log_samples)."""
     out = []
-    for name in sorted(os.listdir(run_dir / "samples")):
-        for line in (run_dir / "samples" / name).read_text().splitlines():
+    for name in sorted(os.listdir(run_dir / "data_log")):
+        for line in (run_dir / "data_log" / name).read_text().splitlines():
             row = json.loads(line)
             out += list(zip(row["keys"], row["epochs"], row["weights"]))
     return out
@@ -273,7 +273,7 @@ def test_folder_to_training_every_image_once_per_epoch_through_a_kill_and_an_ela
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        seen = _trained(run_dir) if (run_dir / "samples").exists() else []
+        seen = _trained(run_dir) if (run_dir / "data_log").exists() else []
         if len(seen) >= 40 and checkpoint_exists(run_dir):
             break
         time.sleep(0.2)

@@ -505,3 +505,38 @@ def test_weights_of_another_shape_than_the_config_are_one_line(folders, tmp_path
     with pytest.raises(FileNotFoundError) as e:
         load()
     assert "\n" not in str(e.value) and str(broken) in str(e.value), str(e.value)
+
+
+def test_a_short_lora_run_with_the_finetune_config_exports_what_it_trained(folders, caches, tmp_path, capsys):
+    """#29: the finetune config's EMA (half-life 200,000 samples, no ramp-up) exported an adapter of 1.5e-7
+    after a short LoRA run where 1e-3 was trained. A LoRA adapter's EMA now ramps up: the EMA export is
+    within 10% of the trained adapter's norm, and the export says which weights it holds."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    out = run_cmd([PY, "launch/train_unet.py", "--config", "configs/unet/sd15_finetune.yaml", f"run_dir={run}",
+                   f"data.urls={caches['sd15']}", f"pretrained={folders['sd15']}", "cache.resolution=32",
+                   "lora_rank=4", "lr=1e-3", "total_samples=64", "batch_per_rank=8", "warmup_samples=0",
+                   "data.num_workers=0", "validate_every_samples=0", "wandb=disabled"], env=_quiet()).stdout
+    assert "LoRA: the adapters start at zero, so their EMA ramps up (ema_rampup_ratio=0.05)" in out
+    norms = {}
+    for weights in ("ema", "raw"):
+        _export(run, tmp_path / weights, weights=weights)
+        said = capsys.readouterr().out
+        assert ("exporting the EMA weights (half-life 200000 samples, ramped up" if weights == "ema" else
+                "exporting the trained weights (64 samples)") in said and "warning" not in said
+        state = load_file(str(tmp_path / weights / "pytorch_lora_weights.safetensors"))
+        norms[weights] = sum(float(v.float().norm() ** 2) for k, v in state.items() if "lora_B" in k or "lora.up" in k) ** 0.5
+    assert norms["raw"] > 1e-4
+    assert abs(norms["ema"] - norms["raw"]) <= 0.1 * norms["raw"], norms
+
+
+def test_an_ema_behind_its_half_life_is_named_when_exported():
+    from trainer.unet.job import UNetJob, ema_note
+
+    text, warn = ema_note(UNetJob(pretrained="x", ema_halflife_samples=200_000, ema_rampup_ratio=0.0), 20_000)
+    assert warn and "the EMA still holds 93% of pretrained's weights, the trained weights 7%" in text
+    assert "--weights raw" in text
+    assert not ema_note(UNetJob(pretrained="x", ema_halflife_samples=200_000, ema_rampup_ratio=0.0), 400_000)[1]
+    assert not ema_note(UNetJob(pretrained="x", lora_rank=4, ema_halflife_samples=200_000, ema_rampup_ratio=0.0),
+                        64)[1]

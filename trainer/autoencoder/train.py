@@ -144,8 +144,10 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     # batches, the gradients are averaged (dist.average_gradients), the weights stay equal.
     w = dist.init()
     batch = cfg.batch_per_rank * w.size  # images per optimizer step, all ranks
-    if w.is_main:
-        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"))
+    if w.is_main:  # total_samples may grow; until a first checkpoint the folder binds nothing (#29)
+        ckpt_root = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir)
+        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"), grow=("total_samples",),
+                                 bound=checkpoint.latest(ckpt_root, cfg.checkpoint_endpoint_url) is not None)
     dist.barrier()
     torch.manual_seed(cfg.seed)
     device = dist.device()

@@ -259,12 +259,16 @@ def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
+def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = (), grow: tuple[str, ...] = (),
+                  bound: bool = True, say=print) -> str:
     """Claim `run_dir` (see claim_run_dir), then write `run_dir/config.yaml`; refuse a run directory
     that holds a different config.
 
     Rerunning the same command must resume, so an identical config is accepted. Keys in
-    `ignore` (e.g. a total length that may be extended) may differ between runs.
+    `ignore` may differ between runs; keys in `grow` (a total length) may grow, not shrink.
+    `bound`: whether the run directory holds what that config trained (a checkpoint). A start that
+    failed before its first checkpoint (a bad value found late) trained nothing: its config is
+    replaced by the corrected command's, with a note, instead of locking the folder (#29).
     """
     claim_run_dir(run_dir)
     path = os.path.join(run_dir, "config.yaml")
@@ -276,12 +280,22 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = ()) -> str:
         # default: only another value is a difference.
         _fill_missing(old, to_dict(type(cfg)()))
         diffs = [k for k in _diff_keys(old, new) if k not in ignore]
-        if diffs:
+        shrunk = [k for k in diffs if k in grow and _get(new, k) < _get(old, k)]
+        diffs = [k for k in diffs if k not in grow]
+        if bound and shrunk:
+            k = shrunk[0]
+            raise ConfigError(f"{k} may grow on resume (the schedule continues to the new end), not shrink: "
+                              f"{_get(old, k)!r} in {path}, {_get(new, k)!r} now")
+        if bound and diffs:
             k = diffs[0]
             raise ConfigError(
                 f"run directory {run_dir} holds a different config ({k}: {_get(old, k)!r} there, "
                 f"{_get(new, k)!r} now); use a new run_dir or the same config"
             )
+        if not bound and (diffs or shrunk):
+            say(f"note: {path} was written by a start that made no checkpoint; replaced by this config "
+                f"({(diffs or shrunk)[0]}: {_get(old, (diffs or shrunk)[0])!r} there, "
+                f"{_get(new, (diffs or shrunk)[0])!r} now)")
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(dump(cfg))

@@ -61,7 +61,7 @@ class LatentData(ShardData):
     #   ("a photo of a dog"), made with the same encoders; its samples train beside the instance data every epoch
     class_repeats: int = 1  # times each class image is in an epoch
     prior_loss_weight: float = 1.0  # the loss weight of class images (the paper's lambda; 1.0 there)
-    log_samples: bool = False  # write run_dir/samples/rank-R.jsonl: the samples (and loss weights) of every step
+    log_samples: bool = False  # write run_dir/data_log/rank-R.jsonl: the samples (and loss weights) of every step
 
     def validate(self, prefix: str = "data.") -> None:
         super().validate(prefix)

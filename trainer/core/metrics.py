@@ -268,7 +268,7 @@ def plot_loss(log_path: str, png_path: str, keys: tuple[str, ...] = ("loss",), t
 
 
 class SampleLog:
-    """`run_dir/samples/rank-R.jsonl`: per optimizer step, the samples each rank trained on, as
+    """`run_dir/data_log/rank-R.jsonl`: per optimizer step, the samples each rank trained on, as
     `{"samples": samples seen before the step, "keys": ["SHARD_URL:KEY", ...], "epochs": [...], "weights": [...]}`
     (weight 0: fill or a stand-in, not trained on). What a user checks data order, repeats and exactly-once
     with (data.log_samples). On resume every rank's file loses the lines from the resumed sample count
@@ -276,11 +276,11 @@ class SampleLog:
     that before any rank appends (`dist.barrier()` between)."""
 
     def __init__(self, run_dir: str, rank: int, resume_samples: int, is_main: bool):
-        folder = os.path.join(run_dir, "samples")
+        folder = os.path.join(run_dir, "data_log")
         self.path = os.path.join(folder, f"rank-{rank}.jsonl")
         if is_main:
             os.makedirs(folder, exist_ok=True)
-            for name in sorted(os.listdir(folder)):
+            for name in sorted(n for n in os.listdir(folder) if n.startswith("rank-") and n.endswith(".jsonl")):
                 path = os.path.join(folder, name)
                 keep = [line for line in open(path) if _samples_of(line) < resume_samples]
                 with open(path + ".tmp", "w") as f:

@@ -44,6 +44,7 @@ from models.text_encoder import CLIPTextEncoder, DualTextEncoder
 
 from trainer.core.checkpoint import default_root, latest
 from trainer.core.config import ConfigError
+from trainer.unet.job import ema_note
 from trainer.unet.lora import merged, save_lora_weights
 from trainer.unet.pretrained import training_schedule
 from trainer.unet.sampling import load_run
@@ -188,8 +189,17 @@ FORMATS = ("diffusers", "single_file")
 SINGLE_FILE = "model.safetensors"  # the single-file export's name inside OUT
 
 
+def describe_weights(run_dir: str, cfg, weights: str) -> tuple[str, bool]:
+    """What an export of the run's newest checkpoint with `weights` holds, and whether to warn (#29)."""
+    ckpt = latest(cfg.checkpoint_url or default_root(run_dir), cfg.checkpoint_endpoint_url) or ""
+    samples = int(os.path.basename(ckpt.rstrip("/")).rpartition("_")[2] or 0)
+    if weights == "ema" and cfg.ema_halflife_samples:
+        return ema_note(cfg, samples)
+    return f"trained weights ({samples} samples{'' if weights == 'raw' else '; the run kept no EMA'})", False
+
+
 def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False, fmt: str = "diffusers",
-               vae_source: str = "") -> str:
+               vae_source: str = "", say=print) -> str:
     """Write the run into the new folder `out`: a complete pipeline; for a LoRA run its diffusers
     LoRA file (for the pretrained pipeline's load_lora_weights), or with `merge` a complete
     pipeline with the adapters folded into the UNet. fmt=single_file: OUT/model.safetensors in
@@ -200,6 +210,8 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
         raise FileExistsError(f"export folder {out} is not empty; choose a new one")
     loaded = load_run(run_dir, weights)
     cfg = loaded[3]
+    text, warn = describe_weights(run_dir, cfg, weights)
+    say(f"{'warning: ' if warn else ''}exporting the {text}")
     if merge and not cfg.lora_rank:
         raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
     if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":

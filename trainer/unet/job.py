@@ -186,3 +186,29 @@ def make_plan(cfg: UNetJob, world_size: int) -> Plan:
                 validate_every_steps=max(1, cfg.validate_every_samples // global_batch) if cfg.validate_every_samples else 0)
     assert plan.global_batch == cfg.batch_per_rank * cfg.grad_accum * plan.world_size
     return plan
+
+
+# A LoRA adapter starts at zero (B = 0), not at the pretrained weights: an EMA of it without a ramp-up
+# stays near zero for a half-life (a 64-sample run exported weights of 1.5e-7 where 1e-3 were trained, #29).
+LORA_EMA_RAMPUP = 0.05
+
+
+def ema_rampup(cfg: UNetJob) -> float:
+    """The EMA ramp-up a run uses: cfg.ema_rampup_ratio; for LoRA adapters at least LORA_EMA_RAMPUP."""
+    return max(cfg.ema_rampup_ratio, LORA_EMA_RAMPUP) if cfg.lora_rank else cfg.ema_rampup_ratio
+
+
+def ema_note(cfg: UNetJob, samples: int) -> tuple[str, bool]:
+    """What an EMA export (or validation grid) of a run at `samples` holds, and whether to warn: without
+    a ramp-up an EMA that has seen fewer samples than its half-life is still mostly its starting weights."""
+    halflife, ramp = cfg.ema_halflife_samples, ema_rampup(cfg)
+    start = "zero adapters" if cfg.lora_rank else "pretrained's weights" if cfg.pretrained else "the initial weights"
+    if ramp > 0:
+        return f"EMA weights (half-life {halflife} samples, ramped up: at most {ramp:g} of the samples seen)", False
+    left = 0.5 ** (samples / halflife)
+    text = f"EMA weights (half-life {halflife} samples, no ramp-up; {samples} samples seen)"
+    if samples < halflife:
+        return (f"{text}: the EMA still holds {left:.0%} of {start}, the trained weights {1 - left:.0%}; "
+                "--weights raw exports the trained weights"), True
+    return text, False
+

@@ -244,9 +244,13 @@ class Validator:
         self.cfg, self.manifest, self.device, self.is_main = cfg, manifest, device, is_main
         self.frozen = load_frozen(manifest, cfg.data.urls) if is_main else None
 
-    def __call__(self, step: int, ema_state: dict | None, engine, runlog) -> str | None:
+    def __call__(self, step: int, ema_state: dict | None, engine, runlog, samples: int = 0) -> str | None:
         from trainer.core.engine import full_weights
+        from trainer.unet.job import ema_note
 
+        if self.is_main:  # which weights the grid shows (#29: an EMA behind the training looked untrained)
+            which = ema_note(self.cfg, samples)[0] if ema_state is not None else "trained weights (no EMA)"
+            print(f"validation grid at step {step}: the {which}")
         if ema_state is None:
             with full_weights(engine) as module:
                 ema_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

@@ -63,7 +63,7 @@ class StepResult:
     applied: torch.Tensor  # bool, 0-d: the optimizer step changed the weights (not skipped for non-finite gradients)
     wait_s: float  # seconds spent waiting for the batches
     read_bytes: int  # shard bytes of the batches (the loader's `bytes`)
-    keys: list  # the samples of the micro batches, "SHARD_URL:KEY" (the loader's `keys`)
+    keys: list  # the samples of the micro batches, "SHARD_URL:KEY" (the loader's `keys`, for data.log_samples)
     epochs: list  # the loader's epoch of each
     weights: list  # their loss weights (0: fill, not trained on), read from the loader's CPU tensor
 

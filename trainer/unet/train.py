@@ -34,7 +34,7 @@ from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
 from trainer.unet.data import caption_picker, training_data
-from trainer.unet.job import UNetJob, make_plan
+from trainer.unet.job import UNetJob, ema_rampup, make_plan
 from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
 from trainer.unet.step import DTYPES, build_unet_engine, step_setup, train_step, unet_ds_config
@@ -47,13 +47,15 @@ def train_unet(cfg: UNetJob) -> str:
     w = dist.init(cfg.dist_timeout_s)
     cfg = pretrained.resolve(cfg, say=print if w.is_main else None)  # prediction_type=auto: pretrained's
     plan = make_plan(cfg, w.size)
+    root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
     if w.is_main:
-        # These keys do not change what is trained, so a resumed run may set them differently.
+        # These keys do not change what is trained, so a resumed run may set them differently; total_samples
+        # may grow (the schedule continues to the new end). Until a first checkpoint the folder binds nothing.
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
             "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
             "validation_prompts", "validation_steps", "validation_guidance", "validation_negative_prompt",
             "max_nonfinite_steps", "compile", "elastic_resume", "data.log_samples",
-            "dist_timeout_s"))
+            "dist_timeout_s"), grow=("total_samples",), bound=checkpoint.latest(root, endpoint) is not None)
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
     dtype = DTYPES[precision]
@@ -88,12 +90,13 @@ def train_unet(cfg: UNetJob) -> str:
     engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim)
     unet = engine.module
     # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
-    ema = EMA(engine.module, cfg.ema_halflife_samples, cfg.ema_rampup_ratio, trainable_only=cfg.lora_rank > 0) \
+    ema = EMA(engine.module, cfg.ema_halflife_samples, ema_rampup(cfg), trainable_only=cfg.lora_rank > 0) \
         if cfg.ema_halflife_samples else None
+    if ema is not None and ema_rampup(cfg) != cfg.ema_rampup_ratio and w.is_main:
+        print(f"LoRA: the adapters start at zero, so their EMA ramps up (ema_rampup_ratio={ema_rampup(cfg):g})")
     lora = cfg.lora_rank > 0  # checkpoints hold the adapters alone; the frozen base is pretrained's
     step_cfg = step_setup(cfg, rank=w.rank, device=device, dtype=dtype, shift=shift, scale=scale, empty=empty,
                           text_encoder=text_encoder, empty_pooled=empty_pooled)
-    root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
     step, samples, nonfinite_steps, loader_state, log_from = 0, 0, 0, None, 0
 
     def parts_for(path: str, meta: dict) -> list:
@@ -120,6 +123,14 @@ def train_unet(cfg: UNetJob) -> str:
         if w.is_main:
             print(f"resuming from {resume} at step {step}" +
                   (f" (elastic: written by {written_by} ranks, {state['samples']} samples)" if elastic else ""))
+            was = state.get("total_samples", cfg.total_samples)
+            if was != cfg.total_samples:  # grown (save_resolved refuses a shrink): the schedule runs to the new end
+                before = lr_at(step, cfg.lr, plan.warmup_steps, math.ceil(was / plan.global_batch), cfg.lr_schedule,
+                               cfg.lr_final_ratio)
+                now = lr_at(step, cfg.lr, plan.warmup_steps, plan.total_steps, cfg.lr_schedule, cfg.lr_final_ratio)
+                print(f"total_samples grew from {was} to {cfg.total_samples}: training continues to the new end"
+                      + (f"; the {cfg.lr_schedule} schedule is stretched to it (lr {before:.3g} -> {now:.3g} here)"
+                         if abs(before - now) > 1e-12 else ""))
 
     # --- data: each rank's stream continues where the checkpoint left it ------------------------------
     # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it). With
@@ -151,6 +162,7 @@ def train_unet(cfg: UNetJob) -> str:
     def save_checkpoint() -> None:
         state = {"step": step, "samples": samples, "world_size": w.size, "zero_stage": cfg.zero_stage,
                  "nonfinite_steps": nonfinite_steps, "cache": trained_on, "loader": loader.state_dict(),
+                 "total_samples": cfg.total_samples,
                  **({"lora_base": unet.ldm_base_fingerprint} if lora else {})}
         parts = [EnginePart(engine, state, exclude_frozen=lora), *([ema] if ema is not None else [])]
         checkpoint.save(root, samples, parts, keep_last=cfg.keep_last, endpoint_url=endpoint)
@@ -217,7 +229,7 @@ def train_unet(cfg: UNetJob) -> str:
                 f"weights of the last good step; newest complete checkpoint: {checkpoint.latest(root, endpoint) or 'none yet'}. "
                 f"Lower lr (now {cfg.lr}), check the cache, or raise max_nonfinite_steps")
         if validator is not None and (step % plan.validate_every_steps == 0 or step == plan.total_steps):
-            validator(step, ema.full_state() if ema is not None else None, engine, runlog)
+            validator(step, ema.full_state() if ema is not None else None, engine, runlog, samples)
         if checkpoint_now:
             save_checkpoint()
     bar.close()

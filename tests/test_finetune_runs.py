@@ -1,0 +1,62 @@
+"""#29: runs that behave as a user expects: a failed start does not lock the folder, total_samples
+may grow on resume (not shrink)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import PY, run_cmd
+from trainer.core.metrics import read_log
+
+
+def _train(run_dir, cache, *extra, check=True):
+    return run_cmd([PY, "launch/train_unet.py", f"run_dir={run_dir}", f"data.urls={cache}", "model=tiny",
+                    "batch_per_rank=8", "warmup_samples=8", "log_every_samples=16", "checkpoint_every_samples=32",
+                    "wandb=disabled", "data.num_workers=0", *extra], check=check, timeout=600)
+
+
+def test_a_failed_start_does_not_lock_the_run_folder(tiny_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    bad = _train(run_dir, tiny_cache, "total_samples=32", "random_flip=true", check=False)
+    assert bad.returncode != 0 and "random_flip needs a cache made with flip=true" in bad.stderr
+    assert (run_dir / "config.yaml").exists()  # written before the cache was read
+    good = _train(run_dir, tiny_cache, "total_samples=32")
+    assert "was written by a start that made no checkpoint; replaced by this config (random_flip" in good.stdout
+    assert "random_flip: false" in (run_dir / "config.yaml").read_text()
+    # Once a checkpoint exists the folder binds: another config is refused.
+    again = _train(run_dir, tiny_cache, "total_samples=32", "lr=0.5", check=False)
+    assert again.returncode != 0 and "holds a different config (lr:" in again.stderr
+
+
+def test_total_samples_may_grow_on_resume_and_not_shrink(tiny_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, tiny_cache, "total_samples=32")
+    grown = _train(run_dir, tiny_cache, "total_samples=64")
+    assert "total_samples grew from 32 to 64: training continues to the new end" in grown.stdout
+    assert "the cosine schedule is stretched to it" in grown.stdout
+    rows = [r for r in read_log(str(run_dir / "log.jsonl")) if "loss" in r]
+    assert [r["samples"] for r in rows] == [16, 32, 48, 64]
+    shrunk = _train(run_dir, tiny_cache, "total_samples=48", check=False)
+    assert shrunk.returncode != 0 and "total_samples may grow on resume" in shrunk.stderr
+    assert "Traceback" not in shrunk.stderr
+
+
+@pytest.mark.parametrize("old, new, grows", [(10, 20, True), (20, 10, False)])
+def test_save_resolved_lets_a_grow_key_grow(tmp_path, old, new, grows):
+    import dataclasses
+
+    from trainer.core.config import ConfigError, save_resolved
+
+    @dataclasses.dataclass
+    class Job:
+        steps: int = 0  # length
+        lr: float = 0.1  # rate
+
+    save_resolved(Job(steps=old), str(tmp_path), grow=("steps",))
+    if grows:
+        save_resolved(Job(steps=new), str(tmp_path), grow=("steps",))
+    else:
+        with pytest.raises(ConfigError, match="steps may grow on resume"):
+            save_resolved(Job(steps=new), str(tmp_path), grow=("steps",))
+    notes = []
+    save_resolved(Job(steps=1, lr=0.2), str(tmp_path), grow=("steps",), bound=False, say=notes.append)
+    assert notes and "replaced by this config" in notes[0]
