@@ -60,3 +60,25 @@ def test_save_resolved_lets_a_grow_key_grow(tmp_path, old, new, grows):
     notes = []
     save_resolved(Job(steps=1, lr=0.2), str(tmp_path), grow=("steps",), bound=False, say=notes.append)
     assert notes and "replaced by this config" in notes[0]
+
+
+def test_accelerate_launch_settings_the_job_would_ignore_are_refused_in_one_line(tiny_cache, tmp_path):
+    import os
+
+    from conftest import ROOT
+    from trainer.core.dist import check_accelerate
+    from trainer.core.errors import LaunchError
+
+    check_accelerate({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO"})
+    for var, value, instead in (("ACCELERATE_USE_DEEPSPEED", "true", "zero_stage="),
+                                ("ACCELERATE_USE_FSDP", "true", "zero_stage=3"),
+                                ("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR", "compile=true")):
+        with pytest.raises(LaunchError, match=f"accelerate launch set {var}={value}, .*use {instead}"):
+            check_accelerate({var: value})
+    accelerate = os.path.join(os.path.dirname(PY), "accelerate")
+    proc = run_cmd([accelerate, "launch", "--num_processes", "1", "--mixed_precision", "bf16", "--cpu",
+                    os.path.join(ROOT, "launch/train_unet.py"), f"run_dir={tmp_path / 'run'}", f"data.urls={tiny_cache}",
+                    "model=tiny"], check=False, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: accelerate launch set ACCELERATE_MIXED_PRECISION=bf16, which this job does not read: use "
+            "precision=bf16|fp16|fp32 in the job's config") in proc.stderr

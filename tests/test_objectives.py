@@ -147,3 +147,17 @@ def test_a_nan_loss_skips_the_step_and_leaves_the_state_unchanged(process_group,
     assert after_opt == opt
     assert step(poison=False)  # training goes on
     assert not all(torch.equal(weights[k], v) for k, v in snapshot()[0].items())
+
+
+def test_input_perturbation_noises_the_input_not_the_target():
+    """#29, Ning et al. 2023: z_t = add_noise(z0, noise + gamma * xi, t), the regression target the noise."""
+    sched = noise_schedule("epsilon")
+    z0, pred, ctx = torch.randn(3, 4, 8, 8), torch.zeros(3, 4, 8, 8), torch.zeros(3, 3, 8)
+    rec = _Recorder(pred)
+    loss = training_loss(rec, z0, ctx, sched, torch.Generator().manual_seed(5), input_perturbation=0.1)
+    g = torch.Generator().manual_seed(5)  # the same draws, in training_loss's order
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(0, sched.config.num_train_timesteps, (3,), generator=g)
+    xi = torch.randn(z0.shape, generator=g)
+    torch.testing.assert_close(rec.seen[0], sched.add_noise(z0, noise + 0.1 * xi, t))
+    torch.testing.assert_close(loss, noise.pow(2).mean())  # pred is 0: the loss is the target's, the noise

@@ -177,6 +177,26 @@ def _share_cpu_threads(env) -> None:
     torch.set_num_threads(max(1, cores // int(local)))
 
 
+# What `accelerate launch` asks of a script through the environment (accelerate/utils/launch.py), and the
+# job's own setting that does it: its processes and machines arrive as torchrun's RANK/WORLD_SIZE, which
+# every job reads; these it would ignore, so they are refused rather than dropped silently (#29).
+_ACCELERATE = {"ACCELERATE_MIXED_PRECISION": ("no", "precision=bf16|fp16|fp32 in the job's config"),
+               "ACCELERATE_USE_DEEPSPEED": ("false", "zero_stage= and offload_optimizer= (the job builds its own "
+                                            "DeepSpeed engine)"),
+               "ACCELERATE_USE_FSDP": ("false", "zero_stage=3 (DeepSpeed's sharding)"),
+               "ACCELERATE_DYNAMO_BACKEND": ("no", "compile=true (the UNet job)")}
+
+
+def check_accelerate(env=os.environ) -> None:
+    """A one-line LaunchError naming the first `accelerate launch` setting the job would not honour."""
+    for var, (neutral, instead) in _ACCELERATE.items():
+        value = env.get(var, neutral)
+        if value.lower() not in (neutral, "", "false", "0"):
+            raise LaunchError(f"accelerate launch set {var}={value}, which this job does not read: use {instead}; "
+                              "launch with torchrun, deepspeed or srun (accelerate launch works too, for the number "
+                              "of processes and machines only)")
+
+
 def init(timeout_s: int = 600) -> World:
     """Join the job's process group (gloo on CPU, nccl on GPU); a no-op when already joined.
 
@@ -187,6 +207,7 @@ def init(timeout_s: int = 600) -> World:
     if dist.is_available() and dist.is_initialized():
         return w
     slurm_job_id()  # refused now, in one line, rather than when a preemption asks scontrol to requeue it
+    check_accelerate()
     env = os.environ
     init_method = None  # env://: the launcher's (or SLURM's) MASTER_ADDR and MASTER_PORT
     source = "set by the launcher"

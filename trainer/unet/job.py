@@ -29,6 +29,8 @@ class UNetJob:
     prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | auto: pretrained's, else epsilon
     min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
     offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
+    input_perturbation: float = 0.0  # > 0: the input is noised with noise + this x N(0, I), the target stays the
+    #   noise (Ning et al. 2023: less exposure bias; 0.1 there, as diffusers and kohya offer); 0 off
     zero_terminal_snr: bool = False  # rescale betas to SNR(T)=0 (Lin et al. 2024); needs v_prediction
     caption_dropout: float = 0.1  # share of captions replaced by the empty caption (for CFG)
     caption_shuffle: bool = False  # shuffle each caption's comma-separated tags per sample and epoch (kohya's
@@ -136,7 +138,9 @@ class UNetJob:
                 raise config_lib.ConfigError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets}")
         check_guidance(self.validation_guidance, self.validation_negative_prompt, "validation_guidance",
                        "validation_negative_prompt")
-        for key in ("min_snr_gamma", "offset_noise", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
+        if self.input_perturbation > 1:
+            raise config_lib.ConfigError(f"input_perturbation must be in [0, 1] (0.1 is usual), got {self.input_perturbation}")
+        for key in ("min_snr_gamma", "offset_noise", "input_perturbation", "ema_halflife_samples", "ema_rampup_ratio", "lr_final_ratio",
                     "peak_tflops", "validate_every_samples"):
             if getattr(self, key) < 0:
                 raise config_lib.ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")

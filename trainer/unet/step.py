@@ -49,6 +49,7 @@ class StepSetup:
     random_flip: bool = False  # use the mirrored image's moments for a random half of each batch
     min_snr_gamma: float = 0.0  # training_loss's min-SNR weighting (0: off)
     offset_noise: float = 0.0  # training_loss's per-channel noise offset (0: off)
+    input_perturbation: float = 0.0  # training_loss's input perturbation (0: off)
     channels_last: bool = False  # NHWC latents, matching a channels_last UNet
     seed: int = 0  # the run's seed: with rank and micro step it seeds each micro batch
     rank: int = 0  # this process's rank
@@ -76,7 +77,8 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
         schedule=training_schedule(cfg), shift=shift, empty_pooled=empty_pooled,
         scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
         caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
-        offset_noise=cfg.offset_noise, channels_last=cfg.channels_last, seed=cfg.seed, rank=rank,
+        offset_noise=cfg.offset_noise, input_perturbation=cfg.input_perturbation, channels_last=cfg.channels_last,
+        seed=cfg.seed, rank=rank,
         grad_accum=cfg.grad_accum)
 
 
@@ -136,7 +138,7 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
         z0, context, added, mask = micro_inputs(batch, gen, s)
         loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
                              offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"),
-                             loss_mask=mask)
+                             loss_mask=mask, input_perturbation=s.input_perturbation)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
