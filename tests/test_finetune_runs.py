@@ -82,3 +82,29 @@ def test_accelerate_launch_settings_the_job_would_ignore_are_refused_in_one_line
     assert proc.returncode != 0
     assert ("error: accelerate launch set ACCELERATE_MIXED_PRECISION=bf16, which this job does not read: use "
             "precision=bf16|fp16|fp32 in the job's config") in proc.stderr
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_cache, tmp_path):
+    """#29: init_from=RUN takes RUN's newest checkpoint's EMA weights (its trained ones without an EMA) with a
+    fresh optimizer and schedule; a UNet of another architecture is refused in one line."""
+    from safetensors.torch import load_file
+
+    from trainer.core import checkpoint
+
+    first = tmp_path / "first"
+    _train(first, tiny_cache, "total_samples=32", "ema_halflife_samples=64")
+    second = tmp_path / "second"
+    out = _train(second, tiny_cache, "total_samples=8", f"init_from={first}", "lr=1e-12", "warmup_samples=0",
+                 "ema_halflife_samples=0").stdout
+    src = checkpoint.latest(str(first / "checkpoints"))
+    assert f"init_from: the EMA weights of {src}; a fresh optimizer, schedule and EMA" in out
+    want = load_file(f"{src}/ema_unet/diffusion_pytorch_model.safetensors")
+    got = load_file(f"{checkpoint.latest(str(second / 'checkpoints'))}/unet/diffusion_pytorch_model.safetensors")
+    assert want.keys() == got.keys()
+    assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6  # one step at lr 1e-12
+    other = _train(tmp_path / "third", tiny_cache, "total_samples=8", f"init_from={first}", "model=demo", check=False)
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert f"init_from={first}: " in other.stderr and "holds another UNet architecture" in other.stderr
+    missing = _train(tmp_path / "fourth", tiny_cache, "total_samples=8", f"init_from={tmp_path / 'nowhere'}",
+                     check=False)
+    assert missing.returncode != 0 and "holds no complete checkpoint" in missing.stderr

@@ -540,3 +540,21 @@ def test_an_ema_behind_its_half_life_is_named_when_exported():
     assert not ema_note(UNetJob(pretrained="x", ema_halflife_samples=200_000, ema_rampup_ratio=0.0), 400_000)[1]
     assert not ema_note(UNetJob(pretrained="x", lora_rank=4, ema_halflife_samples=200_000, ema_rampup_ratio=0.0),
                         64)[1]
+
+
+def test_init_from_a_lora_run_continues_its_adapter(lora_runs, folders, caches, tmp_path):
+    """#29: a LoRA run started with init_from=<another LoRA run> starts from that run's adapter (its EMA)."""
+    from safetensors.torch import load_file
+
+    from trainer.core import checkpoint
+    from trainer.unet.lora import WEIGHTS
+
+    split, _, _ = lora_runs
+    run = tmp_path / "more"
+    out = run_cmd(_lora_args(run, folders, caches, f"init_from={split}", "total_samples=16", "lr=1e-12",
+                             "ema_halflife_samples=0"), env=_quiet()).stdout
+    src = checkpoint.latest(str(split / "checkpoints"))
+    assert f"init_from: the EMA weights of {src}" in out
+    want = load_file(f"{src}/ema_unet/{WEIGHTS}")
+    got = load_file(f"{checkpoint.latest(str(run / 'checkpoints'))}/unet/{WEIGHTS}")
+    assert want.keys() == got.keys() and max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6

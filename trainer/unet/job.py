@@ -22,6 +22,8 @@ class UNetJob:
     #   weights), its scheduler's betas and prediction type; the cache must be made with its vae/ and text encoder(s)
     model: str = "demo"  # UNet preset (tiny, demo, lab, sd15, sd21, sdxl, tiny_sdxl) or a diffusers config.json; with
     #   pretrained: leave it. sdxl/tiny_sdxl need a cache of SDXL's two text encoders (their pooled embedding)
+    init_from: str = ""  # start from another run's weights: RUN (its newest complete checkpoint) or a checkpoint
+    #   folder RUN/checkpoints/samples_N; its EMA weights where it kept them; a fresh optimizer, schedule and EMA
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on pretrained's frozen UNet (Hu et al. 2021); 0: all weights
     lora_alpha: float = 0.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A; 0: lora_rank (scale 1)
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # layers

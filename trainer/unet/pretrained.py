@@ -122,3 +122,59 @@ def check_cache_encoders(cfg, manifest: Manifest, cache_url: str) -> None:
         raise ConfigError(f"the cache {cache_url} was made with the text encoder {manifest.text_encoder.spec}, not "
                           f"pretrained={cfg.pretrained}'s text_encoder/ and tokenizer/: rebuild it with "
                           f"cache_latents pretrained={cfg.pretrained}")
+
+
+def init_from_run(unet, cfg, say=print) -> str:
+    """Load `cfg.init_from`'s weights into the job's fresh UNet (#29): a run folder (its newest complete
+    checkpoint) or a checkpoint folder; the EMA weights where it kept them, else the trained ones. A full
+    UNet takes a full UNet's weights, a LoRA run an adapter of the same rank and targets (on the same
+    pretrained base: checked by its fingerprint). Anything else is a ConfigError naming the checkpoint."""
+    import os
+
+    from diffusers import UNet2DConditionModel
+
+    from trainer.core import checkpoint
+    from trainer.core.ema import EMA_DIR
+    from trainer.core.errors import CheckpointError
+    from trainer.unet.lora import check_base, load_adapter
+
+    source = cfg.init_from
+    try:
+        ckpt = source if storage_exists_marker(source) else checkpoint.latest(checkpoint.default_root(source))
+        if ckpt is None:
+            raise ConfigError(f"init_from={source} holds no complete checkpoint (a run folder, or one of its "
+                              "checkpoints/samples_N folders)")
+        local = checkpoint.fetch(ckpt, parts=("unet", EMA_DIR))
+        folder = os.path.join(local, EMA_DIR if os.path.isdir(os.path.join(local, EMA_DIR)) else "unet")
+        if cfg.lora_rank:
+            recorded = checkpoint.info(ckpt).get("lora_base")
+            if recorded is None:
+                raise ConfigError(f"init_from={source}: {ckpt} is not a LoRA run's checkpoint; this run trains "
+                                  "LoRA adapters (lora_rank > 0)")
+            check_base(unet, recorded if isinstance(recorded, str) else None, f"init_from={source}", cfg.pretrained)
+            load_adapter(unet, folder)
+        else:
+            if checkpoint.info(ckpt).get("lora_base") is not None:
+                raise ConfigError(f"init_from={source} is a LoRA run's checkpoint: a full UNet run cannot start from "
+                                  "an adapter (export it with --merge and start from that pipeline folder)")
+            state = UNet2DConditionModel.from_pretrained(folder).state_dict()
+            mine = unet.state_dict()
+            bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+            if bad or len(state) != len(mine):
+                raise ConfigError(f"init_from={source}: {folder} holds another UNet architecture ({len(bad)} of "
+                                  f"{len(mine)} weights missing or of another shape, e.g. {(bad or ['?'])[0]})")
+            unet.load_state_dict(state)
+    except (CheckpointError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"init_from={source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    which = "EMA weights" if folder.endswith(EMA_DIR) else "trained weights"
+    say(f"init_from: the {which} of {ckpt}; a fresh optimizer, schedule and EMA")
+    return ckpt
+
+
+def storage_exists_marker(path: str) -> bool:
+    """Whether `path` is itself a complete checkpoint folder (it holds the completion marker)."""
+    from data_pipeline import storage
+    from trainer.core.checkpoint import MARKER
+
+    return storage.exists(storage.join(path, MARKER))
+

@@ -21,7 +21,7 @@ from models.diffusion import draw_latents, training_loss
 
 from trainer.core.engine import build_engine, deepspeed_config, skipped_steps, step_applied
 from trainer.unet.job import UNetJob
-from trainer.unet.pretrained import build_model, training_schedule
+from trainer.unet.pretrained import build_model, init_from_run, training_schedule
 
 # Resolved precision -> the UNet's weight and input dtype. bf16 is autocast over fp32 weights
 # (trainer/core/engine.py): inputs stay fp32 and each matmul and convolution casts to bf16.
@@ -192,10 +192,14 @@ def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
         offload_optimizer=cfg.offload_optimizer)
 
 
-def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict, pooled_dim: int = 0):
-    """The job's UNet (seeded by cfg.seed, or the pretrained folder's; with cfg's speed options) in a DeepSpeed
-    engine of `ds_config`."""
-    unet = prepare_unet(build_model(cfg, channels, size, context_dim, pooled_dim), cfg)
+def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict, pooled_dim: int = 0,
+                      init_from: bool = False, say=print):
+    """The job's UNet (seeded by cfg.seed, or the pretrained folder's, or with `init_from` cfg.init_from's
+    run's; with cfg's speed options) in a DeepSpeed engine of `ds_config`."""
+    unet = build_model(cfg, channels, size, context_dim, pooled_dim)
+    if init_from:
+        init_from_run(unet, cfg, say)
+    unet = prepare_unet(unet, cfg)
     engine = build_engine(unet, ds_config)
     to_channels_last(engine, cfg)
     if cfg.compile and cfg.zero_stage == 3:  # ZeRO-3 gathers parameters in module hooks: DeepSpeed's own compile

@@ -87,7 +87,10 @@ def train_unet(cfg: UNetJob) -> str:
         shapes_only = pretrained.shapes_only(cfg, channels, size, context_dim, pooled_dim)
     flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
     peak = device_peak_tflops(precision, cfg.peak_tflops)
-    engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim)
+    # init_from: another run's weights to start from, unless this run has a checkpoint of its own to resume.
+    engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim,
+                               init_from=bool(cfg.init_from) and checkpoint.latest(root, endpoint) is None,
+                               say=print if w.is_main else (lambda _: None))
     unet = engine.module
     # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
     ema = EMA(engine.module, cfg.ema_halflife_samples, ema_rampup(cfg), trainable_only=cfg.lora_rank > 0) \
