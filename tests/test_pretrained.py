@@ -558,3 +558,7 @@ def test_init_from_a_lora_run_continues_its_adapter(lora_runs, folders, caches, 
     want = load_file(f"{src}/ema_unet/{WEIGHTS}")
     got = load_file(f"{checkpoint.latest(str(run / 'checkpoints'))}/unet/{WEIGHTS}")
     assert want.keys() == got.keys() and max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6
+    # The saved config says what was trained, not the unused preset (#29: it read `model: demo`).
+    saved = (run / "config.yaml").read_text()
+    assert f"model: demo  # not used: this run trains LoRA adapters (rank 4) on {folders['sd15']}'s unet/ " \
+           "(UNet2DConditionModel, block_out_channels [32, 64]" in saved

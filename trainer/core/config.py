@@ -260,7 +260,7 @@ def dump(cfg) -> str:
 
 
 def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = (), grow: tuple[str, ...] = (),
-                  bound: bool = True, say=print) -> str:
+                  bound: bool = True, say=print, notes: dict[str, str] | None = None) -> str:
     """Claim `run_dir` (see claim_run_dir), then write `run_dir/config.yaml`; refuse a run directory
     that holds a different config.
 
@@ -269,6 +269,7 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = (), grow: tuple[s
     `bound`: whether the run directory holds what that config trained (a checkpoint). A start that
     failed before its first checkpoint (a bad value found late) trained nothing: its config is
     replaced by the corrected command's, with a note, instead of locking the folder (#29).
+    `notes`: a comment for top-level keys' lines (what a value means in this run), for the reader.
     """
     claim_run_dir(run_dir)
     path = os.path.join(run_dir, "config.yaml")
@@ -297,8 +298,12 @@ def save_resolved(cfg, run_dir: str, ignore: tuple[str, ...] = (), grow: tuple[s
                 f"({(diffs or shrunk)[0]}: {_get(old, (diffs or shrunk)[0])!r} there, "
                 f"{_get(new, (diffs or shrunk)[0])!r} now)")
     tmp = f"{path}.{os.getpid()}.tmp"
+    text = dump(cfg)
+    for key, note in (notes or {}).items():  # comments only: loading and comparing the file ignore them
+        text = "\n".join(line + f"  # {' '.join(note.split())}" if line.startswith(f"{key}:") else line
+                          for line in text.split("\n"))
     with open(tmp, "w") as f:
-        f.write(dump(cfg))
+        f.write(text)
     os.replace(tmp, path)
     return path
 

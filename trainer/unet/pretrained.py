@@ -178,3 +178,15 @@ def storage_exists_marker(path: str) -> bool:
 
     return storage.exists(storage.join(path, MARKER))
 
+
+def trained_model_notes(cfg) -> dict[str, str]:
+    """What a run's saved config.yaml says beside `model` when the UNet is not `model`'s (#29: a fine-tune's
+    config read `model: demo`): pretrained's unet/ and its architecture, and the run it started from."""
+    if not cfg.pretrained:
+        return {"init_from": "its weights start this run"} if cfg.init_from else {}
+    unet = pipeline.unet_config(cfg.pretrained)
+    arch = (f"{unet.get('_class_name', 'UNet2DConditionModel')}, block_out_channels "
+            f"{list(unet.get('block_out_channels', []))}, cross_attention_dim {unet.get('cross_attention_dim')}")
+    what = f"LoRA adapters (rank {cfg.lora_rank}) on" if cfg.lora_rank else "all weights of"
+    return {"model": f"not used: this run trains {what} {cfg.pretrained}'s unet/ ({arch})"}
+

@@ -55,7 +55,8 @@ def train_unet(cfg: UNetJob) -> str:
             "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
             "validation_prompts", "validation_steps", "validation_guidance", "validation_negative_prompt",
             "max_nonfinite_steps", "compile", "elastic_resume", "data.log_samples",
-            "dist_timeout_s"), grow=("total_samples",), bound=checkpoint.latest(root, endpoint) is not None)
+            "dist_timeout_s"), grow=("total_samples",), bound=checkpoint.latest(root, endpoint) is not None,
+            notes=pretrained.trained_model_notes(cfg))
     dist.barrier()
     device, precision = dist.device(), resolve_precision(cfg.precision)
     dtype = DTYPES[precision]
