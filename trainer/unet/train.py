@@ -169,7 +169,10 @@ def train_unet(cfg: UNetJob) -> str:
                  "total_samples": cfg.total_samples,
                  **({"lora_base": unet.ldm_base_fingerprint} if lora else {})}
         parts = [EnginePart(engine, state, exclude_frozen=lora), *([ema] if ema is not None else [])]
-        checkpoint.save(root, samples, parts, keep_last=cfg.keep_last, endpoint_url=endpoint)
+        started = time.time()
+        path = checkpoint.save(root, samples, parts, keep_last=cfg.keep_last, endpoint_url=endpoint)
+        if w.is_main:  # a line per checkpoint: the end of a large run is minutes of it (#29: silent before)
+            tqdm.write(f"step {step}: checkpoint {path} ({time.time() - started:.1f} s)")
 
     # --- training loop ------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=step, desc="unet", unit="step", disable=not w.is_main)
@@ -237,6 +240,8 @@ def train_unet(cfg: UNetJob) -> str:
         if checkpoint_now:
             save_checkpoint()
     bar.close()
+    if w.is_main:
+        print("drawing the loss curve")
     runlog.close()
 
     # --- the end: the final checkpoint and the loss curve (drawn by runlog.close) ----------------------
