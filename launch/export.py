@@ -21,8 +21,10 @@ def main() -> None:
                    help="a LoRA run: a complete pipeline with the adapters folded into the UNet (default: the "
                    "diffusers LoRA file alone, for load_lora_weights on the pretrained pipeline)")
     p.add_argument("--format", choices=FORMATS, default="diffusers",
-                   help="diffusers: a pipeline folder (default); single_file: OUT/model.safetensors in the original "
-                   "Stable Diffusion layout (ComfyUI, A1111, from_single_file)")
+                   help="diffusers: a pipeline folder (default; a LoRA run: diffusers' LoRA file); single_file: "
+                   "OUT/model.safetensors in the original Stable Diffusion layout (ComfyUI, A1111, from_single_file; "
+                   "a LoRA run: its adapter as kohya, --merge: the merged model); kohya: a LoRA run's adapter as "
+                   "OUT/lora_kohya.safetensors (kohya's layout: A1111, ComfyUI, load_lora_weights)")
     p.add_argument("--vae", default="", help="ship this autoencoder folder instead of the cache's: a decoder-only "
                    "fine-tune of it (train_autoencoder train_encoder=false; its encoder is checked)")
     args = p.parse_args()

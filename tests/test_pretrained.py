@@ -562,3 +562,35 @@ def test_init_from_a_lora_run_continues_its_adapter(lora_runs, folders, caches, 
     saved = (run / "config.yaml").read_text()
     assert f"model: demo  # not used: this run trains LoRA adapters (rank 4) on {folders['sd15']}'s unet/ " \
            "(UNet2DConditionModel, block_out_channels [32, 64]" in saved
+
+
+def test_kohya_lora_export_loads_with_load_lora_weights_and_gives_the_same_unet(lora_runs, folders, tmp_path):
+    """#29: --format kohya (and single_file on a LoRA run) writes the adapter alone in kohya's layout; diffusers'
+    load_lora_weights reads it into the same UNet output as the diffusers-format file."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from trainer.core.config import ConfigError
+
+    split, *_ = lora_runs
+    kohya = _export(split, tmp_path / "kohya", fmt="kohya")
+    assert sorted(os.listdir(kohya)) == ["ldm.json", "lora_kohya.safetensors"]
+    with safe_open(os.path.join(kohya, "lora_kohya.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["ss_network_dim"] == "4"
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert any(k.endswith("to_out_0.alpha") for k in keys)
+    single = _export(split, tmp_path / "single", fmt="single_file")
+    assert sorted(os.listdir(single)) == ["ldm.json", "lora_kohya.safetensors"]  # the adapter, not a 100 MB model
+    diffusers_file = _export(split, tmp_path / "diffusers")
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    outs = []
+    for folder, name in ((diffusers_file, "pytorch_lora_weights.safetensors"), (kohya, "lora_kohya.safetensors")):
+        pipe = StableDiffusionPipeline.from_pretrained(folders["sd15"])
+        pipe.load_lora_weights(folder, weight_name=name)
+        with torch.no_grad():
+            outs.append(pipe.unet(x, t, c).sample)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="--format kohya writes a LoRA adapter file: .*leave out --merge"):
+        _export(split, tmp_path / "x", fmt="kohya", merge=True)

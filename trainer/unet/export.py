@@ -15,8 +15,10 @@ tokenizer/ and text_encoder_2/ + tokenizer_2/ as the pipeline folder had them, a
 force_zeros_for_empty_prompt set, since caption dropout trained the unconditional side on zeros.
 
 A LoRA run exports its adapters as diffusers' `pytorch_lora_weights.safetensors` (for
-`pipe.load_lora_weights(OUT)` on the pretrained pipeline), or with `merge` the complete
-pipeline above with the adapters folded into the UNet.
+`pipe.load_lora_weights(OUT)` on the pretrained pipeline); with format kohya (or single_file) as
+`lora_kohya.safetensors` in kohya's layout, the file A1111 and ComfyUI load and load_lora_weights
+converts; with `merge` the complete pipeline above with the adapters folded into the UNet (or, with
+single_file, one merged model file).
 
 A pipeline applies one latent scale, `vae.config.scaling_factor`. A run trained with
 latent_norm=per_channel saw (z - mean_c) / std_c per channel; that affine map is folded into
@@ -45,7 +47,7 @@ from models.text_encoder import CLIPTextEncoder, DualTextEncoder
 from trainer.core.checkpoint import default_root, latest
 from trainer.core.config import ConfigError
 from trainer.unet.job import ema_note
-from trainer.unet.lora import merged, save_lora_weights
+from trainer.unet.lora import merged, save_kohya_lora, save_lora_weights
 from trainer.unet.pretrained import training_schedule
 from trainer.unet.sampling import load_run
 
@@ -185,7 +187,7 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
     return pipe, info
 
 
-FORMATS = ("diffusers", "single_file")
+FORMATS = ("diffusers", "single_file", "kohya")
 SINGLE_FILE = "model.safetensors"  # the single-file export's name inside OUT
 
 
@@ -214,6 +216,10 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     say(f"{'warning: ' if warn else ''}exporting the {text}")
     if merge and not cfg.lora_rank:
         raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
+    if fmt == "kohya" and (not cfg.lora_rank or merge):
+        raise ConfigError("--format kohya writes a LoRA adapter file: " + (
+            f"{run_dir} trained all weights (lora_rank=0); use diffusers or single_file" if not cfg.lora_rank else
+            "it is the adapter alone, leave out --merge (or --format single_file --merge for a merged model)"))
     if vae_source and cfg.lora_rank and not merge and fmt == "diffusers":
         raise ConfigError("--vae ships a VAE in a pipeline; a LoRA file holds the adapters alone: add --merge")
     # Written into a temporary sibling, renamed to `out` when whole: an export stopped half-way (a full
@@ -245,7 +251,12 @@ def _weight_bytes(loaded) -> int:
 
 def _write(out: str, run_dir: str, weights: str, loaded, vae_source: str, fmt: str, merge: bool) -> None:
     cfg = loaded[3]
-    if fmt == "single_file":
+    if cfg.lora_rank and not merge and fmt in ("kohya", "single_file"):  # the single-file tools' LoRA: the adapter alone
+        save_kohya_lora(loaded[0], out, cfg)
+        info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "format": "kohya",
+                         "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights,
+                "base_fingerprint": getattr(loaded[0], "ldm_base_fingerprint", None)}
+    elif fmt == "single_file":
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
         try:
             state = to_original(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))

@@ -110,6 +110,29 @@ def save_lora_weights(unet, out: str, cfg) -> str:
     return os.path.join(out, "pytorch_lora_weights.safetensors")
 
 
+KOHYA_FILE = "lora_kohya.safetensors"  # the adapter in kohya's layout, inside an export folder
+
+
+def save_kohya_lora(unet, out: str, cfg) -> str:
+    """The adapted `unet`'s adapters in kohya's sd-scripts layout, the LoRA file A1111 and ComfyUI load (and
+    diffusers' load_lora_weights converts): per adapted module `lora_unet_<its diffusers name, '.' as '_'>`
+    with `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`, the update being alpha / rank * B A."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = lora_config(cfg)
+    state = {}
+    for key, value in get_peft_model_state_dict(unet).items():
+        module, _, which = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        state[f"{name}.{'lora_down' if which.startswith('A') else 'lora_up'}.weight"] = value.detach().float().cpu().contiguous()
+        state[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+    path = os.path.join(out, KOHYA_FILE)
+    save_file(state, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                                     "ss_network_alpha": str(config.lora_alpha), "ss_base_model": str(cfg.pretrained)})
+    return path
+
+
 def merged(unet):
     """The adapted UNet with its adapters folded into the weights: a plain UNet2DConditionModel."""
     unet.fuse_lora(lora_scale=1.0)
