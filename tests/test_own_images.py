@@ -374,7 +374,10 @@ def test_several_captions_are_cached_and_one_is_picked_per_sample_and_epoch(two_
                 want = [enc.tokenize([c])[0].int() for c in captions] if text == "tokens" else \
                     [enc.embed([c])["text_emb"][0].half() for c in captions]
                 have = tensors["tokens"] if text == "tokens" else tensors["text_emb"]
-                which = [i for i, w in enumerate(want) if torch.equal(have, w)]
+                # Token ids exactly; embeddings to fp16 rounding (the cache encodes captions in batches, whose
+                # matrix products may round differently from one caption's)
+                which = [i for i, w in enumerate(want) if torch.equal(have, w) or (
+                    text != "tokens" and torch.allclose(have.float(), w.float(), atol=2e-3, rtol=2e-3))]
                 assert len(which) == 1, (text, key)
                 seen.add((key, which[0]))
         assert len(seen) == 8, text  # every caption of every image was picked in some epoch
