@@ -34,6 +34,8 @@ setup(
         # Hugging Face datasets (save_to_disk folders, parquet) read by launch/make_shards.py (#28): their
         # Arrow files and Image features are the library's own format; reading them by hand would repeat it.
         "datasets>=2.19",
+        # tracker=tensorboard: torch.utils.tensorboard writes its event files through this package (#29).
+        "tensorboard>=2.14",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5"]},
 )

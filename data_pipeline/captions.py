@@ -9,8 +9,8 @@
   and the trainer runs the frozen encoder; an embeddings cache holds one embedding per caption,
   computed once, and is refused.
 
-Randomness is a pure function of (seed, epoch, the sample's shard and key), so a resumed or
-elastic run draws the same.
+Randomness is a pure function of (seed, epoch, the sample's shard name and key), so a resumed or
+elastic run (or one on a copy of the cache) draws the same.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> st
 
 
 def sample_rng(seed: int, epoch: int, sample: dict) -> np.random.Generator:
-    where = f"{sample.get('__url__')}:{sample.get('__key__')}".encode()
+    # The shard's name, not its URL: a cache copied elsewhere draws the same.
+    where = f"{str(sample.get('__url__')).rsplit('/', 1)[-1]}:{sample.get('__key__')}".encode()
     return np.random.default_rng([seed, epoch, int.from_bytes(hashlib.blake2b(where, digest_size=8).digest(), "big")])
 
 

@@ -108,3 +108,25 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_cache, tmp_pa
     missing = _train(tmp_path / "fourth", tiny_cache, "total_samples=8", f"init_from={tmp_path / 'nowhere'}",
                      check=False)
     assert missing.returncode != 0 and "holds no complete checkpoint" in missing.stderr
+
+
+def test_tensorboard_tracker_writes_the_loss_and_wandb_settings_keep_working(tiny_cache, tmp_path):
+    """#29: tracker=tensorboard writes run_dir/tensorboard event files holding the loss (and no wandb run);
+    the default tracker=wandb with wandb=disabled writes neither."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    _train(run, tiny_cache, "total_samples=32", "tracker=tensorboard", "wandb=offline")
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    losses = acc.Scalars("loss")
+    assert [e.step for e in losses] == [2, 4]
+    rows = [r for r in read_log(str(run / "log.jsonl")) if "loss" in r]
+    assert [round(e.value, 5) for e in losses] == [round(r["loss"], 5) for r in rows]
+    assert "lr" in acc.Tags()["scalars"] and not (run / "wandb").exists()
+    plain = tmp_path / "plain"
+    _train(plain, tiny_cache, "total_samples=16")
+    assert not (plain / "tensorboard").exists() and not (plain / "wandb").exists()
+    bad = _train(tmp_path / "bad", tiny_cache, "tracker=mlflow", check=False)
+    assert bad.returncode != 0 and "tracker must be one of wandb, tensorboard, none" in bad.stderr

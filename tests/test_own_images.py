@@ -366,7 +366,7 @@ def test_several_captions_are_cached_and_one_is_picked_per_sample_and_epoch(two_
     enc = load_text_encoder("tiny")
     for text in ("tokens", "embeddings"):
         seen = set()
-        for epoch in range(6):
+        for epoch in range(16):
             got = _decoded(root / text, CaptionPicker(seed=1), epoch)
             assert not any(k.endswith("_alt") for t in got.values() for k in t)
             for key, tensors in got.items():

@@ -127,7 +127,9 @@ def assert_same_weights(reference, run_dir, tol: float = 1e-5):
 
 
 def slurm_out(run_dir, job_id):
-    with open(os.path.join(run_dir, f"slurm-{job_id}.out")) as f:
+    # Both nodes' tasks write into the one file: a multi-byte character of a progress bar can be cut by
+    # another task's line (seen: invalid continuation bytes); the assertions read ASCII lines.
+    with open(os.path.join(run_dir, f"slurm-{job_id}.out"), encoding="utf-8", errors="replace") as f:
         return f.read()
 
 

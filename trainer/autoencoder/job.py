@@ -68,6 +68,7 @@ class AutoencoderJob:
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more images (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
     scaling_samples: int = 1024  # images used to measure the latent std for scaling_factor
+    tracker: str = "wandb"  # wandb (as `wandb` says) | tensorboard (run_dir/tensorboard) | none: besides log.jsonl
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
 
     def validate(self) -> None:

@@ -146,7 +146,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     batch = cfg.batch_per_rank * w.size  # images per optimizer step, all ranks
     if w.is_main:  # total_samples may grow; until a first checkpoint the folder binds nothing (#29)
         ckpt_root = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir)
-        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb"), grow=("total_samples",),
+        config_lib.save_resolved(cfg, cfg.run_dir, ignore=("stop_after_samples", "wandb", "tracker"), grow=("total_samples",),
                                  bound=checkpoint.latest(ckpt_root, cfg.checkpoint_endpoint_url) is not None)
     dist.barrier()
     torch.manual_seed(cfg.seed)
@@ -216,7 +216,7 @@ def train_autoencoder(cfg: AutoencoderJob) -> str:
     batches = iter(loader)
     curve_keys = ("mse",) if cfg.objective == "kl_plain" else ("l1", "lpips")  # the losses loss.png shows
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=step, wandb_mode=cfg.wandb, wandb_project="ldm-autoencoder",
-                    config=config_lib.to_dict(cfg), plot_keys=curve_keys,
+                    config=config_lib.to_dict(cfg), plot_keys=curve_keys, tracker=cfg.tracker,
                     plot_title=f"autoencoder ({cfg.objective}) reconstruction loss")
     if step == 0 and objective.lpips is not None and objective.lpips.random_backbone:
         runlog.log(0, samples=0, note=RANDOM_NOTICE)

@@ -59,8 +59,12 @@ def check_endpoint(key: str, value: str | None) -> None:
         raise ConfigError(f"{key} must be an http:// or https:// URL, got {value!r}")
 
 
+TRACKERS = ("wandb", "tensorboard", "none")  # where metrics go besides run_dir/log.jsonl (RunLog)
+
+
 def check_wandb(cfg, project_key: str | None = None) -> None:
     check_choice("wandb", cfg.wandb, WANDB_MODES)
+    check_choice("tracker", getattr(cfg, "tracker", "wandb"), TRACKERS)
     if project_key is not None:
         project = getattr(cfg, project_key)
         if not project or any(c in project for c in "/\\#?%:"):  # characters wandb refuses in a project name

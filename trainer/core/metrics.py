@@ -108,8 +108,9 @@ class RunLog:
     def __init__(self, run_dir: str, is_main: bool, resume_step: int = 0, resume_samples: int | None = None,
                  wandb_mode: str = "disabled",
                  wandb_project: str = "ldm", config: dict | None = None, plot_keys: tuple[str, ...] = ("loss",),
-                 plot_title: str = "", plot_every_s: float = 30.0):
+                 plot_title: str = "", plot_every_s: float = 30.0, tracker: str = "wandb"):
         self.is_main, self.path, self.wandb = is_main, os.path.join(run_dir, "log.jsonl"), None
+        self.tensorboard = None
         self.png, self.plot_keys, self.plot_title = os.path.join(run_dir, "loss.png"), plot_keys, plot_title
         self.plot_every_s, self.plotted_at, self.plots = plot_every_s, time.monotonic(), 0
         self.history: list[dict] = []
@@ -123,8 +124,10 @@ class RunLog:
                             if resume_samples is not None and "samples" in r else r.get("step", 0) <= resume_step)]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
+        if tracker == "tensorboard":  # run_dir/tensorboard: `tensorboard --logdir RUN/tensorboard`
+            self.tensorboard = _summary_writer(os.path.join(run_dir, "tensorboard"), resume_step)
         # wandb's own WANDB_MODE variable wins over the config, as wandb users expect.
-        wandb_mode = os.environ.get("WANDB_MODE", wandb_mode)
+        wandb_mode = os.environ.get("WANDB_MODE", wandb_mode) if tracker == "wandb" else "disabled"
         if wandb_mode != "disabled":
             run_id = wandb_run_id(run_dir)
             import wandb  # imported only when used: it starts a service process
@@ -141,6 +144,10 @@ class RunLog:
         self.history.append(row)
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, global_step=step)
         if time.monotonic() - self.plotted_at >= self.plot_every_s:
             self.plot()
 
@@ -168,12 +175,33 @@ class RunLog:
             import wandb
 
             self.wandb.log({key: wandb.Image(png_path)}, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(png_path) as img:
+                self.tensorboard.add_image(key, np.asarray(img.convert("RGB")), global_step=step, dataformats="HWC")
 
     def close(self) -> None:
         if self.is_main and self.history:
             self.plot()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _summary_writer(folder: str, resume_step: int):
+    """TensorBoard's SummaryWriter (torch.utils.tensorboard; needs the tensorboard package), continuing at
+    `resume_step`: TensorBoard drops the events of the steps a resume trains again (purge_step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from trainer.core.errors import ConfigError
+
+        raise ConfigError("tracker=tensorboard needs the tensorboard package (pip install tensorboard; the "
+                          "project's setup.py installs it)") from None
+    return SummaryWriter(folder, purge_step=resume_step or None)
 
 
 def _parse_log(path: str) -> list[dict]:

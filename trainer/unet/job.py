@@ -82,6 +82,7 @@ class UNetJob:
     #   (replaces the empty caption's embedding); "": plain classifier-free guidance; needs validation_guidance > 1
     stop_after_samples: int = 0  # end this invocation with a checkpoint after this many more samples (0: never);
     #   for time-sliced queues: rerunning the same command continues, the trajectory is unchanged
+    tracker: str = "wandb"  # wandb (as `wandb` says) | tensorboard (run_dir/tensorboard) | none: besides log.jsonl
     wandb: str = "offline"  # offline (files in run_dir/wandb) | online | disabled; env WANDB_MODE wins
     wandb_project: str = "ldm"  # wandb project name
 

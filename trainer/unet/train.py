@@ -52,7 +52,7 @@ def train_unet(cfg: UNetJob) -> str:
         # These keys do not change what is trained, so a resumed run may set them differently; total_samples
         # may grow (the schedule continues to the new end). Until a first checkpoint the folder binds nothing.
         config_lib.save_resolved(cfg, cfg.run_dir, ignore=(
-            "stop_after_samples", "wandb", "data.num_workers", "peak_tflops", "validate_every_samples",
+            "stop_after_samples", "wandb", "tracker", "data.num_workers", "peak_tflops", "validate_every_samples",
             "validation_prompts", "validation_steps", "validation_guidance", "validation_negative_prompt",
             "max_nonfinite_steps", "compile", "elastic_resume", "data.log_samples",
             "dist_timeout_s"), grow=("total_samples",), bound=checkpoint.latest(root, endpoint) is not None,
@@ -148,7 +148,7 @@ def train_unet(cfg: UNetJob) -> str:
     # An epoch is every sample once (repeats included) plus the fill of bucket's last batches, weighted 0.
     samples_per_epoch, slots_per_epoch = dataset.samples_per_epoch(), dataset.slots_per_epoch()
     runlog = RunLog(cfg.run_dir, w.is_main, resume_step=log_from, resume_samples=samples, wandb_mode=cfg.wandb,
-                    wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg),
+                    wandb_project=cfg.wandb_project, config=config_lib.to_dict(cfg), tracker=cfg.tracker,
                     plot_title=f"UNet {cfg.pretrained or cfg.model}, {cfg.prediction_type} loss")
     sample_log = SampleLog(cfg.run_dir, w.rank, samples, w.is_main) if cfg.data.log_samples else None
     dist.barrier()  # rank 0 cut the sample logs back to the resumed step before anyone appends
