@@ -22,20 +22,28 @@ def test_a_failed_start_does_not_lock_the_run_folder(tiny_cache, tmp_path):
     good = _train(run_dir, tiny_cache, "total_samples=32")
     assert "was written by a start that made no checkpoint; replaced by this config (random_flip" in good.stdout
     assert "random_flip: false" in (run_dir / "config.yaml").read_text()
+    # The default tracker (wandb, here disabled) writes no TensorBoard events and no wandb folder.
+    assert not (run_dir / "tensorboard").exists() and not (run_dir / "wandb").exists()
     # Once a checkpoint exists the folder binds: another config is refused.
     again = _train(run_dir, tiny_cache, "total_samples=32", "lr=0.5", check=False)
     assert again.returncode != 0 and "holds a different config (lr:" in again.stderr
 
 
-def test_total_samples_may_grow_on_resume_and_not_shrink(tiny_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    _train(run_dir, tiny_cache, "total_samples=32")
-    grown = _train(run_dir, tiny_cache, "total_samples=64")
+@pytest.fixture(scope="module")
+def grown_run(tiny_cache, tmp_path_factory):
+    """A run of 32 samples (with an EMA), then resumed with total_samples=64: (run_dir, the resume's stdout)."""
+    run_dir = tmp_path_factory.mktemp("grown") / "run"
+    _train(run_dir, tiny_cache, "total_samples=32", "ema_halflife_samples=64")
+    return run_dir, _train(run_dir, tiny_cache, "total_samples=64", "ema_halflife_samples=64")
+
+
+def test_total_samples_may_grow_on_resume_and_not_shrink(grown_run, tiny_cache):
+    run_dir, grown = grown_run
     assert "total_samples grew from 32 to 64: training continues to the new end" in grown.stdout
     assert "the cosine schedule is stretched to it" in grown.stdout
     rows = [r for r in read_log(str(run_dir / "log.jsonl")) if "loss" in r]
     assert [r["samples"] for r in rows] == [16, 32, 48, 64]
-    shrunk = _train(run_dir, tiny_cache, "total_samples=48", check=False)
+    shrunk = _train(run_dir, tiny_cache, "total_samples=48", "ema_halflife_samples=64", check=False)
     assert shrunk.returncode != 0 and "total_samples may grow on resume" in shrunk.stderr
     assert "Traceback" not in shrunk.stderr
 
@@ -84,15 +92,18 @@ def test_accelerate_launch_settings_the_job_would_ignore_are_refused_in_one_line
             "precision=bf16|fp16|fp32 in the job's config") in proc.stderr
 
 
-def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_cache, tmp_path):
+def test_init_from_starts_a_new_run_from_another_runs_weights(grown_run, tiny_cache, tmp_path):
     """#29: init_from=RUN takes RUN's newest checkpoint's EMA weights (its trained ones without an EMA) with a
     fresh optimizer and schedule; a UNet of another architecture is refused in one line."""
     from safetensors.torch import load_file
 
+    from models.unet import build_unet
     from trainer.core import checkpoint
+    from trainer.core.errors import ConfigError
+    from trainer.unet.job import UNetJob
+    from trainer.unet.pretrained import init_from_run
 
-    first = tmp_path / "first"
-    _train(first, tiny_cache, "total_samples=32", "ema_halflife_samples=64")
+    first = grown_run[0]
     second = tmp_path / "second"
     out = _train(second, tiny_cache, "total_samples=8", f"init_from={first}", "lr=1e-12", "warmup_samples=0",
                  "ema_halflife_samples=0").stdout
@@ -105,9 +116,8 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tiny_cache, tmp_pa
     other = _train(tmp_path / "third", tiny_cache, "total_samples=8", f"init_from={first}", "model=demo", check=False)
     assert other.returncode != 0 and "Traceback" not in other.stderr
     assert f"init_from={first}: " in other.stderr and "holds another UNet architecture" in other.stderr
-    missing = _train(tmp_path / "fourth", tiny_cache, "total_samples=8", f"init_from={tmp_path / 'nowhere'}",
-                     check=False)
-    assert missing.returncode != 0 and "holds no complete checkpoint" in missing.stderr
+    with pytest.raises(ConfigError, match=f"init_from={tmp_path / 'nowhere'} holds no complete checkpoint"):
+        init_from_run(build_unet("tiny", 4, 4, 64), UNetJob(init_from=str(tmp_path / "nowhere")))
 
 
 def test_tensorboard_tracker_writes_the_loss_and_wandb_settings_keep_working(tiny_cache, tmp_path):
@@ -125,8 +135,8 @@ def test_tensorboard_tracker_writes_the_loss_and_wandb_settings_keep_working(tin
     rows = [r for r in read_log(str(run / "log.jsonl")) if "loss" in r]
     assert [round(e.value, 5) for e in losses] == [round(r["loss"], 5) for r in rows]
     assert "lr" in acc.Tags()["scalars"] and not (run / "wandb").exists()
-    plain = tmp_path / "plain"
-    _train(plain, tiny_cache, "total_samples=16")
-    assert not (plain / "tensorboard").exists() and not (plain / "wandb").exists()
-    bad = _train(tmp_path / "bad", tiny_cache, "tracker=mlflow", check=False)
-    assert bad.returncode != 0 and "tracker must be one of wandb, tensorboard, none" in bad.stderr
+    from trainer.core.config import ConfigError, load_config
+    from trainer.unet.job import UNetJob
+
+    with pytest.raises(ConfigError, match="tracker must be one of wandb, tensorboard, none, got 'mlflow'"):
+        load_config(UNetJob, None, ["data.urls=x", "tracker=mlflow"]).validate()
