@@ -9,6 +9,7 @@ import sys
 from data_pipeline.storage import DataError
 from trainer.core.config import ConfigError, one_line
 from trainer.unet.export import FORMATS, export_run
+from trainer.unet.model_card import push_to_hub
 
 
 def main() -> None:
@@ -27,12 +28,18 @@ def main() -> None:
                    "OUT/lora_kohya.safetensors (kohya's layout: A1111, ComfyUI, load_lora_weights)")
     p.add_argument("--vae", default="", help="ship this autoencoder folder instead of the cache's: a decoder-only "
                    "fine-tune of it (train_autoencoder train_encoder=false; its encoder is checked)")
+    p.add_argument("--trigger", default="", help="the trigger words of a DreamBooth/LoRA subject, for the model card")
+    p.add_argument("--push-to-hub", default="", metavar="REPO", help="upload the export to this Hugging Face hub "
+                   "repository (private; created if absent); needs network and a token (huggingface-cli login)")
     args = p.parse_args()
     try:
-        out = export_run(args.run, args.out, args.weights, merge=args.merge, fmt=args.format, vae_source=args.vae)
+        out = export_run(args.run, args.out, args.weights, merge=args.merge, fmt=args.format, vae_source=args.vae,
+                         trigger=args.trigger)
+        print(f"exported: {out} (model card: {out}/README.md)")
+        if args.push_to_hub:
+            print(f"pushed: {push_to_hub(out, args.push_to_hub)}")
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {one_line(e)}")
-    print(f"exported: {out}")
 
 
 if __name__ == "__main__":

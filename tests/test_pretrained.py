@@ -199,8 +199,8 @@ def test_finetune_on_two_ranks_exports_a_pipeline_that_generates_the_same_pictur
     result = run_cmd([PY, "launch/export.py", "--run", str(finetune), "--out", str(tmp_path / "export")], env=_quiet())
     out = str(tmp_path / "export")
     assert f"exported: {out}" in result.stdout
-    assert sorted(os.listdir(out)) == ["ldm.json", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet",
-                                       "vae"]
+    assert sorted(os.listdir(out)) == ["README.md", "ldm.json", "model_index.json", "scheduler", "text_encoder",
+                                       "tokenizer", "unet", "vae"]
     # The EMA weights, as the checkpoint holds them; the frozen parts as the folder has them.
     ema = load_file(os.path.join(checkpoint.latest(str(finetune)), "ema_unet", "diffusion_pytorch_model.safetensors"))
     exported = UNet2DConditionModel.from_pretrained(out, subfolder="unet").state_dict()
@@ -310,7 +310,7 @@ def test_lora_exports_load_lora_weights_and_merge(lora_runs, folders, tmp_path):
 
     split, *_ = lora_runs
     lora = _export(split, tmp_path / "lora")
-    assert sorted(os.listdir(lora)) == ["ldm.json", "pytorch_lora_weights.safetensors"]
+    assert sorted(os.listdir(lora)) == ["README.md", "ldm.json", "pytorch_lora_weights.safetensors"]
     merged = _export(split, tmp_path / "merged", merge=True)
     trained, *_ = load_run(str(split))  # the base with the EMA adapters, as sample.py samples
     pipe = StableDiffusionPipeline.from_pretrained(folders["sd15"])
@@ -574,7 +574,7 @@ def test_kohya_lora_export_loads_with_load_lora_weights_and_gives_the_same_unet(
 
     split, *_ = lora_runs
     kohya = _export(split, tmp_path / "kohya", fmt="kohya")
-    assert sorted(os.listdir(kohya)) == ["ldm.json", "lora_kohya.safetensors"]
+    assert sorted(os.listdir(kohya)) == ["README.md", "ldm.json", "lora_kohya.safetensors"]
     with safe_open(os.path.join(kohya, "lora_kohya.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert f.metadata()["ss_network_dim"] == "4"
@@ -582,7 +582,7 @@ def test_kohya_lora_export_loads_with_load_lora_weights_and_gives_the_same_unet(
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert any(k.endswith("to_out_0.alpha") for k in keys)
     single = _export(split, tmp_path / "single", fmt="single_file")
-    assert sorted(os.listdir(single)) == ["ldm.json", "lora_kohya.safetensors"]  # the adapter, not a 100 MB model
+    assert sorted(os.listdir(single)) == ["README.md", "ldm.json", "lora_kohya.safetensors"]  # not a 100 MB model
     diffusers_file = _export(split, tmp_path / "diffusers")
     x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     outs = []
@@ -594,3 +594,24 @@ def test_kohya_lora_export_loads_with_load_lora_weights_and_gives_the_same_unet(
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="--format kohya writes a LoRA adapter file: .*leave out --merge"):
         _export(split, tmp_path / "x", fmt="kohya", merge=True)
+
+
+def test_an_export_has_a_model_card_and_push_to_hub_fails_in_one_line_offline(lora_runs, tmp_path, monkeypatch):
+    """#29: OUT/README.md in the hub's layout (YAML front matter, what was trained, how to load it, the newest
+    validation grid); --push-to-hub without network is one line that keeps the export."""
+    import huggingface_hub.constants
+    import yaml
+
+    from trainer.core.config import ConfigError
+    from trainer.unet.model_card import push_to_hub
+
+    split, *_ = lora_runs
+    out = _export(split, tmp_path / "card", trigger="sks toy")
+    text = open(os.path.join(out, "README.md")).read()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "diffusers" and "lora" in front["tags"] and front["instance_prompt"] == "sks toy"
+    assert "LoRA adapters (rank 4" in text and 'pipe.load_lora_weights("<this folder or repo>", ' \
+        'weight_name="pytorch_lora_weights.safetensors")' in text and "- trigger words: `sks toy`" in text
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"^--push-to-hub me/toy: the upload failed .*the export is complete at"):
+        push_to_hub(out, "me/toy")

@@ -48,6 +48,7 @@ from trainer.core.checkpoint import default_root, latest
 from trainer.core.config import ConfigError
 from trainer.unet.job import ema_note
 from trainer.unet.lora import merged, save_kohya_lora, save_lora_weights
+from trainer.unet.model_card import write_model_card
 from trainer.unet.pretrained import training_schedule
 from trainer.unet.sampling import load_run
 
@@ -201,7 +202,7 @@ def describe_weights(run_dir: str, cfg, weights: str) -> tuple[str, bool]:
 
 
 def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False, fmt: str = "diffusers",
-               vae_source: str = "", say=print) -> str:
+               vae_source: str = "", say=print, trigger: str = "") -> str:
     """Write the run into the new folder `out`: a complete pipeline; for a LoRA run its diffusers
     LoRA file (for the pretrained pipeline's load_lora_weights), or with `merge` a complete
     pipeline with the adapters folded into the UNet. fmt=single_file: OUT/model.safetensors in
@@ -232,6 +233,8 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     os.chmod(partial, 0o777 & ~umask)  # as os.makedirs would have made it (mkdtemp's is private)
     try:
         _write(partial, run_dir, weights, loaded, vae_source, fmt, merge)
+        files = sorted(f for f in os.listdir(partial) if f.endswith(".safetensors"))
+        write_model_card(partial, run_dir, cfg, loaded[4], files, text, trigger)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.rename(partial, out)
