@@ -16,12 +16,22 @@ def _train(run_dir, cache, *extra, check=True):
 
 def test_a_failed_start_does_not_lock_the_run_folder(tiny_cache, tmp_path):
     run_dir = tmp_path / "run"
-    bad = _train(run_dir, tiny_cache, "total_samples=32", "random_flip=true", check=False)
-    assert bad.returncode != 0 and "random_flip needs a cache made with flip=true" in bad.stderr
-    assert (run_dir / "config.yaml").exists()  # written before the cache was read
+    # What the cache can answer is refused before config.yaml is written, and by --dry-run alike.
+    early = _train(run_dir, tiny_cache, "total_samples=32", "random_flip=true", check=False)
+    assert early.returncode != 0 and "random_flip needs a cache made with flip=true" in early.stderr
+    assert not (run_dir / "config.yaml").exists()
+    dry = run_cmd([PY, "launch/train_unet.py", "--dry-run", f"run_dir={run_dir}", f"data.urls={tiny_cache}",
+                   "model=tiny", "random_flip=true"], check=False, timeout=300)
+    assert dry.returncode != 0 and dry.stderr.strip().splitlines()[-1] == (
+        f"error: random_flip needs a cache made with flip=true; {tiny_cache} has none")
+    # A value found bad later (the loader's streams) fails after config.yaml is written: the corrected
+    # command is not refused as a different config.
+    late = _train(run_dir, tiny_cache, "total_samples=32", "data.virtual_ranks=1000", check=False)
+    assert late.returncode != 0 and "fewer than the 1000 data streams" in late.stderr
+    assert (run_dir / "config.yaml").exists()
     good = _train(run_dir, tiny_cache, "total_samples=32")
-    assert "was written by a start that made no checkpoint; replaced by this config (random_flip" in good.stdout
-    assert "random_flip: false" in (run_dir / "config.yaml").read_text()
+    assert "was written by a start that made no checkpoint; replaced by this config (data.virtual_ranks" in good.stdout
+    assert "virtual_ranks: 0" in (run_dir / "config.yaml").read_text()
     # The default tracker (wandb, here disabled) writes no TensorBoard events and no wandb folder.
     assert not (run_dir / "tensorboard").exists() and not (run_dir / "wandb").exists()
     # Once a checkpoint exists the folder binds: another config is refused.

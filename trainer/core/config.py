@@ -339,12 +339,13 @@ def _get(d: dict, dotted: str) -> Any:
     return d
 
 
-def parse_cli(cls, argv: list[str] | None = None, description: str = ""):
+def parse_cli(cls, argv: list[str] | None = None, description: str = "", dry_run_checks=None):
     """The shared command line of every job: `--config FILE [--dry-run] [key=value ...]`.
 
     `--local_rank` is accepted and ignored because the `deepspeed` launcher appends it;
     ranks are read from the environment in `trainer.core.dist`. Returns the config, or exits
     after printing it for `--dry-run`, or exits with a one-line message on a config error.
+    `dry_run_checks(cfg)`: what --dry-run also checks (the job's inputs, as a start checks them first).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file under configs/")
@@ -357,6 +358,13 @@ def parse_cli(cls, argv: list[str] | None = None, description: str = ""):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if args.dry_run:
+        if dry_run_checks is not None:
+            from data_pipeline.storage import DataError
+
+            try:
+                dry_run_checks(cfg)
+            except (ConfigError, DataError, FileNotFoundError) as e:
+                sys.exit(f"error: {one_line(e)}")
         print(dump(cfg), end="")
         sys.exit(0)
     return cfg
@@ -397,12 +405,12 @@ def exit_now(code: int = 0, message: str = "") -> None:
     os._exit(code)
 
 
-def run(cls, job, description: str = ""):
+def run(cls, job, description: str = "", dry_run_checks=None):
     """Entry point of a launch script: parse, then run `job(cfg)`; known input problems
     (bad config, unreadable data, missing weights) end as one line instead of a traceback."""
     from data_pipeline.storage import DataError
 
-    cfg = parse_cli(cls, description=description)
+    cfg = parse_cli(cls, description=description, dry_run_checks=dry_run_checks)
     try:
         result = job(cfg)
     except (ConfigError, DataError, FileNotFoundError, CheckpointError, TrainingError, LaunchError) as e:

@@ -73,14 +73,39 @@ def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bo
                         caches[1][1].num_samples if len(caches) > 1 else 0)
 
 
-def caption_picker(cfg, manifest: Manifest, text_encoder) -> CaptionPicker:
-    """One caption per sample and epoch (of several), its tags shuffled with cfg.caption_shuffle, which
-    needs the text encoded after shuffling: a cache of token ids (`text_encoder` loaded for it)."""
+def check_caches(cfg, manifest: Manifest) -> None:
+    """What the config asks of its caches that the manifests can answer: run before the run's config.yaml
+    is written (a refusal then locks nothing) and by --dry-run (#29)."""
+    if cfg.random_flip and not manifest.flip:
+        raise ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     if cfg.caption_shuffle and manifest.text != "tokens":
         raise ConfigError(f"caption_shuffle=true needs a cache made with text=tokens: {cfg.data.urls} holds each "
                           "caption's embedding, encoded once, so its tags cannot be reordered; rebuild the cache "
                           "with text=tokens (the frozen text encoder then runs in the training step) or set "
                           "caption_shuffle=false")
+    if cfg.data.class_urls:
+        other = Manifest.read(cfg.data.class_urls, cfg.data.endpoint_url)
+        check_class_cache(manifest, other, cfg.data.urls, cfg.data.class_urls, cfg.random_flip)
+
+
+def dry_run_checks(cfg) -> None:
+    """--dry-run: the checks a start makes before it writes anything, on the login node: pretrained's folder
+    resolved, the cache's manifest read and checked against the config and against pretrained's encoders."""
+    from trainer.unet import pretrained
+
+    cfg = pretrained.resolve(cfg, say=None)
+    manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
+    manifest.check_expected(cfg.data.urls, cfg.cache, None)
+    mismatch = pretrained.cache_mismatch(cfg, manifest, cfg.data.urls)
+    if mismatch:
+        raise ConfigError(mismatch)
+    check_caches(cfg, manifest)
+
+
+def caption_picker(cfg, manifest: Manifest, text_encoder) -> CaptionPicker:
+    """One caption per sample and epoch (of several), its tags shuffled with cfg.caption_shuffle, which
+    needs the text encoded after shuffling: a cache of token ids (`text_encoder` loaded for it)."""
+    check_caches(cfg, manifest)
     return CaptionPicker(cfg.seed, cfg.caption_shuffle, cfg.keep_tokens,
                          text_encoder.tokenize if text_encoder is not None else None)
 

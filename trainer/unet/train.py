@@ -33,7 +33,7 @@ from trainer.core.metrics import RunLog, SampleLog, StepTally
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
 from trainer.unet import pretrained
-from trainer.unet.data import caption_picker, training_data
+from trainer.unet.data import caption_picker, check_caches, training_data
 from trainer.unet.job import UNetJob, ema_rampup, make_plan
 from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
@@ -47,6 +47,14 @@ def train_unet(cfg: UNetJob) -> str:
     w = dist.init(cfg.dist_timeout_s)
     cfg = pretrained.resolve(cfg, say=print if w.is_main else None)  # prediction_type=auto: pretrained's
     plan = make_plan(cfg, w.size)
+    # --- the cache this run trains on: checked before config.yaml is written, so a refusal locks nothing ------
+    manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
+    trained_on = manifest.check_expected(cfg.data.urls, cfg.cache, None)
+    # A cache made with other encoders than pretrained's: every rank stops, with rank 0's reason.
+    mismatch = dist.all_gather_objects(pretrained.cache_mismatch(cfg, manifest, cfg.data.urls) if w.is_main else None)
+    if mismatch[0]:
+        raise config_lib.ConfigError(mismatch[0])
+    check_caches(cfg, manifest)
     root, endpoint = cfg.checkpoint_url or checkpoint.default_root(cfg.run_dir), cfg.checkpoint_endpoint_url
     if w.is_main:
         # These keys do not change what is trained, so a resumed run may set them differently; total_samples
@@ -61,15 +69,6 @@ def train_unet(cfg: UNetJob) -> str:
     device, precision = dist.device(), resolve_precision(cfg.precision)
     dtype = DTYPES[precision]
 
-    # --- the cache this run trains on ----------------------------------------------------------
-    manifest = Manifest.read(cfg.data.urls, cfg.data.endpoint_url)
-    trained_on = manifest.check_expected(cfg.data.urls, cfg.cache, None)
-    # A cache made with other encoders than pretrained's: every rank stops, with rank 0's reason.
-    mismatch = dist.all_gather_objects(pretrained.cache_mismatch(cfg, manifest, cfg.data.urls) if w.is_main else None)
-    if mismatch[0]:
-        raise config_lib.ConfigError(mismatch[0])
-    if cfg.random_flip and not manifest.flip:
-        raise config_lib.ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     channels, size, _ = manifest.latent_shape
     context_dim = manifest.text_emb_shape[1]
     shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))
