@@ -145,18 +145,24 @@ def _from_file(root: str, image: str, captions: list[str], repeats: int = 1) -> 
                 mask=_read_file(mask) if os.path.isfile(mask) else None)
 
 
+def _with_caption(root: str, image: str, default: str | None = None, repeats: int = 1) -> Item | Problem:
+    """The image with its caption file's text (else `default`); a Problem naming it when there is neither,
+    or the caption file is too large."""
+    try:
+        caption = _caption_beside(image)
+    except DataError as e:
+        return Problem(os.path.relpath(image, root), str(e))
+    if caption is None or (caption == "" and default is not None):  # kohya: an empty file means the class
+        caption = default
+    if caption is None:
+        exts = " or ".join("." + e for e in CAPTION_EXTS)
+        return Problem(os.path.relpath(image, root), f"no caption file ({exts})")
+    return _from_file(root, image, [caption], repeats)
+
+
 def _folder(root: str) -> Iterator[Item | Problem]:
     for image in _image_files(root):
-        try:
-            caption = _caption_beside(image)
-        except DataError as e:
-            yield Problem(os.path.relpath(image, root), str(e))
-            continue
-        if caption is None:
-            exts = " or ".join("." + e for e in CAPTION_EXTS)
-            yield Problem(os.path.relpath(image, root), f"no caption file ({exts})")
-        else:
-            yield _from_file(root, image, [caption])
+        yield _with_caption(root, image)
 
 
 def _kohya(root: str) -> Iterator[Item | Problem]:
@@ -178,12 +184,7 @@ def _kohya(root: str) -> Iterator[Item | Problem]:
                 yield Problem(os.path.relpath(image, root), f"folder {name!r}: repeats must be 1..{MAX_REPEATS}")
             continue
         for image in _image_files(folder):
-            try:
-                caption = _caption_beside(image)
-            except DataError as e:
-                yield Problem(os.path.relpath(image, root), str(e))
-                continue
-            yield _from_file(root, image, [caption if caption else klass], repeats)
+            yield _with_caption(root, image, klass, repeats)
 
 
 def _metadata_files(root: str) -> list[str]:
