@@ -157,7 +157,8 @@ def init_from_run(unet, cfg, say=print) -> str:
             if checkpoint.info(ckpt).get("lora_base") is not None:
                 raise ConfigError(f"init_from={source} is a LoRA run's checkpoint: a full UNet run cannot start from "
                                   "an adapter (export it with --merge and start from that pipeline folder)")
-            state = UNet2DConditionModel.from_pretrained(folder).state_dict()
+            # safetensors only: another user's run may hold a pickled .bin, which loading would execute
+            state = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).state_dict()
             mine = unet.state_dict()
             bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
             if bad or len(state) != len(mine):
