@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from .epoch_plan import EpochPlan, keeps
 from .quarantine import Quarantine
-from .shards import DEFAULT_MAX_MEMBER_MB, iter_samples
+from .shards import DEFAULT_MAX_MEMBER_MB, count_samples, iter_samples
 from .storage import DataError
 
 # Below this many batches per stream and epoch, the default virtual_ranks is the world size, not ranks x
@@ -66,25 +66,6 @@ class _Ahead:
         while len(self.buffer) <= i:
             self.buffer.append(next(self.it))
         return self.buffer[i]
-
-
-def count_samples(urls: list[str], endpoint_url: str | None = None, bucketer=None, read_shard=None,
-                  max_member_bytes: int = int(DEFAULT_MAX_MEMBER_MB * 2**20)) -> list[list[int]]:
-    """Samples per shard and bucket, by reading the shards (not decoding): what the loader will read,
-    so samples the tar reader passes over (bad names, oversize members, a damaged rest) are left out;
-    the loader quarantines them when it meets them."""
-    read_shard, buckets = read_shard or iter_samples, len(bucketer.buckets) if bucketer is not None else 1
-    out = []
-    for url in urls:
-        row = [0] * buckets
-        for s in read_shard(url, endpoint_url, on_error=_pass_over, max_member_bytes=max_member_bytes):
-            row[bucketer(s) if bucketer is not None else 0] += 1
-        out.append(row)
-    return out
-
-
-def _pass_over(url, key, message) -> None:
-    """Counting passes over bad samples; the loader quarantines them when it reads them."""
 
 
 class ShardBatches(IterableDataset):

@@ -8,9 +8,9 @@ import os
 from data_pipeline import storage
 from data_pipeline.buckets import ImageBucketer, make_buckets
 from data_pipeline.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, check_formats
-from data_pipeline.loader import Loader, ShardBatches, count_samples, make_loader
+from data_pipeline.loader import Loader, ShardBatches, make_loader
 from data_pipeline.quarantine import Quarantine
-from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB
+from data_pipeline.shards import DEFAULT_MAX_MEMBER_MB, count_samples
 
 from trainer.core.config import ConfigError, check_endpoint, check_non_negative, check_positive
 from trainer.core.dist import World
@@ -121,7 +121,7 @@ def image_shard_counts(urls: list[str], endpoint_url: str | None, run_dir: str, 
     """Samples per image shard (and per bucket of `bucketer`): what the loader splits across ranks
     (a latent cache's manifest has them; image shards do not). Counted once by reading the tars
     without decoding (image headers only, for buckets), and kept by URL in run_dir/shard_counts.json
-    for later runs. The count is of what the loader will read (data_pipeline.loader.count_samples)."""
+    for later runs. The count is of what the loader will read (data_pipeline.shards.count_samples)."""
     path = os.path.join(run_dir, "shard_counts.json")
     # The buckets' shapes are part of the key: a run with other buckets counts again.
     tag = "" if bucketer is None else "|" + ",".join(f"{w}x{h}" for w, h in bucketer.buckets)
