@@ -36,6 +36,11 @@ setup(
         "datasets>=2.19",
         # tracker=tensorboard: torch.utils.tensorboard writes its event files through this package (#29).
         "tensorboard>=2.14",
+        # optimizer=adamw8bit (#29): block-wise 8-bit Adam moments are bitsandbytes' own kernels (CUDA, and CPU since
+        # 0.45); optimizer=prodigy: the reference implementation of Prodigy by its authors. Rewriting either
+        # would be more code to trust than the packages users already run with kohya's and diffusers' scripts.
+        "bitsandbytes>=0.45",
+        "prodigyopt>=1.0",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2", "moto[server]>=5"]},
 )

@@ -122,8 +122,9 @@ class CLIPTextEncoder(nn.Module):
         return self.tokenizer(list(captions), padding="max_length", max_length=self.context_length,
                               truncation=True, return_tensors="pt").input_ids
 
-    @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # No torch.no_grad here: the weights are frozen, so no graph is kept, except for LoRA adapters a
+        # fine-tune adds to them (lora_text_encoder), whose gradients flow through this forward.
         out = self.model(tokens, output_hidden_states=self.layer == "penultimate")
         if self.layer == "last":
             return out.last_hidden_state
@@ -131,7 +132,6 @@ class CLIPTextEncoder(nn.Module):
 
     pooled_dim = 0
 
-    @torch.no_grad()
     def sdxl_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden_states[-2], before the final LayerNorm; text_embeds where the model has a projection)."""
         out = self.model(tokens, output_hidden_states=True)
@@ -297,9 +297,9 @@ class DualTextEncoder(nn.Module):
         """[B, 2, L] token ids: the first tokenizer's, then the second's."""
         return torch.stack([self.first.tokenize(captions), self.second.tokenize(captions)], dim=1)
 
-    @torch.no_grad()
     def embed_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"text_emb": [B, L, width], "pooled": [B, pooled_dim]} from [B, 2, L] token ids."""
+        """{"text_emb": [B, L, width], "pooled": [B, pooled_dim]} from [B, 2, L] token ids (with gradients only
+        for adapters a fine-tune added: the models' own weights are frozen)."""
         a, _ = self.first.sdxl_states(tokens[:, 0])
         b, pooled = self.second.sdxl_states(tokens[:, 1])
         return {"text_emb": torch.cat([a, b], dim=-1), "pooled": pooled}

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from trainer.core import zero_lean
+from trainer.core import optimizers, zero_lean
 
 
 def _deepspeed():
@@ -38,24 +38,30 @@ def resolve_precision(precision: str) -> str:
 
 def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, zero_stage: int,
                      precision: str, lr: float, betas: tuple[float, float], weight_decay: float,
-                     grad_clip: float, offload_optimizer: bool = False, load_universal: bool = False) -> dict:
+                     grad_clip: float, offload_optimizer: bool = False, load_universal: bool = False,
+                     optimizer: str = "adamw", warmup: bool = True) -> dict:
+    """`optimizer`: one of trainer/core/optimizers.py's (`warmup`: the job warms the learning rate up)."""
     zero = {"stage": zero_stage}
     adam = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay}
     on_gpu = torch.cuda.is_available()
+    ours = optimizer not in optimizers.DEEPSPEED_TESTED
     if offload_optimizer:
         # ZeRO-Offload (Ren et al. 2021): fp32 master weights and Adam moments live in host
         # memory and the update runs on the CPU. On GPUs DeepSpeed's vectorised CPU Adam does
         # the update (built on first use); without one, torch's AdamW.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     # torch's AdamW (build_engine makes it the fused one) unless DeepSpeed's CPU Adam does an offloaded update.
-    adam["torch_adam"] = not (on_gpu and offload_optimizer)
+    adam["torch_adam"] = not (on_gpu and offload_optimizer) or ours
     return {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": batch_per_rank * grad_accum * world_size,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "zero_force_ds_cpu_optimizer": on_gpu,
+        "zero_force_ds_cpu_optimizer": on_gpu and not ours,
+        # DeepSpeed's ZeRO refuses a client optimizer it has not tested unless told: ours are checked in
+        # tests/test_optimizers.py (and the ones that cannot work on flat slices refused, optimizers.check).
+        "zero_allow_untested_optimizer": ours,
         # bf16 is torch autocast over fp32 weights (mixed precision as torch AMP does it): matmuls and
         # convolutions in bf16, weights, gradients and optimizer in fp32; ZeRO-1/2 gradients are
         # all-reduced in bf16 (DeepSpeed's comm_dtype; zero_flat.py). DeepSpeed's own bf16 mode
@@ -68,7 +74,7 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
         # and the scale lowered).
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
-        "optimizer": {"type": "AdamW", "params": adam},
+        "optimizer": {"type": "AdamW", "params": adam, "client": optimizer, "warmup": warmup},
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -77,21 +83,19 @@ def deepspeed_config(*, batch_per_rank: int, grad_accum: int, world_size: int, z
     }
 
 
-def _adamw(params: list, adam: dict) -> torch.optim.Optimizer:
-    """torch's AdamW with one fused kernel for all tensors (CPU and CUDA): a handful of launches per
-    step instead of several per parameter tensor; foreach where this torch has no fused kernel."""
-    kwargs = dict(lr=adam["lr"], betas=tuple(adam["betas"]), eps=adam["eps"], weight_decay=adam["weight_decay"])
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, foreach=True, **kwargs)
-
-
 def build_engine(model: torch.nn.Module, ds_config: dict):
     params = [p for p in model.parameters() if p.requires_grad]
     config, optimizer = dict(ds_config), None
-    if config["optimizer"]["params"].get("torch_adam"):  # handed to DeepSpeed as the client optimizer
-        optimizer = _adamw(params, config.pop("optimizer")["params"])
+    spec = dict(config["optimizer"])
+    name, warmup = spec.pop("client", "adamw"), spec.pop("warmup", True)
+    config["optimizer"] = spec
+    if spec["params"].get("torch_adam"):  # ours, handed to DeepSpeed as the client optimizer
+        hyper = config.pop("optimizer")["params"]
+        optimizer = optimizers.build(name, params, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                     weight_decay=hyper["weight_decay"], zero_stage=config["zero_optimization"]["stage"],
+                                     world_size=config["train_batch_size"] // (config["train_micro_batch_size_per_gpu"]
+                                                                               * config["gradient_accumulation_steps"]),
+                                     warmup=warmup)
     engine, *_ = _deepspeed().initialize(model=model, model_parameters=params, optimizer=optimizer, config=config)
     if engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
         _lean_zero0(engine, params)
@@ -165,8 +169,9 @@ def _lean_zero0(engine, params: list) -> None:
             state = state["optimizer_state_dict"]
         fused = [g.get("fused") for g in optimizer.param_groups]
         plain_load(state)
-        for group, was in zip(optimizer.param_groups, fused):  # torch takes the saved group's flags: keep ours
-            group["fused"], group["foreach"] = was, None if was else group.get("foreach")
+        if isinstance(optimizer, torch.optim.AdamW):  # torch takes the saved group's flags: keep ours
+            for group, was in zip(optimizer.param_groups, fused):
+                group["fused"], group["foreach"] = was, None if was else group.get("foreach")
 
     optimizer.step, optimizer.load_state_dict = guarded_step, load_state_dict
 

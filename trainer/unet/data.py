@@ -83,6 +83,10 @@ def check_caches(cfg, manifest: Manifest) -> None:
                           "caption's embedding, encoded once, so its tags cannot be reordered; rebuild the cache "
                           "with text=tokens (the frozen text encoder then runs in the training step) or set "
                           "caption_shuffle=false")
+    if cfg.lora_text_encoder and manifest.text != "tokens":
+        raise ConfigError(f"lora_text_encoder=true needs a cache made with text=tokens: {cfg.data.urls} holds each "
+                          "caption's embedding by the frozen text encoder, which an adapted encoder would change; "
+                          "rebuild the cache with text=tokens (the encoder then runs in the training step)")
     if cfg.data.class_urls:
         other = Manifest.read(cfg.data.class_urls, cfg.data.endpoint_url)
         check_class_cache(manifest, other, cfg.data.urls, cfg.data.class_urls, cfg.random_flip)

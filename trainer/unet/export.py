@@ -257,7 +257,8 @@ def _write(out: str, run_dir: str, weights: str, loaded, vae_source: str, fmt: s
     if cfg.lora_rank and not merge and fmt in ("kohya", "single_file"):  # the single-file tools' LoRA: the adapter alone
         save_kohya_lora(loaded[0], out, cfg)
         info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank, "format": "kohya",
-                         "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights,
+                         "targets": list(cfg.lora_targets),
+                         "text_encoder": cfg.lora_text_encoder}, "pretrained": cfg.pretrained, "weights": weights,
                 "base_fingerprint": getattr(loaded[0], "ldm_base_fingerprint", None)}
     elif fmt == "single_file":
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)
@@ -270,7 +271,8 @@ def _write(out: str, run_dir: str, weights: str, loaded, vae_source: str, fmt: s
     elif cfg.lora_rank and not merge:
         save_lora_weights(loaded[0], out, cfg)
         info = {"lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
-                         "targets": list(cfg.lora_targets)}, "pretrained": cfg.pretrained, "weights": weights,
+                         "targets": list(cfg.lora_targets),
+                         "text_encoder": cfg.lora_text_encoder}, "pretrained": cfg.pretrained, "weights": weights,
                 "base_fingerprint": getattr(loaded[0], "ldm_base_fingerprint", None)}  # the base it adapts
     else:
         pipe, info = build_pipeline(run_dir, weights, loaded, vae_source)

@@ -7,6 +7,7 @@ import math
 
 from trainer.cache.manifest import CacheExpect
 from trainer.core import config as config_lib
+from trainer.core import optimizers
 from trainer.core.data import LatentData
 from trainer.core.job_checks import check_guidance, check_pretrained, check_unet_model
 
@@ -28,6 +29,8 @@ class UNetJob:
     lora_alpha: float = 0.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A; 0: lora_rank (scale 1)
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # layers
     #   that get adapters (names or name suffixes of the UNet's modules, as peft matches them): the attention projections
+    lora_text_encoder: bool = False  # also train adapters of lora_rank on the text encoder(s)' attention projections
+    #   (q, k, v, out); needs a cache made with text=tokens (the encoder then runs in the step, as kohya's train_text_encoder)
     prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | auto: pretrained's, else epsilon
     min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
     offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
@@ -41,11 +44,13 @@ class UNetJob:
     batch_per_rank: int = 64  # micro batch on each rank
     grad_accum: int = 1  # micro batches per optimizer step
     total_samples: int = 80_000  # training length in samples (all ranks together)
-    lr: float = 3e-4  # AdamW peak learning rate
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit moments) | prodigy (finds its own step size;
+    #   lr=1 multiplies it) | adafactor (factored moments; zero_stage=0): trainer/core/optimizers.py
+    lr: float = 3e-4  # peak learning rate (prodigy: the multiplier of its own estimate, 1.0)
     lr_schedule: str = "cosine"  # after warm-up: cosine | linear (decay to lr * lr_final_ratio) | constant
     lr_final_ratio: float = 0.1  # learning rate at the end of a cosine/linear schedule, relative to lr
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas (adamw, adamw8bit, prodigy; adafactor keeps no first moment)
+    weight_decay: float = 0.01  # decoupled weight decay
     warmup_samples: int = 4_000  # linear warm-up from 0 to lr
     grad_clip: float = 1.0  # max global gradient norm
     ema_halflife_samples: int = 1_000_000  # EMA half-life in samples (EDM, Karras et al. 2022); 0: no EMA
@@ -119,6 +124,7 @@ class UNetJob:
             raise config_lib.ConfigError(f"attention must be sdpa or eager, got {self.attention!r}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise config_lib.ConfigError("offload_optimizer=true needs zero_stage 1, 2 or 3")
+        optimizers.check(self.optimizer, zero_stage=self.zero_stage, lr=self.lr, elastic_resume=self.elastic_resume)
         if self.keep_tokens < 0 or (self.keep_tokens and not self.caption_shuffle):
             raise config_lib.ConfigError(f"keep_tokens={self.keep_tokens} needs caption_shuffle=true (it keeps the first "
                                          "tags in place while the rest are shuffled) and must be >= 0")
@@ -126,6 +132,9 @@ class UNetJob:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise config_lib.ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if self.lora_text_encoder and not self.lora_rank:
+            raise config_lib.ConfigError("lora_text_encoder=true adds adapters of lora_rank to the text encoder: set "
+                                         "lora_rank > 0 (the UNet then trains adapters too)")
         if self.lora_rank:
             if not self.pretrained:
                 raise config_lib.ConfigError("lora_rank > 0 needs pretrained= (adapters adapt a pretrained UNet; "

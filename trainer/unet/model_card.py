@@ -31,7 +31,8 @@ def write_model_card(out: str, run_dir: str, cfg, manifest, files: list[str], we
     if trigger:
         front["instance_prompt"] = trigger
     kind = (f"LoRA adapters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}, on "
-            f"{', '.join(cfg.lora_targets)})" if cfg.lora_rank else "all UNet weights")
+            f"{', '.join(cfg.lora_targets)}{'; and on the text encoder' if cfg.lora_text_encoder else ''})"
+            if cfg.lora_rank else "all UNet weights")
     base = f"`{cfg.pretrained}`" if cfg.pretrained else f"the `{cfg.model}` UNet preset, from scratch"
     buckets = f"aspect-ratio buckets ({len(manifest.buckets)})" if manifest.buckets else "square crops"
     per_epoch = sum(s.count * s.repeats for s in manifest.shards) * cfg.data.repeats

@@ -18,7 +18,7 @@ from trainer.core import checkpoint
 from trainer.core import config as config_lib
 from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
-from trainer.unet.lora import check_base, load_adapter
+from trainer.unet.lora import add_text_encoder_lora, attached_text_encoder, check_base, load_adapter
 from trainer.unet.pretrained import build_model, training_schedule
 
 
@@ -51,13 +51,18 @@ def load_run(run_dir: str, weights: str = "ema"):
     else:
         unet = UNet2DConditionModel.from_pretrained(folder)
     vae, text_encoder = load_frozen(manifest, cfg.data.urls)
-    return unet.eval(), vae, text_encoder, cfg, manifest
+    adapted = attached_text_encoder(unet)  # lora_text_encoder: the adapted text encoder
+    return unet.eval(), vae, adapted if adapted is not None else text_encoder, cfg, manifest
 
 
 def lora_unet(cfg: UNetJob, manifest: Manifest):
-    """A LoRA run's UNet before training: pretrained's weights with fresh adapters."""
-    return build_model(cfg, manifest.latent_shape[0], manifest.latent_shape[1], manifest.text_emb_shape[1],
+    """A LoRA run's UNet before training: pretrained's weights with fresh adapters (and with
+    lora_text_encoder, the cache's text encoder with fresh adapters riding on it)."""
+    unet = build_model(cfg, manifest.latent_shape[0], manifest.latent_shape[1], manifest.text_emb_shape[1],
                        manifest.pooled_dim)
+    if cfg.lora_text_encoder:
+        add_text_encoder_lora(unet, manifest.text_encoder.load(), cfg)
+    return unet
 
 
 def parse_size(text: str, factor: int) -> tuple[int, int]:
@@ -264,6 +269,8 @@ class Validator:
             unet.load_state_dict(ema_state)
         unet = unet.to(self.device).eval()
         vae, text_encoder = (m.to(self.device) for m in self.frozen)
+        adapted = attached_text_encoder(unet)  # lora_text_encoder: the adapted text encoder
+        text_encoder = adapted if adapted is not None else text_encoder
         rows = sample_rows(unet, vae, text_encoder, self.manifest, self.cfg, self.cfg.validation_prompts,
                            steps=self.cfg.validation_steps, seed=self.cfg.seed, guidance=self.cfg.validation_guidance,
                            negative_prompt=self.cfg.validation_negative_prompt)

@@ -21,6 +21,7 @@ from models.diffusion import draw_latents, training_loss
 
 from trainer.core.engine import build_engine, deepspeed_config, skipped_steps, step_applied
 from trainer.unet.job import UNetJob
+from trainer.unet.lora import add_text_encoder_lora
 from trainer.unet.pretrained import build_model, init_from_run, training_schedule
 
 # Resolved precision -> the UNet's weight and input dtype. bf16 is autocast over fp32 weights
@@ -44,7 +45,10 @@ class StepSetup:
     empty: torch.Tensor  # the empty caption's embedding, on `device` in `dtype` (caption dropout's target)
     empty_pooled: torch.Tensor | None = None  # SDXL: the pooled embedding dropout puts in its place; None: no
     #   pooled embedding (the UNet has no text_time conditioning)
-    text_encoder: Any = None  # frozen text encoder on `device` for a cache of token ids; None: cached embeddings
+    text_encoder: Any = None  # text encoder on `device` for a cache of token ids; None: cached embeddings
+    empty_tokens: torch.Tensor | None = None  # with lora_text_encoder: the empty caption's token ids, which caption
+    #   dropout encodes with the adapted encoder (its embedding moves as the encoder trains); None: `empty` is used
+    text_grad: bool = False  # the text encoder has adapters that train (lora_text_encoder): encode with gradients
     caption_dropout: float = 0.1  # share of captions replaced by the empty one
     random_flip: bool = False  # use the mirrored image's moments for a random half of each batch
     min_snr_gamma: float = 0.0  # training_loss's min-SNR weighting (0: off)
@@ -72,9 +76,14 @@ class StepResult:
 def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor,
                scale: torch.Tensor, empty: torch.Tensor, text_encoder=None,
                empty_pooled: torch.Tensor | None = None) -> StepSetup:
-    """The job's step settings; shift, scale, empty(_pooled) and text_encoder come from the cache (or a benchmark)."""
+    """The job's step settings; shift, scale, empty(_pooled) and text_encoder come from the cache (or a benchmark):
+    with lora_text_encoder, the adapted encoder the engine's UNet carries."""
+    empty_tokens = None
+    if cfg.lora_text_encoder and empty_pooled is None:  # SDXL's dropout target stays zeros, as its pipelines use
+        empty_tokens = text_encoder.tokenize([""]).to(device)
     return StepSetup(
-        schedule=training_schedule(cfg), shift=shift, empty_pooled=empty_pooled,
+        schedule=training_schedule(cfg), shift=shift, empty_pooled=empty_pooled, empty_tokens=empty_tokens,
+        text_grad=cfg.lora_text_encoder,
         scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
         caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
         offset_noise=cfg.offset_noise, input_perturbation=cfg.input_perturbation, channels_last=cfg.channels_last,
@@ -99,16 +108,20 @@ def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
     z0 = ((draw_latents(mean, std, gen) - s.shift) * s.scale).to(s.dtype)
     if s.channels_last:
         z0 = z0.contiguous(memory_format=torch.channels_last)
+    # Classifier-free guidance needs an unconditional model: some captions become "". With
+    # SDXL's two encoders, both encoders' outputs (context and pooled) are dropped together.
+    drop = torch.rand(mean.shape[0], generator=gen, device=device) < s.caption_dropout
     if s.text_encoder is not None:
-        with torch.no_grad():
-            text = s.text_encoder.embed_tokens(batch["tokens"].long().to(device, non_blocking=True))
+        tokens = batch["tokens"].long().to(device, non_blocking=True)
+        if s.empty_tokens is not None:  # an adapted encoder: "" is encoded by it, as the dropped captions
+            tokens = torch.where(drop.view(-1, *[1] * (tokens.dim() - 1)), s.empty_tokens, tokens)
+        with torch.set_grad_enabled(s.text_grad):
+            text = s.text_encoder.embed_tokens(tokens)
     else:
         text = {k: batch[k] for k in ("text_emb", "pooled") if k in batch}
     context = text["text_emb"].to(device, s.dtype, non_blocking=True)
-    # Classifier-free guidance needs an unconditional model: some captions become "". With
-    # SDXL's two encoders, both encoders' outputs (context and pooled) are dropped together.
-    drop = torch.rand(context.shape[0], generator=gen, device=device) < s.caption_dropout
-    context = torch.where(drop[:, None, None], s.empty, context)
+    if s.empty_tokens is None:
+        context = torch.where(drop[:, None, None], s.empty, context)
     added = None
     if s.empty_pooled is not None:
         pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype, non_blocking=True))
@@ -189,17 +202,19 @@ def unet_ds_config(cfg: UNetJob, world_size: int, precision: str) -> dict:
     return deepspeed_config(
         batch_per_rank=cfg.batch_per_rank, grad_accum=cfg.grad_accum, world_size=world_size, zero_stage=cfg.zero_stage,
         precision=precision, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        offload_optimizer=cfg.offload_optimizer)
+        offload_optimizer=cfg.offload_optimizer, optimizer=cfg.optimizer, warmup=cfg.warmup_samples > 0)
 
 
 def build_unet_engine(cfg: UNetJob, channels: int, size: int, context_dim: int, ds_config: dict, pooled_dim: int = 0,
-                      init_from: bool = False, say=print):
+                      init_from: bool = False, say=print, text_encoder=None):
     """The job's UNet (seeded by cfg.seed, or the pretrained folder's, or with `init_from` cfg.init_from's
-    run's; with cfg's speed options) in a DeepSpeed engine of `ds_config`."""
-    unet = build_model(cfg, channels, size, context_dim, pooled_dim)
+    run's; with cfg's speed options) in a DeepSpeed engine of `ds_config`. With cfg.lora_text_encoder,
+    `text_encoder` (the cache's, for its token ids) gets adapters and rides on the UNet (trainer/unet/lora.py)."""
+    unet = prepare_unet(build_model(cfg, channels, size, context_dim, pooled_dim), cfg)
+    if cfg.lora_text_encoder:  # after prepare_unet: the UNet's checkpointing and attention options are its own
+        add_text_encoder_lora(unet, text_encoder, cfg)
     if init_from:
         init_from_run(unet, cfg, say)
-    unet = prepare_unet(unet, cfg)
     engine = build_engine(unet, ds_config)
     to_channels_last(engine, cfg)
     if cfg.compile and cfg.zero_stage == 3:  # ZeRO-3 gathers parameters in module hooks: DeepSpeed's own compile

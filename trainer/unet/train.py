@@ -72,7 +72,8 @@ def train_unet(cfg: UNetJob) -> str:
     channels, size, _ = manifest.latent_shape
     context_dim = manifest.text_emb_shape[1]
     shift, scale = (t.to(device) for t in manifest.latent_affine(cfg.latent_norm))
-    # A cache of token ids: the frozen text encoder runs inside the step.
+    # A cache of token ids: the text encoder runs inside the step (frozen, or with lora_text_encoder adapted,
+    # riding on the engine's UNet).
     text_encoder = manifest.text_encoder.load().to(device) if manifest.text == "tokens" else None
     empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
     empty = empty.to(device, dtype)
@@ -90,7 +91,7 @@ def train_unet(cfg: UNetJob) -> str:
     # init_from: another run's weights to start from, unless this run has a checkpoint of its own to resume.
     engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim,
                                init_from=bool(cfg.init_from) and checkpoint.latest(root, endpoint) is None,
-                               say=print if w.is_main else (lambda _: None))
+                               say=print if w.is_main else (lambda _: None), text_encoder=text_encoder)
     unet = engine.module
     # After deepspeed.initialize: under ZeRO-3 the EMA must see each rank's slice, not the full tensors.
     ema = EMA(engine.module, cfg.ema_halflife_samples, ema_rampup(cfg), trainable_only=cfg.lora_rank > 0) \
