@@ -268,27 +268,44 @@ def test_single_file_export_round_trips_through_from_single_file(runs, tmp_path)
                 assert torch.equal(value, have[key]), f"{part}.{key}"
 
 
-def test_an_sdxl_lora_loads_with_load_lora_weights_and_equals_merge(xl, cache, tmp_path):
+def test_an_sdxl_lora_loads_with_load_lora_weights_and_equals_merge(xl, shards, tmp_path):
+    """UNet and both text encoders adapted (lora_text_encoder=true, on a cache of token ids, #29): diffusers'
+    file loaded and fused equals --merge's pipeline in all three models, and kohya's file (lora_te1_, lora_te2_)
+    loads into the same text encoders."""
     from diffusers import StableDiffusionXLPipeline
 
     from trainer.unet.export import export_run
 
+    cache = tmp_path / "tokens"
+    run_cmd([PY, "launch/cache_latents.py", f"pretrained={xl}", f"data.urls={shards}", f"out_url={cache}",
+             "data.resolution=64", "data.buckets=true", "data.bucket_step=16", "batch_size=4", "text=tokens"], env=ENV)
     run = tmp_path / "lora"
     out = run_cmd([PY, "launch/train_unet.py", f"run_dir={run}", f"data.urls={cache}", f"pretrained={xl}",
                    "batch_per_rank=2", "total_samples=8", "zero_stage=0", "precision=fp32", "lr=1e-2", "lora_rank=4",
-                   "data.num_workers=0", "wandb=disabled"], env=ENV)
+                   "lora_text_encoder=true", "data.num_workers=0", "wandb=disabled"], env=ENV)
     assert out.returncode == 0
     lora = export_run(str(run), str(tmp_path / "lora_export"))
+    kohya = export_run(str(run), str(tmp_path / "kohya"), fmt="kohya")
     merged = export_run(str(run), str(tmp_path / "merged"), merge=True)
+    want = StableDiffusionXLPipeline.from_pretrained(merged)
     pipe = StableDiffusionXLPipeline.from_pretrained(xl)
-    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
     pipe.load_lora_weights(lora)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    fused, want = pipe.unet.state_dict(), StableDiffusionXLPipeline.from_pretrained(merged).unet.state_dict()
-    assert any(not torch.equal(base[k], fused[k]) for k in base)  # the adapters changed something
-    for key, value in want.items():
-        torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-5)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        fused, merged_state = getattr(pipe, part).state_dict(), getattr(want, part).state_dict()
+        assert set(fused) == set(merged_state), part
+        for key, value in merged_state.items():
+            torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=1e-5, msg=f"{part}: {key}")
+    assert any(not torch.equal(base[k], pipe.text_encoder_2.state_dict()[k]) for k in base)  # adapted
+    tokens = want.tokenizer_2(["a red picture"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    from_kohya = StableDiffusionXLPipeline.from_pretrained(xl)
+    from_kohya.load_lora_weights(kohya, weight_name="lora_kohya.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(from_kohya.text_encoder_2(tokens, output_hidden_states=True).hidden_states[-2],
+                                   want.text_encoder_2(tokens, output_hidden_states=True).hidden_states[-2],
+                                   atol=1e-5, rtol=1e-4)
 
 
 def test_sampling_conditions_on_the_original_size_and_crop_given(runs):
