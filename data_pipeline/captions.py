@@ -57,7 +57,7 @@ class CaptionPicker:
             text = texts[i] if i < len(texts) else texts[0]
             out["tokens"] = self.tokenize([shuffle_tags(text, self.keep_tokens, rng)])[0].to(tensors["tokens"].dtype)
         elif i > 0:
-            for key in ("tokens", "text_emb", "pooled"):
+            for key in ("tokens", "text_emb", "pooled", "clip_emb"):
                 if f"{key}_alt" in tensors:
                     out[key] = tensors[f"{key}_alt"][i - 1]
         return out

@@ -46,12 +46,38 @@ def sample_digest(sample: dict) -> str:
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], caption: str, meta: dict) -> dict:
-    """A WebDataset sample (bytes per field) from fp16 tensors, caption and metadata."""
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    """A WebDataset sample (bytes per field) from tensors (fp32 ones stored as fp16, bf16 ones as they are),
+    caption and metadata."""
+    tensors = {k: (v.half() if v.dtype in (torch.float32, torch.float64) else v).contiguous()
+               for k, v in tensors.items()}
     sample = {"__key__": key, "safetensors": st_save(tensors),
               "txt": caption.encode(), "json": json.dumps(meta, sort_keys=True).encode()}
     sample["sha256"] = sample_digest(sample).encode()
     return sample
+
+
+def trim_text(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One sample's tensors as a variable-length cache stores them (#30): `text_emb` cut to the caption's own
+    `text_len` tokens (dropped, as the shape then says it), in bf16; alternative captions (`text_emb_alt`
+    [n, L, d], `text_len_alt` [n]) cut to the longest one's length, each zeroed past its own: every stored
+    embedding is its caption's states followed by zeros, which is what `pad_text` gives back."""
+    out = dict(tensors)
+    if "text_len" in out:
+        out["text_emb"] = out["text_emb"][:int(out.pop("text_len"))].to(torch.bfloat16)
+    if "text_len_alt" in out:
+        lengths, emb = out.pop("text_len_alt"), out["text_emb_alt"]
+        keep = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
+        out["text_emb_alt"] = (emb * keep[..., None])[:, :int(lengths.max())].to(torch.bfloat16)
+    return out
+
+
+def pad_text(t: torch.Tensor, length: int) -> torch.Tensor:
+    """A variable-length text embedding ([n, d], or [k, n, d] for alternative captions) zero-padded to `length`
+    tokens; a DataError when it holds more (not a cache of this manifest)."""
+    n = t.shape[-2]
+    if n > length:
+        raise DataError(f"text embedding of {n} tokens, more than the cache's {length}")
+    return t if n == length else torch.nn.functional.pad(t, (0, 0, 0, length - n))
 
 
 def check_sample(sample: dict) -> None:
@@ -107,7 +133,8 @@ class CachedSampleDecoder:
     conditioning, and, with several bucket shapes, a check that the latents have the shape of
     the bucket the sample names (the loader batched it by that name). Picklable, for workers.
 
-    `expect` (the manifest's shapes: latent_shape, text, text_emb_shape, pooled_dim) checks every sample
+    `expect` (the manifest's shapes: latent_shape, text, text_emb_shape, pooled_dim; text_lengths, clip_emb_shape
+    and token_length for SD3/Flux, whose variable-length T5 states are zero-padded here) checks every sample
     against the cache it belongs to, so that one that does not fit (a latent of another shape, a text
     embedding of another width, SDXL's pooled embedding missing) is a DataError naming it, quarantined
     under the error budget, instead of a crash in collation on every rerun at the same place (#27)."""
@@ -136,10 +163,15 @@ class CachedSampleDecoder:
                             f"{tuple(tensors['mean'].shape[-2:])}")
         tokens, width_text = e["text_emb_shape"]
         if e["text"] == "tokens":
-            t = tensors.get("tokens")
-            if t is None or t.is_floating_point() or t.dim() not in (1, 2) or t.shape[-1] != tokens:
-                raise DataError(f"{where} holds no token ids of length {tokens} (the cache's text=tokens)")
+            t, length = tensors.get("tokens"), e.get("token_length", tokens)  # SD3/Flux: every tokenizer's ids
+            if t is None or t.is_floating_point() or t.dim() not in (1, 2) or t.shape[-1] != length:
+                raise DataError(f"{where} holds no token ids of length {length} (the cache's text=tokens)")
             return
+        if e.get("clip_emb_shape"):
+            t = tensors.get("clip_emb")
+            if t is None or tuple(t.shape) != tuple(e["clip_emb_shape"]) or not t.is_floating_point():
+                raise DataError(f"{where} holds clip_emb of shape {None if t is None else tuple(t.shape)}, the "
+                                f"cache's is {'x'.join(map(str, e['clip_emb_shape']))} (SD3's CLIP states)")
         t = tensors.get("text_emb")
         if t is None or tuple(t.shape) != (tokens, width_text) or not t.is_floating_point():
             raise DataError(f"{where} holds text_emb of shape {None if t is None else tuple(t.shape)}, the cache's "
@@ -160,6 +192,11 @@ class CachedSampleDecoder:
         elif not self.masks:
             tensors.pop("mask", None)
         if self.expect is not None:
+            if self.expect.get("text_lengths") == "variable" and "text_emb" in tensors:  # SD3/Flux's T5 states
+                try:
+                    tensors["text_emb"] = pad_text(tensors["text_emb"], self.expect["text_emb_shape"][0])
+                except DataError as e:
+                    raise DataError(f"latent sample {sample.get('__url__')}:{sample.get('__key__')}: {e}") from None
             self._fits(sample, tensors)
         if not (self.with_time_ids or self.check_shape):
             return tensors

@@ -78,18 +78,22 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple
 
 def flow_loss(predict, x0: torch.Tensor, generator, *, sampler: str = "logit_normal", shift: float = 1.0,
               mu: float | None = None, weighting: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
-              mode_scale: float = 1.29, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+              mode_scale: float = 1.29, sample_weight: torch.Tensor | None = None,
+              loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of `predict(x_sigma, sigmas)`'s velocity at sigmas drawn as the module doc says:
     `mu` given, Flux's exponential shift; else SD3's `shift`. The draws come from `generator` in a fixed
     order (noise, then u), so a resumed run draws what an uninterrupted one would. `sample_weight` [B]
-    scales each sample (0: the loader's fill)."""
+    scales each sample (0: the loader's fill); `loss_mask` [B, h, w] each latent position, as training_loss's."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32).to(x0.dtype)
     u = sample_u(x0.shape[0], generator, x0.device, sampler, logit_mean, logit_std, mode_scale)
     u = u.clamp(1e-5, 1 - 1e-5)  # sigma 0 trains nothing and sigma 1 divides by zero in sigma_sqrt
     sigmas = time_shift(u, mu) if mu is not None else shift_sigmas(u, shift)
     xt, target = noised(x0, noise, sigmas)
     pred = predict(xt, sigmas)
-    per_sample = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.dim())))
+    err = (pred.float() - target.float()).pow(2)
+    if loss_mask is not None:
+        err = err * loss_mask.to(err.device, err.dtype)[:, None]
+    per_sample = err.mean(dim=tuple(range(1, x0.dim())))
     per_sample = per_sample * loss_weight(sigmas, weighting)
     if sample_weight is not None:
         per_sample = per_sample * sample_weight.to(per_sample.device, per_sample.dtype)

@@ -25,6 +25,11 @@ _PARTS = {
     "text_encoder_2": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
     "tokenizer_2": (("tokenizer_config.json",),),
     "scheduler": (("scheduler_config.json",),),
+    # SD3's and Flux's denoiser, and SD3's third text encoder (T5) with its tokenizer (#30).
+    "transformer": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                                       "diffusion_pytorch_model.safetensors.index.json")),
+    "text_encoder_3": (("config.json",), ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")),
+    "tokenizer_3": (("tokenizer_config.json",),),
 }
 
 
@@ -91,6 +96,12 @@ def has_two_text_encoders(pretrained: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
+def flow_family(pretrained: str) -> str | None:
+    """"sd3" or "flux" for a rectified-flow transformer pipeline (model_index's class), else None (#30)."""
+    name = str(model_index(pretrained).get("_class_name", ""))
+    return "sd3" if name.startswith("StableDiffusion3") else "flux" if name.startswith("Flux") else None
+
+
 def scheduler_config(pretrained: str) -> dict:
     """The folder's scheduler config (its noise schedule and prediction type)."""
     if is_local(pretrained):
@@ -129,3 +140,28 @@ def load_unet(pretrained: str):
     except Exception as e:
         raise FileNotFoundError(f"cannot load the UNet of '{pretrained}': {type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]}") from None
+
+
+def transformer_config(pretrained: str) -> dict:
+    """An SD3 or Flux folder's transformer/config.json."""
+    if is_local(pretrained):
+        check_folder(pretrained, ("transformer",))
+        return _read_json(pretrained, "transformer/config.json")
+    from diffusers import SD3Transformer2DModel
+
+    return dict(SD3Transformer2DModel.load_config(pretrained, subfolder="transformer"))
+
+
+def load_transformer(pretrained: str):
+    """The folder's SD3Transformer2DModel or FluxTransformer2DModel (as model_index names it), in fp32."""
+    import diffusers
+
+    family = flow_family(pretrained)
+    cls = getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[family])
+    check_folder(pretrained, ("transformer",))
+    try:
+        return cls.from_pretrained(pretrained, subfolder="transformer", torch_dtype=torch.float32)
+    except Exception as e:
+        raise FileNotFoundError(f"cannot load the transformer of '{pretrained}': {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160]}") from None
+

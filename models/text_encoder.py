@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .identity import model_identity
-from .pipeline import check_folder, has_two_text_encoders, is_local
+from .pipeline import check_folder, flow_family, has_two_text_encoders, is_local
 
 # Random-weight towers for the demo and tests; OpenCLIP's BPE tokenizer ships with the
 # package, so tokenization is the real one. A frozen random tower is a fixed, injective-
@@ -216,14 +216,20 @@ def is_pipeline_spec(spec: str) -> bool:
     return os.path.isdir(spec) or (spec.count("/") == 1 and ":" not in spec and not spec.startswith((".", "/")))
 
 
-def load_text_encoder(spec: str, layer: str = "last") -> TextEncoder | CLIPTextEncoder | DualTextEncoder:
+def load_text_encoder(spec: str, layer: str = "last", max_tokens: int = 0):
     """`tiny` (random), `tiny:FILE.safetensors`, `MODEL:PRETRAINED` where PRETRAINED is an
     OpenCLIP tag (e.g. `ViT-H-14:laion2b_s32b_b79k`, needs network or the hub cache) or a
     local checkpoint file (only the text tower is kept); or a diffusers pipeline folder or hub
     id, whose text_encoder/ and tokenizer/ are loaded (load_pipeline_text_encoder); an SDXL pipeline's
     two encoders are loaded together (load_dual_text_encoder; `layer` does not apply: SDXL reads both
-    at the penultimate layer)."""
+    at the penultimate layer); an SD3 or Flux pipeline's CLIP and T5 encoders as its pipeline reads them
+    (models/flow_text.py; `max_tokens`: T5's, 0 the pipeline's default)."""
     if is_pipeline_spec(spec):
+        family = flow_family(spec)
+        if family is not None:  # SD3 / Flux: CLIP and T5, as their pipelines read them (models/flow_text.py)
+            from .flow_text import load_flow_text_encoder
+
+            return load_flow_text_encoder(spec, family, max_tokens)
         if has_two_text_encoders(spec):
             return load_dual_text_encoder(spec)
         return load_pipeline_text_encoder(spec, layer)

@@ -258,3 +258,31 @@ def process_group():
 
     dist.init()
     yield
+
+
+QUIET = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+
+
+@pytest.fixture(scope="session")
+def flow_folders(tmp_path_factory):
+    """Tiny random-weight SD3 and Flux.1 pipeline folders (tests/flow_pipelines.py)."""
+    from flow_pipelines import build_flow_pipeline
+
+    root = tmp_path_factory.mktemp("flow_pipelines")
+    return {family: build_flow_pipeline(family, str(root / family)) for family in ("sd3", "flux")}
+
+
+@pytest.fixture(scope="session")
+def flow_caches(flow_folders, tmp_path_factory):
+    """{(family, text mode): cache} of 16 synthetic 32 px images; Flux's T5 at 48 tokens (512 is slow here)."""
+    root = tmp_path_factory.mktemp("flow_caches")
+    run_cmd([PY, "launch/make_synthetic.py", "--out", str(root / "shards"), "--num", "16", "--per-shard", "8",
+             "--resolution", "32"])
+    out = {}
+    for family, folder in flow_folders.items():
+        for text in ("embeddings", "tokens"):
+            out[family, text] = str(root / f"{family}-{text}")
+            run_cmd([PY, "launch/cache_latents.py", f"data.urls={root / 'shards'}", "data.resolution=32",
+                     f"out_url={out[family, text]}", "batch_size=8", f"pretrained={folder}", f"text={text}",
+                     *(["text_max_tokens=48"] if family == "flux" else [])], env=QUIET)  # 512 T5 tokens: slow here
+    return out

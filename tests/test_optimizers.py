@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import PY, ranks_of, run_cmd
+from conftest import ranks_of, run_cmd
 
 RUNS = ["adamw8bit:2", "adamw8bit:3", "prodigy:0", "adafactor:0"]
 

@@ -30,10 +30,11 @@ from tqdm import tqdm
 
 from data_pipeline import storage
 from data_pipeline.images import MASK_MODES
-from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest
+from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest, trim_text
 from data_pipeline.shards import ShardWriter
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.pipeline import is_local, part_spec
+from models.flow_text import CLIP_TOKENS, FlowTextEncoder
 from models.text_encoder import load_text_encoder
 
 from trainer.cache.checks import (other_slices_mismatch, output_is_an_input, output_over_input, place_of,
@@ -65,6 +66,8 @@ class CacheJob:
     precision: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 for the encoders
     flip: bool = False  # also cache the moments of the mirrored image (for random flips in training)
     shard_slice: str = ""  # "START:STOP" of the sorted input shards for this job (SLURM arrays); "" = all
+    text_max_tokens: int = 0  # SD3/Flux: T5 tokens per caption (0: the pipeline's own, 256 for SD3, 512 for Flux-dev;
+    #   Flux-schnell was trained with 256); longer captions are cut, as the pipelines cut them
     text: str = "embeddings"  # embeddings (per-token hidden states, fp16) | tokens (ids only; the trainer encodes)
     mask: str = "none"  # loss masks, cached on the latent grid: none | file (NAME.mask.png beside the image: white
     #   trains, black does not) | alpha (the image's transparency) | auto (file, else alpha, else everywhere)
@@ -132,6 +135,9 @@ class CacheJob:
         check_vae_spec(self.vae_spec())
         check_text_encoder_spec(self.text_encoder_spec())
         config_lib.check_choice("text_layer", self.text_layer, ("last", "penultimate"))
+        if not 0 <= self.text_max_tokens <= 4096:
+            raise config_lib.ConfigError(f"text_max_tokens must be 0 (the pipeline's own) or at most 4096, got "
+                                         f"{self.text_max_tokens}")
         config_lib.check_choice("precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         config_lib.check_positive(self, ("batch_size",))
         if self.shard_slice and not re.fullmatch(r"\d*:\d*", self.shard_slice, re.ASCII):
@@ -191,6 +197,7 @@ class _ShardOut:
             if alts[i]:
                 start = sum(len(a) for a in alts[:i])
                 tensors.update({f"{k}_alt": v[start:start + len(alts[i])] for k, v in alt_text.items()})
+            tensors = trim_text(tensors)  # SD3/Flux: each caption's own T5 tokens (#30); no-op for CLIP
             self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
             shape = "x".join(map(str, item["metas"][i]["target_size"]))
             self.buckets[shape] = self.buckets.get(shape, 0) + 1
@@ -254,7 +261,10 @@ def cache_latents(cfg: CacheJob) -> str:
     if dtype != torch.float32:
         vae.to(dtype)
     encoder = LatentEncoder(vae, dtype)
-    text_encoder = load_text_encoder(text_spec, cfg.text_layer).to(device)
+    text_encoder = load_text_encoder(text_spec, cfg.text_layer, cfg.text_max_tokens).to(device)
+    if cfg.text_max_tokens and not isinstance(text_encoder, FlowTextEncoder):
+        raise config_lib.ConfigError(f"text_max_tokens={cfg.text_max_tokens} sets T5's length, and {text_spec} has no "
+                                     "T5 encoder (SD3 and Flux pipelines have): leave it at 0")
     factor = downsample_factor(vae)
     if cfg.data.resolution % factor:
         raise config_lib.ConfigError(f"data.resolution={cfg.data.resolution} is not a multiple of the "
@@ -364,13 +374,18 @@ def cache_latents(cfg: CacheJob) -> str:
                     raise config_lib.ConfigError(message)  # another slice of this job ran with other settings
     all_entries = [found[n] for n in sorted(found)]
     if w.is_main and len(found) == len(names):
-        empty = {k: v[0].float().cpu().half().contiguous() for k, v in text_encoder.embed([""]).items()}
+        empty = text_encoder.embed([""])
+        if "text_len" in empty:  # SD3/Flux: T5's states of "" up to </s>, zeros after, as every sample reads them
+            keep = torch.arange(empty["text_emb"].shape[1]) < empty.pop("text_len")[0]
+            empty["text_emb"] = empty["text_emb"] * keep[None, :, None].to(empty["text_emb"].device)
+        empty = {k: v[0].float().cpu().half().contiguous() for k, v in empty.items()}
         storage.write_bytes_atomic(storage.join(cfg.out_url, EMPTY_CAPTION), st_save(empty), cfg.out_endpoint_url)
         counts = {}
         for e in all_entries:
             for shape, n in e.get("buckets", {}).items():
                 counts[shape] = counts.get(shape, 0) + n
         size = cfg.data.resolution // factor
+        variable = isinstance(text_encoder, FlowTextEncoder) and cfg.text == "embeddings"
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             num_samples=sum(e["count"] for e in all_entries),
@@ -386,17 +401,19 @@ def cache_latents(cfg: CacheJob) -> str:
             latent_shape=(latent_channels(vae), size, size),
             moments_dtype="float16",
             text_emb_shape=(text_encoder.context_length, text_encoder.width),
-            text_emb_dtype="float16",
+            text_emb_dtype="bfloat16" if variable else "float16",
             text=cfg.text,
             latent_channel_stats=ChannelStats.combine([e["stats"] for e in all_entries if e["stats"]["n"]]),
             vae=VaeRecord(source=os.path.abspath(vae_spec) if os.path.isdir(vae_spec) else vae_spec,
                           identity=identity, scaling_factor=float(vae.config.scaling_factor),
-                          downsample_factor=factor),
+                          downsample_factor=factor, shift_factor=float(getattr(vae.config, "shift_factor", 0.0) or 0.0)),
             text_encoder=TextEncoderRecord(spec=os.path.abspath(text_spec) if os.path.isdir(text_spec) else text_spec,
                                            layer=text_encoder.layer,
-                                           identity=text_encoder.identity()),
+                                           identity=text_encoder.identity(), max_tokens=cfg.text_max_tokens),
             pooled_dim=text_encoder.pooled_dim,
             mask="" if cfg.mask == "none" else cfg.mask,
+            text_lengths="variable" if variable else "",
+            clip_emb_shape=(CLIP_TOKENS, text_encoder.clip_width) if getattr(text_encoder, "clip_width", 0) else (),
             buckets=tuple(BucketCount(w_, h_, counts.get(f"{w_}x{h_}", 0)) for w_, h_ in bucketer.buckets)
             if bucketer else (),
         )

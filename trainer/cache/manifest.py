@@ -63,6 +63,7 @@ class VaeRecord:
     identity: str  # autoencoder_identity of the model: what a reader checks the loaded model against
     scaling_factor: float  # the model's single latent scale (Stable Diffusion's convention)
     downsample_factor: int  # image side / latent side
+    shift_factor: float = 0.0  # the model's latent shift, subtracted before scaling (SD3's and Flux's VAEs, #30)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +71,11 @@ class TextEncoderRecord:
     spec: str  # the cache job's text_encoder (tiny | tiny:FILE | MODEL:PRETRAINED | pipeline folder or hub id)
     layer: str  # last | penultimate: the hidden states cached (SDXL's two encoders: always penultimate)
     identity: str  # the encoder's identity(): what a reader checks the loaded encoder against
+    max_tokens: int = 0  # SD3/Flux: the T5 tokens it was read at, where not the pipeline's default (#30)
 
     def load(self):
         """The text encoder the cache was made with, checked against its recorded identity."""
-        text_encoder = load_text_encoder(self.spec, self.layer)
+        text_encoder = load_text_encoder(self.spec, self.layer, self.max_tokens)
         if text_encoder.identity() != self.identity:
             raise ConfigError(f"text encoder {self.spec} is not the one the cache was made with")
         return text_encoder
@@ -100,6 +102,9 @@ class Manifest:
     mask: str = ""  # how each sample's loss mask was made (file | alpha | auto; since #28); "": no masks
     buckets: tuple[BucketCount, ...] = ()  # aspect-ratio buckets the images were encoded at, with their counts
     #   (sorted by aspect ratio); (): every image a square of `resolution` (then latent_shape holds for all)
+    text_lengths: str = ""  # "": every text_emb has text_emb_shape[0] tokens; "variable": each holds its caption's
+    #   own tokens only (T5's states up to and with </s>, SD3/Flux, #30), zero-padded to text_emb_shape[0] when read
+    clip_emb_shape: tuple[int, ...] = ()  # SD3: tokens, width of the CLIP states each sample also holds; (): none
 
     # --- the one writer and the one reader ---------------------------------------------------------
     def to_json(self) -> str:
@@ -110,6 +115,10 @@ class Manifest:
         for f in dataclasses.fields(self):
             if f.default is not dataclasses.MISSING and getattr(self, f.name) == f.default:
                 del raw[f.name]
+        if not self.vae.shift_factor:  # since #30: left out at 0, as before they existed
+            del raw["vae"]["shift_factor"]
+        if not self.text_encoder.max_tokens:
+            del raw["text_encoder"]["max_tokens"]
         for entry, shard in zip(raw["shards"], self.shards):  # ShardEntry.source_identity: since #27
             for f in dataclasses.fields(shard):
                 if f.default is not dataclasses.MISSING and getattr(shard, f.name) == f.default:
@@ -180,6 +189,8 @@ class Manifest:
             raise bad("latent_shape", f"is {_show(self.latent_shape)}: resolution {self.resolution} at downsample "
                       f"factor {f} makes latents of {self.resolution // f}x{self.resolution // f} (and at most 256 "
                       "channels)")
+        if not math.isfinite(self.vae.shift_factor):
+            raise bad("vae.shift_factor", f"must be finite, got {self.vae.shift_factor}")
         if not self.vae.scaling_factor > 0:
             raise bad("vae.scaling_factor", f"must be positive, got {self.vae.scaling_factor}")
         if self.text not in ("embeddings", "tokens"):
@@ -194,6 +205,12 @@ class Manifest:
             raise bad("mask", f"must be file, alpha, auto or absent, got {_show(self.mask)}")
         if self.pooled_dim < 0:
             raise bad("pooled_dim", f"must be >= 0, got {self.pooled_dim}")
+        if self.text_lengths not in ("", "variable"):
+            raise bad("text_lengths", f"must be variable or absent, got {_show(self.text_lengths)}")
+        if self.clip_emb_shape and (len(self.clip_emb_shape) != 2 or not all(0 < v <= 16384 for v in self.clip_emb_shape)):
+            raise bad("clip_emb_shape", f"must be two positive sizes up to 16384, got {_show(self.clip_emb_shape)}")
+        if self.text_emb_dtype not in ("float16", "bfloat16"):
+            raise bad("text_emb_dtype", f"must be float16 or bfloat16, got {_show(self.text_emb_dtype)}")
         f = self.vae.downsample_factor
         for i, b in enumerate(self.buckets):
             if b.width <= 0 or b.height <= 0 or b.width % f or b.height % f or b.count < 0:
@@ -229,13 +246,15 @@ class Manifest:
     def latent_affine(self, latent_norm: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(shift, scale) per channel, [C, 1, 1]: the model sees (z - shift) * scale.
 
-        `scaling_factor`: the VAE's single factor (Stable Diffusion's convention). `per_channel`:
+        `scaling_factor`: the VAE's single factor (Stable Diffusion's convention), after its shift_factor
+        where it has one (SD3's and Flux's VAEs). `per_channel`:
         each channel to zero mean and unit variance with the statistics measured over the cache
         (EDM2 normalises its latents per channel the same way).
         """
         channels = self.latent_shape[0]
-        if latent_norm == "scaling_factor":
-            return torch.zeros(channels, 1, 1), torch.full((channels, 1, 1), float(self.vae.scaling_factor))
+        if latent_norm == "scaling_factor":  # and its shift_factor (SD3, Flux): (z - shift) * scale, as their pipelines
+            return (torch.full((channels, 1, 1), float(self.vae.shift_factor)),
+                    torch.full((channels, 1, 1), float(self.vae.scaling_factor)))
         if latent_norm == "per_channel":
             stats = self.latent_channel_stats
             if not stats.mean:

@@ -62,12 +62,23 @@ def _slice_of(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
     return out
 
 
+def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state_dict holds (not averaged: they do not train), whole on every rank under ZeRO."""
+    out = {}
+    for prefix, mod in module.named_modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
+    return out
+
+
 class EMA:
     def __init__(self, module: torch.nn.Module, halflife_samples: float, rampup_ratio: float = 0.05,
                  folder: str = EMA_DIR, trainable_only: bool = False):
         self.module, self.halflife_samples, self.rampup_ratio = module, halflife_samples, rampup_ratio
         self.folder = folder  # its folder in a checkpoint
         # trainable_only: average (and save) only the weights that train, e.g. LoRA adapters on a frozen base.
+        self.trainable_only = trainable_only
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -109,6 +120,8 @@ class EMA:
                 tdist.all_gather(parts, s, group=group)
                 s = torch.cat(parts)[:p.ds_numel].view(p.ds_shape)
             out[name] = s.cpu()
+        if not self.trainable_only:  # a whole model's saved buffers too (SD3's position table): loads strictly
+            out.update(_persistent_buffers(self.module))
         return out
 
     @torch.no_grad()

@@ -153,3 +153,26 @@ class Throughput:
 
     def mfu(self, images_per_s: float) -> float | None:
         return None if not self.peak_tflops else self.tflops(images_per_s) / self.peak_tflops
+
+
+def flow_train_flops_per_sample(model: torch.nn.Module, family: str, latent_shape: tuple[int, int, int],
+                                context_shape: tuple[int, int], pooled_dim: int, batch_size: int = 2) -> float:
+    """FLOPs per sample of one training step of an SD3 or Flux transformer (models/flow_model.py's call) on
+    random latents [C, H, W], a text sequence [L, D] and pooled embeddings; on a meta-device copy, as the UNet's."""
+    from models.flow_model import velocity
+
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
+    z = torch.zeros((batch_size, *latent_shape), device=device, dtype=dtype)
+    context = torch.zeros((batch_size, *context_shape), device=device, dtype=dtype)
+    pooled = torch.zeros((batch_size, pooled_dim), device=device, dtype=dtype)
+    sigmas = torch.full((batch_size,), 0.5, device=device, dtype=dtype)
+    guidance = sigmas if getattr(model.config, "guidance_embeds", False) else None
+    was = model.training
+    model.train()
+    try:
+        return train_flops_per_sample(
+            lambda: velocity(model, family, z, sigmas, context, pooled, guidance).float().square().mean(), batch_size)
+    finally:
+        model.train(was)
+

@@ -17,14 +17,17 @@ _CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
 
 def check_unet_model(model: str, key: str = "model") -> None:
-    """A preset of models/unet.py, or a diffusers config.json that exists here."""
+    """A preset of models/unet.py or models/flow_model.py (SD3/Flux transformers), or a diffusers config.json
+    that exists here."""
+    from models.flow_model import PRESETS as FLOW_PRESETS
     from models.unet import PRESETS
 
+    names = [*PRESETS, *FLOW_PRESETS]
     if model.endswith(".json"):
         check_local_path(key, model, "UNet config", kind="file")
-    elif model not in PRESETS:
-        raise ConfigError(f"{key} must be a UNet preset ({', '.join(PRESETS)}) or a diffusers config.json, "
-                          f"got {model!r}{did_you_mean(model, PRESETS)}")
+    elif model not in names:
+        raise ConfigError(f"{key} must be a UNet preset ({', '.join(PRESETS)}), a transformer preset "
+                          f"({', '.join(FLOW_PRESETS)}) or a diffusers config.json, got {model!r}{did_you_mean(model, names)}")
 
 
 def check_vae_spec(spec: str, key: str = "vae") -> None:

@@ -46,9 +46,10 @@ def check_class_cache(manifest: Manifest, other: Manifest, urls: str, class_urls
 
 
 def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bool,
-                  captions: CaptionPicker | None = None) -> TrainingData:
+                  captions: CaptionPicker | None = None, token_length: int = 0) -> TrainingData:
     """The shards, counts, repeats and weights of `data` (a LatentData) over `manifest` (data.urls's);
-    `captions` picks each sample's caption (one of several; shuffled tags)."""
+    `captions` picks each sample's caption (one of several; shuffled tags); `token_length`: the ids a caption
+    has in a cache of token ids, where not text_emb_shape[0] (SD3/Flux: every tokenizer's in one row)."""
     caches = [(data.urls, manifest, data.repeats, 1.0)]
     if data.class_urls:
         other = Manifest.read(data.class_urls, data.endpoint_url)
@@ -66,7 +67,9 @@ def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bo
         counts = [c if isinstance(c, int) else sum(c) for c in counts]  # an older cache: the loader counts buckets
     decode = CachedSampleDecoder(with_time_ids, manifest.vae.downsample_factor, bucketed,
                                  expect={"latent_shape": manifest.latent_shape, "text": manifest.text,
-                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim},
+                                         "text_emb_shape": manifest.text_emb_shape, "pooled_dim": manifest.pooled_dim,
+                                         "text_lengths": manifest.text_lengths, "clip_emb_shape": manifest.clip_emb_shape,
+                                         "token_length": token_length or manifest.text_emb_shape[0]},
                                  captions=captions, masks=any(m.mask for _, m, _, _ in caches))
     return TrainingData(urls, counts, checksums, repeats, weights,
                         LatentBucketer(manifest.bucket_shapes()) if bucketed else None, decode,
@@ -76,6 +79,16 @@ def training_data(data, manifest: Manifest, with_time_ids: bool, random_flip: bo
 def check_caches(cfg, manifest: Manifest) -> None:
     """What the config asks of its caches that the manifests can answer: run before the run's config.yaml
     is written (a refusal then locks nothing) and by --dry-run (#29)."""
+    from trainer.unet.pretrained import flow_family
+
+    if (manifest.text_lengths or manifest.clip_emb_shape) and flow_family(cfg) is None:
+        raise ConfigError(f"{cfg.data.urls} is a cache of an SD3 or Flux pipeline's text encoders (T5 states): a UNet "
+                          "is conditioned on CLIP's; cache with an SD 1.x/2.x or SDXL pipeline (or text_encoder=)")
+    family = flow_family(cfg)
+    if family is not None and (not manifest.pooled_dim or (family == "sd3") != bool(manifest.clip_emb_shape)) \
+            and manifest.text != "tokens":
+        raise ConfigError(f"{cfg.data.urls} was not made with an {family} pipeline's text encoders (T5 states, pooled "
+                          f"CLIP{' and CLIP states' if family == 'sd3' else ''}): cache with pretrained= such a folder")
     if cfg.random_flip and not manifest.flip:
         raise ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     if cfg.caption_shuffle and manifest.text != "tokens":

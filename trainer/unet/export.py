@@ -42,6 +42,8 @@ from models.autoencoder import encoder_identity, load_autoencoder
 from models.clip_convert import openclip_to_transformers, write_clip_tokenizer
 from models.diffusion import make_sampler
 from models.single_file import to_original
+from models.flow_model import family_of
+from models.flow_text import FlowTextEncoder
 from models.text_encoder import CLIPTextEncoder, DualTextEncoder
 
 from trainer.core.checkpoint import default_root, latest
@@ -154,6 +156,9 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
         vae = swap_decoder(vae, vae_source)
     if cfg.lora_rank:
         unet = merged(unet)
+    if isinstance(text_encoder, FlowTextEncoder):  # SD3 / Flux (#30)
+        return flow_pipeline(unet, vae, text_encoder, cfg, manifest), provenance(run_dir, cfg, manifest, weights,
+                                                                                 vae_source)
     if not isinstance(vae, AutoencoderKL):
         raise ConfigError(f"the run's first stage is a {type(vae).__name__} ({manifest.vae.source}); a Stable Diffusion "
                           "pipeline decodes with an AutoencoderKL, so this run cannot be exported as one")
@@ -172,10 +177,19 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=model, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    info = {
+    info = provenance(run_dir, cfg, manifest, weights, vae_source)
+    assert math.isclose(pipe.vae.config.scaling_factor, 1.0 if cfg.latent_norm == "per_channel"
+                        else manifest.vae.scaling_factor)
+    return pipe, info
+
+
+def provenance(run_dir: str, cfg, manifest, weights: str, vae_source: str) -> dict:
+    """ldm.json of a pipeline export: checkpoint, weights, objective, latent normalisation, the cache's encoders."""
+    shift, scale = manifest.latent_affine(cfg.latent_norm)
+    return {
         "checkpoint": latest(cfg.checkpoint_url or default_root(run_dir), cfg.checkpoint_endpoint_url),
         "weights": "ema" if weights == "ema" and cfg.ema_halflife_samples else "raw",
-        "prediction_type": schedule.config.prediction_type,
+        "prediction_type": cfg.prediction_type,
         "pretrained": cfg.pretrained,
         "latent_norm": {"kind": cfg.latent_norm, "shift": shift.flatten().tolist(), "scale": scale.flatten().tolist(),
                         "folded_into_vae": cfg.latent_norm == "per_channel"},
@@ -183,9 +197,22 @@ def build_pipeline(run_dir: str, weights: str = "ema", loaded=None, vae_source: 
         "text_encoder": dataclasses.asdict(manifest.text_encoder),
         "resolution": manifest.resolution,
     }
-    assert math.isclose(pipe.vae.config.scaling_factor, 1.0 if cfg.latent_norm == "per_channel"
-                        else manifest.vae.scaling_factor)
-    return pipe, info
+
+
+def flow_pipeline(transformer, vae, text_encoder: FlowTextEncoder, cfg, manifest):
+    """A StableDiffusion3Pipeline or FluxPipeline of the trained transformer, the cache's VAE and text encoders
+    (a pretrained folder's, checked by identity), and the scheduler it trained with. A T5 length other than the
+    pipeline's default (the cache's text_max_tokens) is a call argument there: `max_sequence_length`."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    scheduler = training_schedule(cfg)
+    clips, toks = list(text_encoder.clips), text_encoder.clip_tokenizers
+    if text_encoder.family == "sd3":
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0],
+                                        tokenizer=toks[0], text_encoder_2=clips[1], tokenizer_2=toks[1],
+                                        text_encoder_3=text_encoder.t5, tokenizer_3=text_encoder.t5_tokenizer)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0], tokenizer=toks[0],
+                        text_encoder_2=text_encoder.t5, tokenizer_2=text_encoder.t5_tokenizer)
 
 
 FORMATS = ("diffusers", "single_file", "kohya")
@@ -215,6 +242,10 @@ def export_run(run_dir: str, out: str, weights: str = "ema", merge: bool = False
     cfg = loaded[3]
     text, warn = describe_weights(run_dir, cfg, weights)
     say(f"{'warning: ' if warn else ''}exporting the {text}")
+    family = family_of(loaded[0])
+    if family and fmt != "diffusers":
+        raise ConfigError(f"--format {fmt}: an {family} run exports as a diffusers pipeline (or diffusers' LoRA file); "
+                          "the single-file and kohya layouts of SD3 and Flux are not written yet")
     if merge and not cfg.lora_rank:
         raise ConfigError(f"--merge folds LoRA adapters into the UNet, and {run_dir} trained all weights (lora_rank=0)")
     if fmt == "kohya" and (not cfg.lora_rank or merge):

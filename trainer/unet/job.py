@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from models.flow import TIMESTEP_SAMPLERS, WEIGHTINGS
+
 from trainer.cache.manifest import CacheExpect
 from trainer.core import config as config_lib
 from trainer.core import optimizers
@@ -31,7 +33,17 @@ class UNetJob:
     #   that get adapters (names or name suffixes of the UNet's modules, as peft matches them): the attention projections
     lora_text_encoder: bool = False  # also train adapters of lora_rank on the text encoder(s)' attention projections
     #   (q, k, v, out); needs a cache made with text=tokens (the encoder then runs in the step, as kohya's train_text_encoder)
-    prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | auto: pretrained's, else epsilon
+    prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | flow (rectified flow: SD3/Flux
+    #   transformers, models/flow.py) | auto: pretrained's (flow for an SD3 or Flux folder), else epsilon (flow for
+    #   the tiny_sd3 and tiny_flux presets)
+    timestep_sampler: str = "logit_normal"  # flow: logit_normal | mode | uniform (Esser et al. 2024, sec. 3.1)
+    logit_mean: float = 0.0  # flow, logit_normal: the mean of the normal whose sigmoid is u
+    logit_std: float = 1.0  # flow, logit_normal: its standard deviation
+    mode_scale: float = 1.29  # flow, mode: the scale of Esser et al.'s eq. 20
+    flow_shift: float = 0.0  # flow: SD3's sigma shift s u / (1 + (s - 1) u); 0: pretrained's scheduler's (3.0 for SD3;
+    #   Flux's scheduler shifts by resolution instead: mu from its image tokens)
+    loss_weighting: str = "none"  # flow: none | sigma_sqrt | cosmap (diffusers' SD3 weightings)
+    flux_guidance: float = 3.5  # Flux with a guidance embedding (dev): the guidance the model is told in training
     min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting (Hang et al. 2023; 5 there); 0 off
     offset_noise: float = 0.0  # > 0: per-channel noise offset (Guttenberg 2023; 0.1 usual); 0 off
     input_perturbation: float = 0.0  # > 0: the input is noised with noise + this x N(0, I), the target stays the
@@ -102,9 +114,19 @@ class UNetJob:
             raise config_lib.ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise config_lib.ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        config_lib.check_choice("prediction_type", self.prediction_type, ("auto", "epsilon", "v_prediction"))
+        config_lib.check_choice("prediction_type", self.prediction_type, ("auto", "epsilon", "v_prediction", "flow"))
+        config_lib.check_choice("timestep_sampler", self.timestep_sampler, TIMESTEP_SAMPLERS)
+        config_lib.check_choice("loss_weighting", self.loss_weighting, WEIGHTINGS)
+        if self.logit_std <= 0 or self.flow_shift < 0 or self.flux_guidance < 0 or not 0 <= self.mode_scale <= 1.5:
+            raise config_lib.ConfigError(f"logit_std must be > 0, flow_shift and flux_guidance >= 0 and mode_scale in "
+                                         f"[0, 1.5] (u must stay in (0, 1)), got {self.logit_std}, {self.flow_shift}, "
+                                         f"{self.flux_guidance} and {self.mode_scale}")
         if self.pretrained:
-            check_pretrained(self.pretrained, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+            from trainer.unet.pretrained import pipeline_flow_family
+
+            flow = pipeline_flow_family(self.pretrained)
+            check_pretrained(self.pretrained, ("transformer", "vae", "scheduler") if flow else
+                             ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
             if self.model != UNetJob.model:
                 raise config_lib.ConfigError(f"model={self.model} and pretrained={self.pretrained} both name the UNet "
                                              "(pretrained's unet/ is trained): leave model out")
@@ -112,6 +134,29 @@ class UNetJob:
                     "max_nonfinite_steps", "validation_steps", "dist_timeout_s"):
             if getattr(self, key) <= 0:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        flow_defaults = {k: getattr(UNetJob, k) for k in ("timestep_sampler", "logit_mean", "logit_std", "mode_scale",
+                                                          "flow_shift", "loss_weighting", "flux_guidance")}
+        from trainer.unet.pretrained import flow_family
+
+        if flow_family(self) is not None:
+            if self.prediction_type not in ("auto", "flow"):
+                raise config_lib.ConfigError(f"prediction_type={self.prediction_type}: {self.pretrained or self.model} "
+                                             "is a transformer trained with rectified flow (prediction_type=flow or auto)")
+            if self.latent_norm != "scaling_factor":
+                raise config_lib.ConfigError(f"latent_norm={self.latent_norm}: SD3 and Flux pipelines decode with their "
+                                             "VAE's shift_factor and scaling_factor (latent_norm=scaling_factor)")
+            for key in ("min_snr_gamma", "offset_noise", "input_perturbation"):
+                if getattr(self, key):
+                    raise config_lib.ConfigError(f"{key}={getattr(self, key)} belongs to the DDPM objective; a flow "
+                                                 "transformer trains with rectified flow (timestep_sampler, "
+                                                 "loss_weighting, flow_shift instead)")
+        elif self.prediction_type == "flow":
+            raise config_lib.ConfigError("prediction_type=flow trains SD3 and Flux transformers (pretrained= such a "
+                                         f"folder, or model=tiny_sd3|tiny_flux); {self.pretrained or self.model} is a UNet")
+        elif any(getattr(self, k) != v for k, v in flow_defaults.items()):
+            key = next(k for k, v in flow_defaults.items() if getattr(self, k) != v)
+            raise config_lib.ConfigError(f"{key}={getattr(self, key)} sets the rectified-flow objective of SD3/Flux "
+                                         "transformers; this job trains a UNet (leave it out)")
         if self.zero_terminal_snr and resolved_prediction_type(self) != "v_prediction":
             raise config_lib.ConfigError("zero_terminal_snr=true needs prediction_type=v_prediction "
                                          "(epsilon is undefined at SNR 0)")
@@ -132,6 +177,9 @@ class UNetJob:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise config_lib.ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if self.lora_text_encoder and flow_family(self) is not None:
+            raise config_lib.ConfigError("lora_text_encoder=true adapts CLIP text encoders of SD 1.x/2.x and SDXL; "
+                                         "for SD3 and Flux it is not supported yet (their T5 is cached or frozen)")
         if self.lora_text_encoder and not self.lora_rank:
             raise config_lib.ConfigError("lora_text_encoder=true adds adapters of lora_rank to the text encoder: set "
                                          "lora_rank > 0 (the UNet then trains adapters too)")

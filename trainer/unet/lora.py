@@ -17,6 +17,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
+from models.flow_model import family_of
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # the adapter's file in a checkpoint's unet/ and ema_unet/
 
 
@@ -155,6 +157,14 @@ def save_lora_weights(unet, out: str, cfg) -> str:
 
     config = lora_config(cfg)
     meta = {"r": config.r, "lora_alpha": config.lora_alpha}
+    family = family_of(unet)
+    if family is not None:  # SD3 / Flux: the transformer's adapters, for their pipelines' load_lora_weights (#30)
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        writer = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+        writer.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True,
+                                 transformer_lora_adapter_metadata={**meta, "target_modules": sorted(config.target_modules)})
+        return os.path.join(out, "pytorch_lora_weights.safetensors")
     kwargs = dict(unet_lora_layers=convert_state_dict_to_diffusers(_unet_lora_state(unet)),
                   unet_lora_adapter_metadata={**meta, "target_modules": sorted(config.target_modules)})
     text_encoder, writer = attached_text_encoder(unet), StableDiffusionPipeline

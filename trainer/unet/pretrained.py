@@ -14,6 +14,7 @@ import dataclasses
 from models import pipeline
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import noise_schedule
+from models.flow_model import CLASSES, build_preset
 from models.text_encoder import load_text_encoder
 from models.unet import build_unet, check_unet_fits
 
@@ -21,6 +22,27 @@ from trainer.cache.manifest import Manifest
 from trainer.core.config import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def pipeline_flow_family(pretrained: str) -> str | None:
+    """"sd3" or "flux" for an SD3 or Flux pipeline folder, None for a UNet one; one line where a local folder is
+    unreadable. A hub id whose model_index.json cannot be had (no network: checked here without any) is taken for
+    a UNet's, and its loader then names what is missing."""
+    try:
+        return pipeline.flow_family(pretrained)
+    except FileNotFoundError as e:
+        if not pipeline.is_local(pretrained):
+            return None
+        raise ConfigError(f"pretrained={pretrained}: {e}") from None
+
+
+def flow_family(cfg) -> str | None:
+    """The transformer family the job trains ("sd3" or "flux": rectified flow), or None for a UNet."""
+    from models.flow_model import PRESETS
+
+    if cfg.pretrained:
+        return pipeline_flow_family(cfg.pretrained)
+    return PRESETS[cfg.model][0] if cfg.model in PRESETS else None
 
 
 def folder_prediction_type(pretrained: str) -> str:
@@ -32,7 +54,16 @@ def folder_prediction_type(pretrained: str) -> str:
 
 
 def prediction_type(cfg) -> str:
-    """`auto`: the pretrained folder's scheduler's, else epsilon; otherwise as given."""
+    """`auto`: the pretrained folder's scheduler's, else epsilon; flow for SD3/Flux transformers (only that)."""
+    family = flow_family(cfg)
+    if family is not None:
+        if cfg.prediction_type not in ("auto", "flow"):
+            raise ConfigError(f"prediction_type={cfg.prediction_type}: {cfg.pretrained or cfg.model} is an {family} "
+                              "transformer, trained with rectified flow (prediction_type=flow or auto)")
+        return "flow"
+    if cfg.prediction_type == "flow":
+        raise ConfigError("prediction_type=flow trains SD3 and Flux transformers (pretrained= such a folder, or "
+                          f"model=tiny_sd3|tiny_flux); {cfg.pretrained or cfg.model}'s UNet predicts epsilon or v")
     if cfg.prediction_type != "auto":
         return cfg.prediction_type
     return folder_prediction_type(cfg.pretrained) if cfg.pretrained else "epsilon"
@@ -52,7 +83,20 @@ def resolve(cfg, say=print):
 
 
 def training_schedule(cfg):
-    """The DDPM schedule the job trains on: the folder's betas where pretrained is set, SD's otherwise."""
+    """The DDPM schedule the job trains on: the folder's betas where pretrained is set, SD's otherwise. A flow
+    transformer's: the folder's FlowMatchEulerDiscreteScheduler (SD3's shift 3, or Flux's resolution-dependent
+    shift), flow_shift replacing the shift where set; from scratch, the same as SD3's or Flux's pipelines."""
+    family = flow_family(cfg)
+    if family is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        base = pipeline.scheduler_config(cfg.pretrained) if cfg.pretrained else \
+            {"shift": 3.0} if family == "sd3" else {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                                                    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+        base = {k: v for k, v in base.items() if not k.startswith("_")}
+        if cfg.flow_shift:
+            base.update(shift=cfg.flow_shift, use_dynamic_shifting=False)
+        return FlowMatchEulerDiscreteScheduler.from_config(base)
     base = pipeline.scheduler_config(cfg.pretrained) if cfg.pretrained else None
     try:
         return noise_schedule(prediction_type(cfg), zero_terminal_snr=cfg.zero_terminal_snr, base=base)
@@ -63,14 +107,17 @@ def training_schedule(cfg):
 def build_model(cfg, channels: int, size: int, context_dim: int, pooled_dim: int = 0):
     """The job's UNet before any training: the folder's weights (frozen, with LoRA adapters where
     lora_rank > 0), or a preset seeded by cfg.seed. `pooled_dim`: the cache's pooled text width (SDXL)."""
+    family = flow_family(cfg)
     if not cfg.pretrained:
+        if family is not None:
+            return build_preset(cfg.model, channels, size, context_dim, pooled_dim, seed=cfg.seed)
         try:
             return build_unet(cfg.model, channels, size, context_dim, seed=cfg.seed, pooled_dim=pooled_dim)
         except ValueError as e:
             raise ConfigError(f"model={cfg.model}: {e}") from None
-    unet = pipeline.load_unet(cfg.pretrained)
+    unet = pipeline.load_transformer(cfg.pretrained) if family else pipeline.load_unet(cfg.pretrained)
     try:
-        check_unet_fits(dict(unet.config), channels, context_dim, pooled_dim)
+        (check_transformer_fits if family else check_unet_fits)(dict(unet.config), channels, context_dim, pooled_dim)
     except ValueError as e:
         raise ConfigError(f"pretrained={cfg.pretrained}: {e}") from None
     if cfg.lora_rank:
@@ -80,8 +127,26 @@ def build_model(cfg, channels: int, size: int, context_dim: int, pooled_dim: int
     return unet
 
 
+def check_transformer_fits(config: dict, channels: int, context_dim: int, pooled_dim: int) -> None:
+    """An SD3/Flux transformer takes the cache's latents (Flux: packed 2x2), T5 width and pooled width."""
+    packed = config.get("patch_size", 2) == 1 and config.get("in_channels") == channels * 4  # Flux
+    if config.get("in_channels") != channels and not packed:
+        raise ValueError(f"its transformer takes {config.get('in_channels')} latent channels, the cache holds {channels}")
+    for field, have in (("joint_attention_dim", context_dim), ("pooled_projection_dim", pooled_dim)):
+        if config.get(field) != have:
+            raise ValueError(f"its transformer's {field} is {config.get(field)}, the cache's text gives {have}")
+
+
 def shapes_only(cfg, channels: int, size: int, context_dim: int, pooled_dim: int = 0):
     """The job's UNet architecture without weights (call under torch.device('meta'))."""
+    family = flow_family(cfg)
+    if family is not None:
+        if not cfg.pretrained:
+            return build_preset(cfg.model, channels, size, context_dim, pooled_dim)
+        import diffusers
+
+        config = pipeline.transformer_config(cfg.pretrained)
+        return getattr(diffusers, CLASSES[family]).from_config(config)
     if not cfg.pretrained:
         try:
             return build_unet(cfg.model, channels, size, context_dim, pooled_dim=pooled_dim)
@@ -117,7 +182,7 @@ def check_cache_encoders(cfg, manifest: Manifest, cache_url: str) -> None:
     if autoencoder_identity(vae) != manifest.vae.identity:
         raise ConfigError(f"the cache {cache_url} was made with the VAE {manifest.vae.source}, not pretrained="
                           f"{cfg.pretrained}'s vae/: rebuild it with cache_latents pretrained={cfg.pretrained}")
-    text_encoder = load_text_encoder(cfg.pretrained, manifest.text_encoder.layer)
+    text_encoder = load_text_encoder(cfg.pretrained, manifest.text_encoder.layer, manifest.text_encoder.max_tokens)
     if text_encoder.identity() != manifest.text_encoder.identity:
         raise ConfigError(f"the cache {cache_url} was made with the text encoder {manifest.text_encoder.spec}, not "
                           f"pretrained={cfg.pretrained}'s text_encoder/ and tokenizer/: rebuild it with "
@@ -185,9 +250,14 @@ def trained_model_notes(cfg) -> dict[str, str]:
     config read `model: demo`): pretrained's unet/ and its architecture, and the run it started from."""
     if not cfg.pretrained:
         return {"init_from": "its weights start this run"} if cfg.init_from else {}
+    what = f"LoRA adapters (rank {cfg.lora_rank}) on" if cfg.lora_rank else "all weights of"
+    if pipeline.flow_family(cfg.pretrained):
+        t = pipeline.transformer_config(cfg.pretrained)
+        arch = (f"{t.get('_class_name')}, {t.get('num_layers')} + {t.get('num_single_layers', 0)} blocks, "
+                f"{t.get('num_attention_heads')} heads of {t.get('attention_head_dim')}")
+        return {"model": f"not used: this run trains {what} {cfg.pretrained}'s transformer/ ({arch})"}
     unet = pipeline.unet_config(cfg.pretrained)
     arch = (f"{unet.get('_class_name', 'UNet2DConditionModel')}, block_out_channels "
             f"{list(unet.get('block_out_channels', []))}, cross_attention_dim {unet.get('cross_attention_dim')}")
-    what = f"LoRA adapters (rank {cfg.lora_rank}) on" if cfg.lora_rank else "all weights of"
     return {"model": f"not used: this run trains {what} {cfg.pretrained}'s unet/ ({arch})"}
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from data_pipeline.images import grid, to_pil
 from models.autoencoder import autoencoder_identity, load_autoencoder
 from models.diffusion import sample_latents
+from models.flow_model import family_of
 
 from trainer.cache.manifest import Manifest
 from trainer.core import checkpoint
@@ -19,6 +20,7 @@ from trainer.core import config as config_lib
 from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
 from trainer.unet.lora import add_text_encoder_lora, attached_text_encoder, check_base, load_adapter
+from trainer.unet.flow_sampling import flow_sample_latents
 from trainer.unet.pretrained import build_model, training_schedule
 
 
@@ -49,10 +51,21 @@ def load_run(run_dir: str, weights: str = "ema"):
                    cfg.pretrained)
         load_adapter(unet, folder)
     else:
-        unet = UNet2DConditionModel.from_pretrained(folder)
+        unet = model_class(cfg).from_pretrained(folder, use_safetensors=True)
     vae, text_encoder = load_frozen(manifest, cfg.data.urls)
     adapted = attached_text_encoder(unet)  # lora_text_encoder: the adapted text encoder
     return unet.eval(), vae, adapted if adapted is not None else text_encoder, cfg, manifest
+
+
+def model_class(cfg: UNetJob):
+    """The diffusers class of the run's denoiser: UNet2DConditionModel, or SD3's or Flux's transformer (#30)."""
+    import diffusers
+
+    from models.flow_model import CLASSES
+    from trainer.unet.pretrained import flow_family
+
+    family = flow_family(cfg)
+    return getattr(diffusers, CLASSES[family]) if family else UNet2DConditionModel
 
 
 def lora_unet(cfg: UNetJob, manifest: Manifest):
@@ -161,12 +174,17 @@ def sample_rows(unet, vae, text_encoder, manifest: Manifest, cfg: UNetJob, promp
     check_memory(vae, per_prompt, len(prompts), size, device)
     rows = []
     for i, prompt in enumerate(prompts):
-        context, uncond, added, added_uncond = condition(text_encoder, [prompt] * per_prompt, negative_prompt, size,
-                                                         device, original_size, crop)
         gen = torch.Generator(device).manual_seed(seed + i)
-        z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
-                           sampler=sampler, generator=gen, size=(size[1] // f, size[0] // f), added=added,
-                           added_uncond=added_uncond)
+        if family_of(unet) is not None:  # SD3/Flux: flow-matching Euler steps, as their pipelines take them
+            z = flow_sample_latents(unet, text_encoder, dict(schedule.config), [prompt] * per_prompt, steps=steps,
+                                    guidance=guidance, generator=gen, negative_prompt=negative_prompt,
+                                    latent_shape=(manifest.latent_shape[0], size[1] // f, size[0] // f))
+        else:
+            context, uncond, added, added_uncond = condition(text_encoder, [prompt] * per_prompt, negative_prompt,
+                                                             size, device, original_size, crop)
+            z = sample_latents(unet, context, uncond, dict(schedule.config), steps=steps, guidance=guidance,
+                               sampler=sampler, generator=gen, size=(size[1] // f, size[0] // f), added=added,
+                               added_uncond=added_uncond)
         images = vae.decode((z / scale + shift).to(next(vae.parameters()).dtype)).sample
         rows.append([to_pil(x.float().cpu()) for x in images])
     return rows
@@ -265,7 +283,7 @@ class Validator:
             unet = lora_unet(self.cfg, self.manifest)
             unet.load_state_dict(ema_state, strict=False)
         else:
-            unet = UNet2DConditionModel.from_config(engine.module.config)
+            unet = type(engine.module).from_config(engine.module.config)
             unet.load_state_dict(ema_state)
         unet = unet.to(self.device).eval()
         vae, text_encoder = (m.to(self.device) for m in self.frozen)

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from models.diffusion import draw_latents, training_loss
+from models.flow import flow_loss, flux_mu
+from models.flow_model import family_of, sd3_context, velocity
 
 from trainer.core.engine import build_engine, deepspeed_config, skipped_steps, step_applied
 from trainer.unet.job import UNetJob
 from trainer.unet.lora import add_text_encoder_lora
-from trainer.unet.pretrained import build_model, init_from_run, training_schedule
+from trainer.unet.pretrained import build_model, flow_family, init_from_run, training_schedule
 
 # Resolved precision -> the UNet's weight and input dtype. bf16 is autocast over fp32 weights
 # (trainer/core/engine.py): inputs stay fp32 and each matmul and convolution casts to bf16.
@@ -32,6 +34,46 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float16}
 def micro_seed(seed: int, rank: int, micro_step: int) -> int:
     """Seed of the noise, timesteps and caption dropout of one micro batch of one rank."""
     return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowObjective:
+    """The rectified-flow objective of an SD3/Flux transformer (models/flow.py), fixed for a run."""
+    family: str  # sd3 | flux (models/flow_model.py's call conventions)
+    sampler: str  # timestep sampler: logit_normal | mode | uniform
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    shift: float  # SD3's fixed shift (1: none); unused where `dynamic`
+    dynamic: bool  # Flux's resolution-dependent shift: mu from each batch's image tokens
+    weighting: str  # none | sigma_sqrt | cosmap
+    guidance: float | None  # Flux-dev's guidance embedding value; None: the model has none
+    mu_line: tuple = (256, 4096, 0.5, 1.15)  # where `dynamic`: (base tokens, max tokens, base shift, max shift)
+
+    def loss(self, engine, z0, context, pooled, generator, sample_weight=None, loss_mask=None) -> torch.Tensor:
+        guidance = None if self.guidance is None else torch.full((z0.shape[0],), self.guidance, device=z0.device,
+                                                                 dtype=z0.dtype)
+        mu = flux_mu((z0.shape[-2] // 2) * (z0.shape[-1] // 2), *self.mu_line) if self.dynamic else None
+        return flow_loss(lambda xt, sigmas: velocity(engine, self.family, xt, sigmas.to(xt.dtype), context, pooled,
+                                                     guidance),
+                         z0, generator, sampler=self.sampler, shift=self.shift, mu=mu, weighting=self.weighting,
+                         logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
+                         sample_weight=sample_weight, loss_mask=loss_mask)
+
+
+def flow_objective(cfg: UNetJob, schedule, model_config) -> FlowObjective | None:
+    """The job's FlowObjective for a flow transformer (None for a UNet): `schedule` the training schedule
+    (its shift), `model_config` the transformer's (its guidance embedding)."""
+    family = flow_family(cfg)
+    if family is None:
+        return None
+    sc = schedule.config
+    return FlowObjective(family, cfg.timestep_sampler, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
+                         shift=float(sc.shift), dynamic=bool(sc.get("use_dynamic_shifting", False)),
+                         weighting=cfg.loss_weighting,
+                         guidance=cfg.flux_guidance if model_config.get("guidance_embeds") else None,
+                         mu_line=(sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                                  sc.get("base_shift", 0.5), sc.get("max_shift", 1.15)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +91,9 @@ class StepSetup:
     empty_tokens: torch.Tensor | None = None  # with lora_text_encoder: the empty caption's token ids, which caption
     #   dropout encodes with the adapted encoder (its embedding moves as the encoder trains); None: `empty` is used
     text_grad: bool = False  # the text encoder has adapters that train (lora_text_encoder): encode with gradients
+    flow: FlowObjective | None = None  # SD3/Flux transformers: rectified flow; None: the DDPM objective (`schedule`)
+    empty_clip: torch.Tensor | None = None  # SD3: the empty caption's CLIP states (with `empty`'s T5 states and
+    #   `empty_pooled`, what caption dropout puts in place of all three text inputs)
     caption_dropout: float = 0.1  # share of captions replaced by the empty one
     random_flip: bool = False  # use the mirrored image's moments for a random half of each batch
     min_snr_gamma: float = 0.0  # training_loss's min-SNR weighting (0: off)
@@ -75,7 +120,8 @@ class StepResult:
 
 def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dtype, shift: torch.Tensor,
                scale: torch.Tensor, empty: torch.Tensor, text_encoder=None,
-               empty_pooled: torch.Tensor | None = None) -> StepSetup:
+               empty_pooled: torch.Tensor | None = None, flow: FlowObjective | None = None,
+               empty_clip: torch.Tensor | None = None) -> StepSetup:
     """The job's step settings; shift, scale, empty(_pooled) and text_encoder come from the cache (or a benchmark):
     with lora_text_encoder, the adapted encoder the engine's UNet carries."""
     empty_tokens = None
@@ -83,7 +129,7 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
         empty_tokens = text_encoder.tokenize([""]).to(device)
     return StepSetup(
         schedule=training_schedule(cfg), shift=shift, empty_pooled=empty_pooled, empty_tokens=empty_tokens,
-        text_grad=cfg.lora_text_encoder,
+        text_grad=cfg.lora_text_encoder, flow=flow, empty_clip=empty_clip,
         scale=scale, dtype=dtype, device=device, empty=empty, text_encoder=text_encoder,
         caption_dropout=cfg.caption_dropout, random_flip=cfg.random_flip, min_snr_gamma=cfg.min_snr_gamma,
         offset_noise=cfg.offset_noise, input_perturbation=cfg.input_perturbation, channels_last=cfg.channels_last,
@@ -118,10 +164,16 @@ def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
         with torch.set_grad_enabled(s.text_grad):
             text = s.text_encoder.embed_tokens(tokens)
     else:
-        text = {k: batch[k] for k in ("text_emb", "pooled") if k in batch}
+        text = {k: batch[k] for k in ("text_emb", "pooled", "clip_emb") if k in batch}
     context = text["text_emb"].to(device, s.dtype, non_blocking=True)
     if s.empty_tokens is None:
         context = torch.where(drop[:, None, None], s.empty, context)
+    if s.flow is not None:  # every text input of SD3/Flux becomes the empty caption's together
+        pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype, non_blocking=True))
+        if s.flow.family == "sd3":
+            clip = torch.where(drop[:, None, None], s.empty_clip, text["clip_emb"].to(device, s.dtype, non_blocking=True))
+            context = sd3_context(clip, context)
+        return z0, context, {"pooled": pooled}, mask
     added = None
     if s.empty_pooled is not None:
         pooled = torch.where(drop[:, None], s.empty_pooled, text["pooled"].to(device, s.dtype, non_blocking=True))
@@ -149,9 +201,12 @@ def train_step(engine, batches: Iterator[dict], step: int, s: StepSetup) -> Step
             weights += batch["loss_weight"].tolist()
         gen = torch.Generator(s.device).manual_seed(micro_seed(s.seed, s.rank, step * s.grad_accum + micro))
         z0, context, added, mask = micro_inputs(batch, gen, s)
-        loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
-                             offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"),
-                             loss_mask=mask, input_perturbation=s.input_perturbation)
+        if s.flow is not None:
+            loss = s.flow.loss(engine, z0, context, added["pooled"], gen, batch.get("loss_weight"), mask)
+        else:
+            loss = training_loss(engine, z0, context, s.schedule, gen, min_snr_gamma=s.min_snr_gamma,
+                                 offset_noise=s.offset_noise, added_cond=added, sample_weight=batch.get("loss_weight"),
+                                 loss_mask=mask, input_perturbation=s.input_perturbation)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -163,8 +218,10 @@ def prepare_unet(unet, cfg: UNetJob):
     """The memory and speed options that change how the UNet runs, not what it computes."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    # SDPA dispatches to flash / memory-efficient attention kernels where the GPU has them.
-    unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+    # SDPA dispatches to flash / memory-efficient attention kernels where the GPU has them. SD3's and Flux's
+    # transformers keep their own (joint attention) processors, which use SDPA already.
+    if family_of(unet) is None:
+        unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if torch.cuda.is_available():
@@ -180,7 +237,10 @@ def compile_blocks(unet, mode: str = "default", backend: str = "inductor") -> in
     of a whole-model compile, a graph break stays inside one block, and `Module.compile` leaves the
     module tree and its state-dict keys as they were (checkpoints, the EMA and export are unchanged).
     The embeddings and the first and last convolutions stay eager. Returns the blocks compiled."""
-    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+    if family_of(unet) is not None:  # SD3/Flux: each (double- and single-stream) transformer block
+        blocks = [*unet.transformer_blocks, *getattr(unet, "single_transformer_blocks", [])]
+    else:
+        blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
     for block in blocks:
         block.compile(backend=backend, **({} if backend != "inductor" else {"mode": mode}))
     return len(blocks)

@@ -28,7 +28,8 @@ from trainer.core.data import build_loader
 from trainer.core.ema import EMA
 from trainer.core.engine import global_grad_norm, resolve_precision, set_lr
 from trainer.core.errors import TrainingError
-from trainer.core.flops import device_peak_tflops, peak_memory_gb, unet_train_flops_per_sample
+from trainer.core.flops import device_peak_tflops, flow_train_flops_per_sample, peak_memory_gb, \
+    unet_train_flops_per_sample
 from trainer.core.metrics import RunLog, SampleLog, StepTally
 from trainer.core.preemption import Preemption
 from trainer.core.schedule import lr_at
@@ -37,7 +38,8 @@ from trainer.unet.data import caption_picker, check_caches, training_data
 from trainer.unet.job import UNetJob, ema_rampup, make_plan
 from trainer.unet.lora import check_base
 from trainer.unet.sampling import Validator
-from trainer.unet.step import DTYPES, build_unet_engine, step_setup, train_step, unet_ds_config
+from trainer.unet.pretrained import flow_family, training_schedule
+from trainer.unet.step import DTYPES, build_unet_engine, flow_objective, step_setup, train_step, unet_ds_config
 
 
 @config_lib.holds_run_dir
@@ -75,10 +77,17 @@ def train_unet(cfg: UNetJob) -> str:
     # A cache of token ids: the text encoder runs inside the step (frozen, or with lora_text_encoder adapted,
     # riding on the engine's UNet).
     text_encoder = manifest.text_encoder.load().to(device) if manifest.text == "tokens" else None
-    empty = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))["text_emb"]
-    empty = empty.to(device, dtype)
-    pooled_dim, empty_pooled = manifest.pooled_dim, None
-    if pooled_dim:  # SDXL: dropout zeroes both encoders' outputs, as its pipelines' force_zeros_for_empty_prompt
+    empty_all = st_load(storage.read_bytes(storage.join(cfg.data.urls, EMPTY_CAPTION), cfg.data.endpoint_url))
+    family = flow_family(cfg)  # "sd3" | "flux": a rectified-flow transformer; None: a UNet
+    if family is not None and text_encoder is not None:  # token ids: "" through the encoders, as every caption
+        with torch.no_grad():
+            empty_all = {k: v[0] for k, v in text_encoder.embed([""]).items() if k != "text_len"}
+    empty = empty_all["text_emb"].to(device, dtype)
+    pooled_dim, empty_pooled, empty_clip = manifest.pooled_dim, None, None
+    if family is not None:  # SD3/Flux: dropout puts the empty caption's encodings in place of every text input
+        empty_pooled = empty_all["pooled"].to(device, dtype)
+        empty_clip = empty_all["clip_emb"].to(device, dtype) if "clip_emb" in empty_all else None
+    elif pooled_dim:  # SDXL: dropout zeroes both encoders' outputs, as its pipelines' force_zeros_for_empty_prompt
         empty, empty_pooled = torch.zeros_like(empty), torch.zeros(pooled_dim, device=device, dtype=dtype)
 
     # --- model, optimizer, EMA, resume -----------------------------------------------------------
@@ -86,7 +95,12 @@ def train_unet(cfg: UNetJob) -> str:
     # only, instant at any size), without gradient checkpointing's recomputation.
     with torch.device("meta"):
         shapes_only = pretrained.shapes_only(cfg, channels, size, context_dim, pooled_dim)
-    flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
+    if family is not None:  # the text sequence: SD3's CLIP states before T5's
+        text_tokens = empty.shape[-2] + (empty_clip.shape[-2] if empty_clip is not None else 0)
+        flops_per_sample = flow_train_flops_per_sample(shapes_only, family, (channels, size, size),
+                                                       (text_tokens, context_dim), pooled_dim)
+    else:
+        flops_per_sample = unet_train_flops_per_sample(shapes_only, (channels, size, size), (empty.shape[-2], context_dim))
     peak = device_peak_tflops(precision, cfg.peak_tflops)
     # init_from: another run's weights to start from, unless this run has a checkpoint of its own to resume.
     engine = build_unet_engine(cfg, channels, size, context_dim, unet_ds_config(cfg, w.size, precision), pooled_dim,
@@ -100,7 +114,8 @@ def train_unet(cfg: UNetJob) -> str:
         print(f"LoRA: the adapters start at zero, so their EMA ramps up (ema_rampup_ratio={ema_rampup(cfg):g})")
     lora = cfg.lora_rank > 0  # checkpoints hold the adapters alone; the frozen base is pretrained's
     step_cfg = step_setup(cfg, rank=w.rank, device=device, dtype=dtype, shift=shift, scale=scale, empty=empty,
-                          text_encoder=text_encoder, empty_pooled=empty_pooled)
+                          text_encoder=text_encoder, empty_pooled=empty_pooled, empty_clip=empty_clip,
+                          flow=flow_objective(cfg, training_schedule(cfg), unet.config))
     step, samples, nonfinite_steps, loader_state, log_from = 0, 0, 0, None, 0
 
     def parts_for(path: str, meta: dict) -> list:
@@ -140,7 +155,8 @@ def train_unet(cfg: UNetJob) -> str:
     # A bucketed cache: every batch holds one bucket's shape (its samples' .json names it). With
     # data.class_urls, the class images' cache trains beside it (DreamBooth prior preservation).
     td = training_data(cfg.data, manifest, needs_time_ids(unet.config), cfg.random_flip,
-                       caption_picker(cfg, manifest, text_encoder))
+                       caption_picker(cfg, manifest, text_encoder),
+                       token_length=text_encoder.tokenize([""]).shape[-1] if text_encoder is not None else 0)
     loader = build_loader(cfg.data, td.urls, td.decode, cfg.batch_per_rank, w, seed=cfg.seed, run_dir=cfg.run_dir,
                           counts=td.counts, checksums=td.checksums, read_shard=read_cached_shard, state=loader_state,
                           bucketer=td.bucketer, repeats=td.repeats, weights=td.weights)
