@@ -1,6 +1,7 @@
 """Size a run before booking it: precompute GPU-hours, cache size, training speed, S3 bandwidth.
 
     python benchmarks/plan.py --images 2e9 --resolution 512 --gpus 256 --gpu h100
+    python benchmarks/plan.py --images 1e8 --resolution 1024 --gpus 64 --gpu h100 --model flux
 
 No hardware needed. The FLOPs per image are counted with torch.utils.flop_counter on
 shape-only (meta-device) copies of the real models: the UNet's forward + backward, the VAE
@@ -35,6 +36,14 @@ from trainer.core.flops import PEAK_TFLOPS, forward_flops_per_sample, gpu_table_
 TEXT = {"sd15": (("ViT-L-14",), 768, 0), "sd21": (("ViT-H-14",), 1024, 0),
         "sdxl": (("ViT-L-14", "ViT-bigG-14"), 2048, 1280)}
 CONTEXT_TOKENS = 77
+# Rectified-flow transformers (#30): their released architectures (models/flow_model.py's presets of SD3.5 Large
+# and Flux.1-dev), CLIP towers (SD3: L and bigG; Flux: L's pooled output) and T5-XXL's encoder.
+FLOW = {
+    "sd3": dict(preset="sd35_large", clip=("ViT-L-14", "ViT-bigG-14"), clip_states=2048, pooled=2048, t5=256),
+    "flux": dict(preset="flux_dev", clip=("ViT-L-14",), clip_states=0, pooled=768, t5=512),
+}
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu")
 TAR_HEADER_BYTES = 512 * 4 * 2  # four members (.safetensors, .txt, .json, .sha256): header + padding, roughly
 
 
@@ -61,6 +70,48 @@ def sample_bytes(latent_shape: tuple[int, int, int], context_dim: int, flip: boo
             "crop_top_left": [0, 0]}
     sample = encode_sample("k" * 16, tensors, "x" * caption_bytes, meta)
     return sum(len(v) for k, v in sample.items() if k != "__key__") + TAR_HEADER_BYTES
+
+
+def flow_costs(family: str, resolution: int, caption_tokens: int, caption_bytes: int, flip: bool) -> dict:
+    """FLOPs per image (transformer forward + backward, 16-channel VAE encoder, CLIP + T5-XXL) and bytes per cached
+    sample (T5's states at `caption_tokens` tokens as the cache keeps them, against the full padded length, and
+    the token-id cache) for an SD3- or Flux-class run, on shape-only models."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    from models.flow_model import build_preset
+    from trainer.core.flops import flow_train_flops_per_sample
+
+    spec, side = FLOW[family], resolution // 8
+    with torch.device("meta"):
+        model = build_preset(spec["preset"], 16, side, 4096, spec["pooled"])
+        vae = diffusers.AutoencoderKL(latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+        pixels, ids = torch.zeros(1, 3, resolution, resolution), torch.zeros(1, spec["t5"], dtype=torch.long)
+    text_tokens = spec["t5"] + (CONTEXT_TOKENS if spec["clip_states"] else 0)
+    train = flow_train_flops_per_sample(model, family, (16, side, side), (text_tokens, 4096), spec["pooled"], 1)
+    text = forward_flops_per_sample(lambda: t5(ids), 1) + sum(text_tower_flops(n) for n in spec["clip"])
+    z = torch.zeros(16, side, side)
+    tensors = {"mean": z, "std": z, "pooled": torch.zeros(spec["pooled"]), **({"mean_flip": z, "std_flip": z} if flip else {})}
+    if spec["clip_states"]:
+        tensors["clip_emb"] = torch.zeros(CONTEXT_TOKENS, spec["clip_states"])
+    meta = {"original_size": [resolution] * 2, "crop_box": [0, 0, resolution, resolution],
+            "target_size": [resolution] * 2, "crop_top_left": [0, 0]}
+
+    def size(extra: dict) -> int:
+        sample = encode_sample("k" * 16, {**tensors, **extra}, "x" * caption_bytes, meta)
+        return sum(len(v) for k, v in sample.items() if k != "__key__") + TAR_HEADER_BYTES
+
+    state = lambda n: torch.zeros(n, 4096, dtype=torch.bfloat16)  # noqa: E731
+    ids_only = {"mean": z, "std": z, **({"mean_flip": z, "std_flip": z} if flip else {}),
+                "tokens": torch.zeros(CONTEXT_TOKENS * len(spec["clip"]) + spec["t5"], dtype=torch.int32)}
+    tokens_bytes = sum(len(v) for k, v in encode_sample("k" * 16, ids_only, "x" * caption_bytes, meta).items()
+                       if k != "__key__") + TAR_HEADER_BYTES
+    return {"train": train, "vae": forward_flops_per_sample(lambda: vae.encode(pixels), 1), "text": text,
+            "params": sum(p.numel() for p in model.parameters()), "bytes": size({"text_emb": state(caption_tokens)}),
+            "bytes_full": size({"text_emb": state(spec["t5"])}), "bytes_tokens": tokens_bytes,
+            "text_tokens": text_tokens, "t5": spec["t5"]}
 
 
 def zero_model_states_gb(params: int, ranks: int) -> list[tuple[str, str]]:
@@ -109,7 +160,10 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (f=8 VAE)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs for training (and for the precompute)")
     p.add_argument("--gpu", default="h100", help="GPU kind: " + ", ".join(PEAK_TFLOPS))
-    p.add_argument("--model", choices=tuple(TEXT), default="sd21", help="UNet preset")
+    p.add_argument("--model", choices=(*TEXT, *FLOW), default="sd21",
+                   help="UNet preset, or sd3 (SD3.5 Large) / flux (Flux.1-dev): rectified-flow transformers")
+    p.add_argument("--caption-tokens", type=int, default=40,
+                   help="sd3/flux: average T5 tokens of a caption (its states are what the cache keeps)")
     p.add_argument("--train-mfu", type=float, default=0.0,
                    help="MFU of training; 0: the best one measured for --model in docs/gpu/ (else 0.40, assumed)")
     p.add_argument("--encode-mfu", type=float, default=0.30, help="assumed MFU of the VAE + text encode")
@@ -127,16 +181,23 @@ def main() -> None:
 
     # --- FLOPs per image, counted on shape-only models -----------------------------------------
     side = args.resolution // 8
-    text_names, context_dim, pooled_dim = TEXT[args.model]
-    with torch.device("meta"):
-        unet = build_unet(args.model, 4, side, context_dim, pooled_dim=pooled_dim)
-        vae = build_autoencoder("sd")
-        pixels = torch.zeros(1, 3, args.resolution, args.resolution)
-    unet_flops = unet_train_flops_per_sample(unet, (4, side, side), (CONTEXT_TOKENS, context_dim), batch_size=1)
-    vae_flops = forward_flops_per_sample(lambda: vae.encode(pixels), 1)
-    text_flops = sum(text_tower_flops(name) for name in text_names)
-    per_sample = sample_bytes((4, side, side), context_dim, args.flip, args.caption_bytes, pooled_dim)
-    params = sum(p.numel() for p in unet.parameters())
+    flow = args.model in FLOW
+    if flow:
+        costs = flow_costs(args.model, args.resolution, args.caption_tokens, args.caption_bytes, args.flip)
+        unet_flops, vae_flops, text_flops, params = costs["train"], costs["vae"], costs["text"], costs["params"]
+        per_sample = costs["bytes"]
+        text_names = (*FLOW[args.model]["clip"], "T5-XXL")
+    else:
+        text_names, context_dim, pooled_dim = TEXT[args.model]
+        with torch.device("meta"):
+            unet = build_unet(args.model, 4, side, context_dim, pooled_dim=pooled_dim)
+            vae = build_autoencoder("sd")
+            pixels = torch.zeros(1, 3, args.resolution, args.resolution)
+        unet_flops = unet_train_flops_per_sample(unet, (4, side, side), (CONTEXT_TOKENS, context_dim), batch_size=1)
+        vae_flops = forward_flops_per_sample(lambda: vae.encode(pixels), 1)
+        text_flops = sum(text_tower_flops(name) for name in text_names)
+        per_sample = sample_bytes((4, side, side), context_dim, args.flip, args.caption_bytes, pooled_dim)
+        params = sum(p.numel() for p in unet.parameters())
 
     # --- the plan ---------------------------------------------------------------------------------
     given = args.train_mfu > 0
@@ -153,14 +214,22 @@ def main() -> None:
     read_gb_s_node = train_rate / nodes * per_sample / 1e9
     rows = [
         ("GPU", f"{key}: {peak / 1e12:.0f} TFLOP/s dense bf16 peak"),
-        ("UNet forward + backward", f"{unet_flops / 1e12:.2f} TFLOP per image ({args.model}, {params / 1e9:.2f}B "
-                                    f"parameters, {side}x{side}x4 latents)"),
+        ("UNet forward + backward" if not flow else "transformer fwd + bwd",
+         f"{unet_flops / 1e12:.2f} TFLOP per image ({args.model}, {params / 1e9:.2f}B parameters, {side}x{side}x"
+         f"{16 if flow else 4} latents" + (f", {costs['text_tokens']} text tokens)" if flow else ")")),
         ("VAE encoder forward", f"{vae_flops / 1e12:.2f} TFLOP per image ({args.resolution} px)"),
         ("text encoder forward", f"{text_flops / 1e9:.1f} GFLOP per caption ({' + '.join(text_names)}, "
-                                 f"{CONTEXT_TOKENS} tokens)"),
+                                 f"{CONTEXT_TOKENS} tokens" + (f"; T5: {costs['t5']})" if flow else ")")),
         ("precompute", f"{encode_s / 3600:,.0f} GPU-hours at {args.encode_mfu:.0%} MFU "
                        f"({encode_s / 3600 / args.gpus:,.1f} h on {args.gpus} GPUs)"),
-        ("cache on disk", f"{per_sample / 1e3:.0f} KB per sample, {images * per_sample / 1e12:,.0f} TB in all"),
+        ("cache on disk", f"{per_sample / 1e3:.0f} KB per sample, {images * per_sample / 1e12:,.0f} TB in all"
+                          + (f" (T5 states of {args.caption_tokens} tokens, bf16)" if flow else "")),
+        *([("  padded T5 instead", f"{costs['bytes_full'] / 1e3:.0f} KB per sample, "
+                                   f"{images * costs['bytes_full'] / 1e12:,.0f} TB: all {costs['t5']} tokens' states"),
+           ("  token ids instead", f"{costs['bytes_tokens'] / 1e3:.0f} KB per sample, "
+                                   f"{images * costs['bytes_tokens'] / 1e12:,.0f} TB; each step then runs CLIP and T5: "
+                                   f"{(unet_flops + text_flops) / unet_flops:.2f}x the cached step's FLOPs")]
+          if flow else []),
         ("training", f"{train_rate:,.0f} images/s at {args.train_mfu:.1%} MFU ({train_rate / args.gpus:.0f} per GPU)"),
         ("training MFU", mfu_source),
         ("one epoch", f"{epoch_days:.1f} days; {args.epochs:g} epoch(s): {epoch_days * args.epochs:.1f} days"),

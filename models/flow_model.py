@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import torch
 
-# From-scratch presets (model=...): the architectures at test size, for CPU runs and tests.
+# From-scratch presets (model=...): the released architectures (their diffusers configs; the text widths come
+# from the cache), and the same layouts at test size for CPU runs and tests.
 PRESETS = {
+    "sd3_medium": ("sd3", dict(patch_size=2, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                               caption_projection_dim=1536, pos_embed_max_size=192)),
+    "sd35_large": ("sd3", dict(patch_size=2, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                               caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm")),
+    "flux_dev": ("flux", dict(patch_size=1, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                              num_attention_heads=24, guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
     "tiny_sd3": ("sd3", dict(patch_size=2, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                              caption_projection_dim=16, pos_embed_max_size=64)),
     "tiny_flux": ("flux", dict(patch_size=1, num_layers=1, num_single_layers=1, attention_head_dim=8,
@@ -36,7 +43,8 @@ def build_preset(name: str, channels: int, size: int, context_dim: int, pooled_d
     family, settings = PRESETS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if family == "sd3":
+        if family == "sd3":  # its position table covers pos_embed_max_size patches a side: at least this size
+            settings = {**settings, "pos_embed_max_size": max(settings["pos_embed_max_size"], size // 2)}
             return SD3Transformer2DModel(sample_size=size, in_channels=channels, out_channels=channels,
                                          joint_attention_dim=context_dim, pooled_projection_dim=pooled_dim, **settings)
         return FluxTransformer2DModel(in_channels=channels * 4, joint_attention_dim=context_dim,

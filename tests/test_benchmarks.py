@@ -33,6 +33,16 @@ def test_plan_sizes_sdxl_at_1024_with_both_text_encoders_and_zero_memory(capfd):
     assert "training MFU" in out
 
 
+def test_plan_sizes_flux_and_the_variable_length_t5_cache(capfd):
+    """#30: Flux.1-dev at 1024 px: 11.9B parameters (190 GB of model states, the issue's 192 GB), the transformer's
+    FLOPs with its 512 text tokens, and the cache at a 40-token caption against every T5 token's states."""
+    code, out, _ = run_script("benchmarks/plan.py", ["--model", "flux", "--resolution", "1024", "--images", "1e8",
+                                                     "--gpus", "64", "--gpu", "h100"], capfd)
+    assert code == 0 and "223.14 TFLOP per image (flux, 11.90B parameters, 128x128x16 latents, 512 text tokens)" in out
+    assert "1382 KB per sample" in out and "5249 KB per sample" in out and "ViT-L-14 + T5-XXL" in out
+    assert "ZeRO-0                 190.4 GB" in out
+
+
 def test_plan_takes_the_training_mfu_measured_in_docs_gpu(tmp_path):
     """plan.py's training MFU is the best benchmarks/gpu.py measured for the model, nearest in resolution,
     from the newest file; smoke runs and other kinds of row do not count."""

@@ -81,14 +81,20 @@ def check_caches(cfg, manifest: Manifest) -> None:
     is written (a refusal then locks nothing) and by --dry-run (#29)."""
     from trainer.unet.pretrained import flow_family
 
-    if (manifest.text_lengths or manifest.clip_emb_shape) and flow_family(cfg) is None:
+    family = flow_family(cfg)
+    if (manifest.text_lengths or manifest.clip_emb_shape) and family is None:
         raise ConfigError(f"{cfg.data.urls} is a cache of an SD3 or Flux pipeline's text encoders (T5 states): a UNet "
                           "is conditioned on CLIP's; cache with an SD 1.x/2.x or SDXL pipeline (or text_encoder=)")
-    family = flow_family(cfg)
     if family is not None and (not manifest.pooled_dim or (family == "sd3") != bool(manifest.clip_emb_shape)) \
             and manifest.text != "tokens":
         raise ConfigError(f"{cfg.data.urls} was not made with an {family} pipeline's text encoders (T5 states, pooled "
                           f"CLIP{' and CLIP states' if family == 'sd3' else ''}): cache with pretrained= such a folder")
+    f = manifest.vae.downsample_factor
+    odd = [f"{w}x{h}" for w, h in manifest.bucket_shapes() if (w // f) % 2 or (h // f) % 2]
+    if family is not None and odd:
+        raise ConfigError(f"{cfg.data.urls} holds images of {', '.join(odd[:3])} px, whose latents have an odd side: "
+                          f"{family}'s transformer takes 2x2 latent patches; cache at sizes that are multiples of "
+                          f"{2 * f} px (data.resolution, data.bucket_step)")
     if cfg.random_flip and not manifest.flip:
         raise ConfigError(f"random_flip needs a cache made with flip=true; {cfg.data.urls} has none")
     if cfg.caption_shuffle and manifest.text != "tokens":

@@ -136,9 +136,14 @@ class UNetJob:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         flow_defaults = {k: getattr(UNetJob, k) for k in ("timestep_sampler", "logit_mean", "logit_std", "mode_scale",
                                                           "flow_shift", "loss_weighting", "flux_guidance")}
+        from models.pipeline import is_local
         from trainer.unet.pretrained import flow_family
 
-        if flow_family(self) is not None:
+        # A hub id read offline has no model_index.json here: prediction_type=flow says what it is (its loader
+        # checks the folder when there is network).
+        flow = flow_family(self) is not None or (self.prediction_type == "flow" and bool(self.pretrained)
+                                                 and not is_local(self.pretrained))
+        if flow:
             if self.prediction_type not in ("auto", "flow"):
                 raise config_lib.ConfigError(f"prediction_type={self.prediction_type}: {self.pretrained or self.model} "
                                              "is a transformer trained with rectified flow (prediction_type=flow or auto)")
@@ -177,7 +182,7 @@ class UNetJob:
             raise config_lib.ConfigError("validate_every_samples is set but validation_prompts is empty")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise config_lib.ConfigError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
-        if self.lora_text_encoder and flow_family(self) is not None:
+        if self.lora_text_encoder and flow:
             raise config_lib.ConfigError("lora_text_encoder=true adapts CLIP text encoders of SD 1.x/2.x and SDXL; "
                                          "for SD3 and Flux it is not supported yet (their T5 is cached or frozen)")
         if self.lora_text_encoder and not self.lora_rank:

@@ -32,7 +32,7 @@ def pipeline_flow_family(pretrained: str) -> str | None:
         return pipeline.flow_family(pretrained)
     except FileNotFoundError as e:
         if not pipeline.is_local(pretrained):
-            return None
+            return None  # UNetJob.validate: prediction_type=flow names a hub id's kind offline
         raise ConfigError(f"pretrained={pretrained}: {e}") from None
 
 
