@@ -130,6 +130,24 @@ def zero_model_states_gb(params: int, ranks: int) -> list[tuple[str, str]]:
     return rows
 
 
+# GPU memory in GB by PEAK_TFLOPS key (the common part; A100 also ships with 40 GB): for fewest_gpus.
+MEMORY_GB = {"H100 SXM": 80, "H100 PCIe": 80, "H100 NVL": 94, "H200": 141, "B200": 180, "A100": 80, "A10G": 24,
+             "A10": 24, "L4": 24, "L40S": 48, "RTX 4090": 24, "V100 PCIe": 32, "V100": 32}
+
+
+def fewest_gpus(params: int, memory_gb: float, usable: float = 0.8) -> list[tuple[str, str]]:
+    """For each ZeRO stage, the fewest GPUs whose memory (`usable` of it; the rest goes to activations, which
+    gradient checkpointing bounds, and to the allocator) holds the model states of zero_model_states_gb."""
+    budget, gb, rows = memory_gb * usable, params / 1e9, []
+    for stage, fixed, shared in ((0, 16, 0), (1, 8, 12), (2, 4, 16), (3, 0, 20)):
+        if fixed * gb >= budget:
+            rows.append((f"ZeRO-{stage}", f"does not fit ({fixed * gb:,.0f} GB a GPU before any partitioning)"))
+            continue
+        n = 1 if not shared else max(1, -(-shared * gb // (budget - fixed * gb)))
+        rows.append((f"ZeRO-{stage}", f"{int(n)} GPU(s) ({(fixed + shared / n) * gb:,.1f} GB of model states each)"))
+    return rows
+
+
 def measured_mfu(preset: str, resolution: int, folder: str = GPU_DOCS) -> tuple[float, str] | None:
     """The best training MFU benchmarks/gpu.py measured for `preset` at the resolution nearest `resolution`,
     from the newest JSON under docs/gpu/ that has one; (mfu, where it comes from) or None."""
@@ -246,6 +264,10 @@ def main() -> None:
           "activations not included):")
     for k, v in zero:
         print(f"  {k:<{width}}  {v}")
+    if key in MEMORY_GB:
+        print(f"fewest {key} GPUs ({MEMORY_GB[key]} GB) whose memory holds the model states, 80% of it used for them:")
+        for k, v in fewest_gpus(params, MEMORY_GB[key]):
+            print(f"  {k:<{width}}  {v}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def test_plan_sizes_flux_and_the_variable_length_t5_cache(capfd):
     assert code == 0 and "223.14 TFLOP per image (flux, 11.90B parameters, 128x128x16 latents, 512 text tokens)" in out
     assert "1382 KB per sample" in out and "5249 KB per sample" in out and "ViT-L-14 + T5-XXL" in out
     assert "ZeRO-0                 190.4 GB" in out
+    # How many 80 GB GPUs each stage needs for the model states alone (80% of memory): ZeRO-2's 4 B/param stay
+    # whole on every GPU, ZeRO-3 partitions all 20.
+    assert "ZeRO-2                 12 GPU(s)" in out and "ZeRO-3                 4 GPU(s)" in out
+    assert "ZeRO-1                 does not fit" in out
 
 
 def test_plan_takes_the_training_mfu_measured_in_docs_gpu(tmp_path):

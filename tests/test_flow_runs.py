@@ -121,6 +121,8 @@ def test_a_flux_lora_on_token_ids_loads_with_load_lora_weights(flow_folders, flo
            "lora_rank=4", "lr=1e-2")
     out = export_run(str(run), str(tmp_path / "export"))
     assert "pytorch_lora_weights.safetensors" in os.listdir(out)
+    saved = (run / "config.yaml").read_text()  # the default targets became both streams' attention and MLPs
+    assert "attn.add_q_proj" in saved and "ff_context.net.2" in saved
     trained, *_ = load_run(str(run))
     pipe = FluxPipeline.from_pretrained(flow_folders["flux"])
     x, sigmas = torch.randn(2, 16, 4, 4), torch.tensor([0.3, 0.8])
@@ -174,3 +176,40 @@ def test_a_transformer_from_scratch_trains_validates_and_exports(flow_caches, tm
     pipe.set_progress_bar_config(disable=True)
     images = pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_flux_trains_on_aspect_ratio_buckets_and_samples_a_bucket_shape(flow_folders, tmp_path):
+    """Flux's 2x2 packing and its (row, column) position ids on non-square latents: a bucketed cache (multiples
+    of 16 px, so every latent side is even) trains, and sample.py draws a 48x32 picture that FluxPipeline draws
+    the same from the same noise."""
+    import io
+
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+    from data_pipeline.shards import write_shards
+    from models.flow_model import pack
+    from trainer.unet.export import export_run
+    from trainer.unet.sampling import generate
+
+    def samples():
+        for i, size in enumerate([(64, 32), (32, 64), (48, 32), (32, 48)] * 2):
+            b = io.BytesIO()
+            Image.new("RGB", size, (200, 40 * i % 255, 30)).save(b, "PNG")
+            yield {"__key__": f"{i:08d}", "png": b.getvalue(), "txt": b"a red picture"}
+    write_shards(samples(), str(tmp_path / "shards"), 8, prefix="img")
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    run_cmd([PY, "launch/cache_latents.py", f"pretrained={flow_folders['flux']}", f"data.urls={tmp_path / 'shards'}",
+             f"out_url={cache}", "data.resolution=48", "data.buckets=true", "data.bucket_step=16", "batch_size=4",
+             "text_max_tokens=16"], env=QUIET)
+    _train(run, flow_folders["flux"], cache, 1, "total_samples=8", "zero_stage=0", "batch_per_rank=2")
+    assert all(np.isfinite(v) for _, v in _losses(run))
+    rows = generate(str(run), ["a red picture"], per_prompt=1, guidance=3.5, steps=3, seed=5, size="48x32")
+    ours = np.asarray(rows[0][0]).astype(np.float32)
+    assert ours.shape == (32, 48, 3)
+    pipe = FluxPipeline.from_pretrained(export_run(str(run), str(tmp_path / "export")))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 16, 4, 6), generator=torch.Generator().manual_seed(5))
+    image = pipe("a red picture", latents=pack(noise), num_inference_steps=3, guidance_scale=3.5, height=32, width=48,
+                 output_type="np", max_sequence_length=16).images[0]
+    assert np.abs(ours - (image * 255).round()).max() <= 1.0

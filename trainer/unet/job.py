@@ -31,6 +31,7 @@ class UNetJob:
     lora_alpha: float = 0.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank) B A; 0: lora_rank (scale 1)
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])  # layers
     #   that get adapters (names or name suffixes of the UNet's modules, as peft matches them): the attention projections
+    #   (SD3/Flux: this default becomes both streams' attention projections and MLPs, saved so in config.yaml)
     lora_text_encoder: bool = False  # also train adapters of lora_rank on the text encoder(s)' attention projections
     #   (q, k, v, out); needs a cache made with text=tokens (the encoder then runs in the step, as kohya's train_text_encoder)
     prediction_type: str = "auto"  # epsilon | v_prediction (Salimans & Ho 2022) | flow (rectified flow: SD3/Flux

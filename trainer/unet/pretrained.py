@@ -22,6 +22,10 @@ from trainer.cache.manifest import Manifest
 from trainer.core.config import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # UNetJob's default: a UNet's attention projections
+FLOW_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2")
 
 
 def pipeline_flow_family(pretrained: str) -> str | None:
@@ -74,6 +78,9 @@ def resolve(cfg, say=print):
     then read what was trained, and a rerun of the same command compares equal. `say`: where a
     note goes (None: nowhere, e.g. on ranks other than 0)."""
     resolved = dataclasses.replace(cfg, prediction_type=prediction_type(cfg))
+    if flow_family(cfg) is not None and list(cfg.lora_targets) == UNET_LORA_TARGETS:
+        # SD3/Flux: the attention projections of both streams and the MLPs, as diffusers' DreamBooth LoRA scripts
+        resolved = dataclasses.replace(resolved, lora_targets=list(FLOW_LORA_TARGETS))
     if cfg.pretrained and cfg.prediction_type != "auto" and say is not None:
         folder = folder_prediction_type(cfg.pretrained)
         if folder != cfg.prediction_type:
