@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from data_pipeline import storage
 from data_pipeline.images import MASK_MODES
-from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST, encode_sample, keys_digest, trim_text
-from data_pipeline.shards import ShardWriter
+from data_pipeline.latents import EMPTY_CAPTION, FORMAT_VERSION, MANIFEST
 from models.autoencoder import autoencoder_identity, downsample_factor, latent_channels, load_autoencoder
 from models.pipeline import is_local, part_spec
 from models.flow_text import CLIP_TOKENS, FlowTextEncoder
@@ -39,7 +38,7 @@ from models.text_encoder import load_text_encoder
 
 from trainer.cache.checks import (other_slices_mismatch, output_is_an_input, output_over_input, place_of,
                                   settings_mismatch)
-from trainer.cache.encode import LatentEncoder, ShardImages, shard_images_loader, shm_workers
+from trainer.cache.encode import LOST, LatentEncoder, ShardImages, ShardOut, shard_images_loader, shm_workers
 from trainer.cache.manifest import BucketCount, ChannelStats, Manifest, ShardEntry, TextEncoderRecord, VaeRecord
 from trainer.core import config as config_lib
 from trainer.core import dist
@@ -150,86 +149,6 @@ def encoder_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
-class _ShardOut:
-    """One output shard being written: batches are encoded and written as they arrive, so
-    the encoder starts on a shard's first batch instead of waiting for its last."""
-
-    def __init__(self, cfg: CacheJob, out: str, source: str, settings: dict):
-        self.cfg, self.out, self.source, self.cfg_settings = cfg, out, source, settings
-        self.writer = ShardWriter(out, cfg.out_endpoint_url).__enter__()
-        self.count, self.failed, self.stats, self.keys, self.buckets = 0, [], None, [], {}
-        self.repeats = {}  # repeat count (kohya's folders, via make_shards' .json) -> samples with it
-        self.next_index = 0
-
-    def add(self, item: dict, encoder: LatentEncoder, text_encoder) -> None:
-        if item["index"] != self.next_index:  # a batch lost between a worker and here: never a short shard
-            raise storage.DataError(f"batch {self.next_index} of {self.source} never arrived from its loader worker "
-                                    f"(batch {item['index']} did); {_LOST}")
-        self.next_index += 1
-        self.failed += item["failed"]
-        if item["x"] is None:
-            return
-        x, keys, captions = item["x"], item["keys"], item["captions"]
-        mean, std, ok = encoder(x)
-        moments = {"mean": mean, "std": std}
-        if self.cfg.flip:
-            mean_f, std_f, ok_f = encoder(torch.flip(x, dims=[3]))
-            moments.update(mean_flip=mean_f, std_flip=std_f)
-            ok &= ok_f
-        # fp16 storage must hold them too: 1e5 is finite in fp32 and inf in fp16.
-        ok &= torch.stack([torch.isfinite(t.half()).flatten(1).all(1) for t in moments.values()]).all(0)
-        text = self._text(captions, text_encoder)
-        # A sample's further captions (make_shards' .json), cached beside the first as KEY_alt[n-1, ...]:
-        # the trainer picks one caption per sample and epoch.
-        alts = item.get("alts") or [[] for _ in keys]
-        flat = [c for a in alts for c in a]
-        alt_text = self._text(flat, text_encoder) if flat else {}
-        if self.stats is None:
-            self.stats = ChannelStats(mean.shape[1])
-        for i, key in enumerate(keys):
-            if not ok[i]:
-                self.failed.append({"key": key, "error": "latents not finite, also when encoded in fp32"})
-                continue
-            self.stats.add(mean[i:i + 1], std[i:i + 1])
-            tensors = {k: v[i] for k, v in {**moments, **text}.items()}
-            if item["masks"][i] is not None:
-                tensors["mask"] = item["masks"][i]
-            if alts[i]:
-                start = sum(len(a) for a in alts[:i])
-                tensors.update({f"{k}_alt": v[start:start + len(alts[i])] for k, v in alt_text.items()})
-            tensors = trim_text(tensors)  # SD3/Flux: each caption's own T5 tokens (#30); no-op for CLIP
-            self.writer.write(encode_sample(key, tensors, captions[i], item["metas"][i]))
-            shape = "x".join(map(str, item["metas"][i]["target_size"]))
-            self.buckets[shape] = self.buckets.get(shape, 0) + 1
-            self.repeats[item["repeats"][i]] = self.repeats.get(item["repeats"][i], 0) + 1
-            self.keys.append(key)
-            self.count += 1
-
-    def _text(self, captions: list[str], text_encoder) -> dict:
-        if self.cfg.text == "tokens":  # 4 bytes a token instead of 2 x width: the trainer runs the encoder
-            return {"tokens": text_encoder.tokenize(captions).int()}
-        return {k: v.float().cpu() for k, v in text_encoder.embed(captions).items()}  # text_emb, SDXL's pooled
-
-    def close(self) -> dict:
-        """Make the shard visible; returns its sidecar entry."""
-        self.writer.__exit__(None, None, None)
-        for f in self.failed:
-            print(f"quarantined {self.source}:{f['key']}: {f['error']}")
-        # The loader repeats shards, not samples: a shard holds one repeat count (make_shards writes it so).
-        repeats = max(self.repeats, key=lambda r: (self.repeats[r], r)) if self.repeats else 1
-        if len(self.repeats) > 1:
-            print(f"note: {self.source} mixes samples of repeat counts {sorted(self.repeats)}: all are repeated "
-                  f"{repeats} times (write each count to its own shards: launch/make_shards.py does)")
-        return {"shard": os.path.basename(self.out), "count": self.count, "source": self.source,
-                "keys_sha256": keys_digest(self.keys), "settings": self.cfg_settings, "quarantined": self.failed,
-                "buckets": self.buckets, **({"repeats": repeats} if repeats != 1 else {}),
-                "stats": (self.stats or ChannelStats(0)).to_json()}
-
-
-_LOST = ("workers hand batches over through /dev/shm, which may be too small: rerun with data.num_workers=0 or "
-         "more shared memory (docker --shm-size); finished shards are kept")
-
-
 def _my_shards(cfg: CacheJob, w) -> tuple[list[str], list[str], list[int]]:
     """(all input URLs, their output names, the indices this rank encodes)."""
     inputs = storage.expand_shards(cfg.data.urls, cfg.data.endpoint_url)
@@ -322,12 +241,12 @@ def cache_latents(cfg: CacheJob) -> str:
                                                   cfg.data.endpoint_url, cfg.data.max_member_bytes, bucketer,
                                                   mask=(cfg.mask, factor)),
                                       workers))
-    outs: dict[int, _ShardOut] = {}  # output shards in flight (workers interleave shards)
+    outs: dict[int, ShardOut] = {}  # output shards in flight (workers interleave shards)
     try:
         for item in loader:
             i = item["shard"]
             if i not in outs:
-                outs[i] = _ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i], settings)
+                outs[i] = ShardOut(cfg, storage.join(cfg.out_url, names[i]), inputs[i], settings)
             outs[i].add(item, encoder, text_encoder)
             bar.update(len(item["keys"]))
             if not item["last"]:
@@ -357,7 +276,7 @@ def cache_latents(cfg: CacheJob) -> str:
     missing = [url for i, url in todo if i not in closed]  # the loader ended without a shard's last batch
     lost = [m for m in dist.all_gather_objects(
         f"{len(missing)} of {len(todo)} input shards were not cached on rank {w.rank} (first: {missing[0]}): their "
-        f"batches never arrived; {_LOST}" if missing else None) if m]
+        f"batches never arrived; {LOST}" if missing else None) if m]
     if lost:  # never exit 0 with work missing; every rank stops together
         raise storage.DataError(lost[0])
     rate = written / max(1e-9, time.time() - t0)
