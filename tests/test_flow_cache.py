@@ -35,9 +35,10 @@ def test_the_manifest_records_the_vae_shift_and_the_variable_length_t5_store(flo
     assert (sd3.text_emb_shape, flux.text_emb_shape) == ((256, 64), (48, 64))  # SD3's default; text_max_tokens
     assert flux.text_encoder.max_tokens == 48 and flux.text_encoder.load().context_length == 48
     assert sd3.text_lengths == flux.text_lengths == "variable" and sd3.text_emb_dtype == "bfloat16"
+    assert (sd3.flow, flux.flow, Manifest.read(flow_caches["flux", "tokens"]).flow) == ("sd3", "flux", "flux")
     assert sd3.clip_emb_shape == (77, 16 + 32) and flux.clip_emb_shape == ()
     assert (sd3.pooled_dim, flux.pooled_dim) == (16 + 24, 24)
-    raw = json.loads(open(f"{flow_caches['sd3', 'tokens']}/manifest.json").read())
+    raw = json.loads(open(f"{flow_caches['flux', 'tokens']}/manifest.json").read())
     assert raw["text"] == "tokens" and "text_lengths" not in raw
 
 
@@ -109,7 +110,9 @@ def test_alternative_captions_are_zeroed_past_their_own_length():
     assert torch.equal(alt[1, :6], emb[2, :6].to(torch.bfloat16))
 
 
-def test_a_unet_job_refuses_a_flow_cache(flow_caches, tmp_path):
-    dry = run_cmd([PY, "launch/train_unet.py", "--dry-run", f"run_dir={tmp_path / 'run'}",
-                   f"data.urls={flow_caches['flux', 'embeddings']}", "model=tiny"], check=False, env=QUIET, timeout=300)
-    assert dry.returncode != 0 and "is a cache of an SD3 or Flux pipeline's text encoders" in dry.stderr
+def test_a_unet_job_refuses_a_flow_cache_and_a_transformer_another_familys(flow_caches, tmp_path):
+    for cache, model, says in ((flow_caches["flux", "tokens"], "tiny", "is a cache of an SD3 or Flux pipeline's text"),
+                               (flow_caches["flux", "embeddings"], "tiny_sd3", "was not made with an sd3 pipeline's")):
+        dry = run_cmd([PY, "launch/train_unet.py", "--dry-run", f"run_dir={tmp_path / 'run'}", f"data.urls={cache}",
+                       f"model={model}"], check=False, env=QUIET, timeout=300)
+        assert dry.returncode != 0 and says in dry.stderr, dry.stderr[-1500:]

@@ -176,6 +176,10 @@ def test_a_transformer_from_scratch_trains_validates_and_exports(flow_caches, tm
     pipe.set_progress_bar_config(disable=True)
     images = pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np").images
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    more = run_cmd([PY, "launch/train_unet.py", f"run_dir={tmp_path / 'more'}", f"init_from={run}", "model=tiny_sd3",
+                    f"data.urls={flow_caches['sd3', 'embeddings']}", "total_samples=4", "zero_stage=0", *TRAIN],
+                   env=QUIET)  # a new run from this one's transformer (its EMA), as for a UNet
+    assert "init_from: the EMA weights of" in more.stdout
 
 
 def test_flux_trains_on_aspect_ratio_buckets_and_samples_a_bucket_shape(flow_folders, tmp_path):

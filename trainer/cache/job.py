@@ -332,6 +332,7 @@ def cache_latents(cfg: CacheJob) -> str:
             pooled_dim=text_encoder.pooled_dim,
             mask="" if cfg.mask == "none" else cfg.mask,
             text_lengths="variable" if variable else "",
+            flow=text_encoder.family if isinstance(text_encoder, FlowTextEncoder) else "",
             clip_emb_shape=(CLIP_TOKENS, text_encoder.clip_width) if getattr(text_encoder, "clip_width", 0) else (),
             buckets=tuple(BucketCount(w_, h_, counts.get(f"{w_}x{h_}", 0)) for w_, h_ in bucketer.buckets)
             if bucketer else (),

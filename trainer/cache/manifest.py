@@ -105,6 +105,7 @@ class Manifest:
     text_lengths: str = ""  # "": every text_emb has text_emb_shape[0] tokens; "variable": each holds its caption's
     #   own tokens only (T5's states up to and with </s>, SD3/Flux, #30), zero-padded to text_emb_shape[0] when read
     clip_emb_shape: tuple[int, ...] = ()  # SD3: tokens, width of the CLIP states each sample also holds; (): none
+    flow: str = ""  # sd3 | flux: made with an SD3 or Flux pipeline's text encoders (T5; its states or the ids, #30)
 
     # --- the one writer and the one reader ---------------------------------------------------------
     def to_json(self) -> str:
@@ -205,6 +206,8 @@ class Manifest:
             raise bad("mask", f"must be file, alpha, auto or absent, got {_show(self.mask)}")
         if self.pooled_dim < 0:
             raise bad("pooled_dim", f"must be >= 0, got {self.pooled_dim}")
+        if self.flow not in ("", "sd3", "flux"):
+            raise bad("flow", f"must be sd3, flux or absent, got {_show(self.flow)}")
         if self.text_lengths not in ("", "variable"):
             raise bad("text_lengths", f"must be variable or absent, got {_show(self.text_lengths)}")
         if self.clip_emb_shape and (len(self.clip_emb_shape) != 2 or not all(0 < v <= 16384 for v in self.clip_emb_shape)):

@@ -82,13 +82,12 @@ def check_caches(cfg, manifest: Manifest) -> None:
     from trainer.unet.pretrained import flow_family
 
     family = flow_family(cfg)
-    if (manifest.text_lengths or manifest.clip_emb_shape) and family is None:
-        raise ConfigError(f"{cfg.data.urls} is a cache of an SD3 or Flux pipeline's text encoders (T5 states): a UNet "
-                          "is conditioned on CLIP's; cache with an SD 1.x/2.x or SDXL pipeline (or text_encoder=)")
-    if family is not None and (not manifest.pooled_dim or (family == "sd3") != bool(manifest.clip_emb_shape)) \
-            and manifest.text != "tokens":
-        raise ConfigError(f"{cfg.data.urls} was not made with an {family} pipeline's text encoders (T5 states, pooled "
-                          f"CLIP{' and CLIP states' if family == 'sd3' else ''}): cache with pretrained= such a folder")
+    if manifest.flow and family is None:
+        raise ConfigError(f"{cfg.data.urls} is a cache of an SD3 or Flux pipeline's text encoders (T5): a UNet is "
+                          "conditioned on CLIP's; cache with an SD 1.x/2.x or SDXL pipeline (or text_encoder=)")
+    if family is not None and manifest.flow != family:
+        raise ConfigError(f"{cfg.data.urls} was not made with an {family} pipeline's text encoders (it holds "
+                          f"{manifest.flow or 'CLIP'}'s): cache with pretrained= such a folder")
     f = manifest.vae.downsample_factor
     odd = [f"{w}x{h}" for w, h in manifest.bucket_shapes() if (w // f) % 2 or (h // f) % 2]
     if family is not None and odd:

@@ -49,6 +49,14 @@ def flow_family(cfg) -> str | None:
     return PRESETS[cfg.model][0] if cfg.model in PRESETS else None
 
 
+def denoiser_class(cfg):
+    """The diffusers class of the job's denoiser: UNet2DConditionModel, or SD3's or Flux's transformer (#30)."""
+    import diffusers
+
+    family = flow_family(cfg)
+    return getattr(diffusers, CLASSES[family] if family else "UNet2DConditionModel")
+
+
 def folder_prediction_type(pretrained: str) -> str:
     value = pipeline.scheduler_config(pretrained).get("prediction_type", "epsilon")
     if value not in PREDICTION_TYPES:
@@ -203,8 +211,6 @@ def init_from_run(unet, cfg, say=print) -> str:
     pretrained base: checked by its fingerprint). Anything else is a ConfigError naming the checkpoint."""
     import os
 
-    from diffusers import UNet2DConditionModel
-
     from trainer.core import checkpoint
     from trainer.core.ema import EMA_DIR
     from trainer.core.errors import CheckpointError
@@ -230,7 +236,7 @@ def init_from_run(unet, cfg, say=print) -> str:
                 raise ConfigError(f"init_from={source} is a LoRA run's checkpoint: a full UNet run cannot start from "
                                   "an adapter (export it with --merge and start from that pipeline folder)")
             # safetensors only: another user's run may hold a pickled .bin, which loading would execute
-            state = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).state_dict()
+            state = denoiser_class(cfg).from_pretrained(folder, use_safetensors=True).state_dict()
             mine = unet.state_dict()
             bad = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
             if bad or len(state) != len(mine):

@@ -6,7 +6,6 @@ import os
 import re
 
 import torch
-from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
 
 from data_pipeline.images import grid, to_pil
@@ -21,7 +20,7 @@ from trainer.core.ema import EMA_DIR
 from trainer.unet.job import UNetJob
 from trainer.unet.lora import add_text_encoder_lora, attached_text_encoder, check_base, load_adapter
 from trainer.unet.flow_sampling import flow_sample_latents
-from trainer.unet.pretrained import build_model, training_schedule
+from trainer.unet.pretrained import build_model, denoiser_class, training_schedule
 
 
 def load_run(run_dir: str, weights: str = "ema"):
@@ -51,21 +50,10 @@ def load_run(run_dir: str, weights: str = "ema"):
                    cfg.pretrained)
         load_adapter(unet, folder)
     else:
-        unet = model_class(cfg).from_pretrained(folder, use_safetensors=True)
+        unet = denoiser_class(cfg).from_pretrained(folder, use_safetensors=True)
     vae, text_encoder = load_frozen(manifest, cfg.data.urls)
     adapted = attached_text_encoder(unet)  # lora_text_encoder: the adapted text encoder
     return unet.eval(), vae, adapted if adapted is not None else text_encoder, cfg, manifest
-
-
-def model_class(cfg: UNetJob):
-    """The diffusers class of the run's denoiser: UNet2DConditionModel, or SD3's or Flux's transformer (#30)."""
-    import diffusers
-
-    from models.flow_model import CLASSES
-    from trainer.unet.pretrained import flow_family
-
-    family = flow_family(cfg)
-    return getattr(diffusers, CLASSES[family]) if family else UNet2DConditionModel
 
 
 def lora_unet(cfg: UNetJob, manifest: Manifest):

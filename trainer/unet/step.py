@@ -138,10 +138,11 @@ def step_setup(cfg: UNetJob, *, rank: int, device: torch.device, dtype: torch.dt
 
 
 def micro_inputs(batch: dict, gen: torch.Generator, s: StepSetup) -> tuple:
-    """(z0, context, added conditioning or None) of one micro batch: latents drawn from the cached moments
-    (the mirrored image's for a random half with random_flip) and normalised, the text embedding (or the
-    frozen encoder's, for a cache of token ids), a random share of captions replaced by the empty one, and the
-    loss mask (flipped with its image) where the cache has masks."""
+    """(z0, context, added conditioning or None, loss mask or None) of one micro batch: latents drawn from the
+    cached moments (the mirrored image's for a random half with random_flip) and normalised, the text embedding
+    (or the encoder's, for a cache of token ids), a random share of captions replaced by the empty one, and the
+    loss mask (flipped with its image) where the cache has masks. SD3/Flux: context is the transformer's text
+    sequence (SD3: CLIP's states, then T5's) and the added conditioning {"pooled": the pooled CLIP embedding}."""
     device = s.device
     mean, std = batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None  # [B, h, w] loss weights
