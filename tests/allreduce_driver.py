@@ -76,6 +76,8 @@ def main() -> None:
     engine.step()
     if w.is_main:
         print(f"gradients are the mean over {w.size} ranks ({'flat all-reduce' if lean else 'DeepSpeed'})")
+    dist.barrier()  # both ranks done before either tears its process group down (an exit racing the peer's
+    dist.shutdown()  # gloo thread aborted rank 1 once: "terminate called without an active exception")
 
 
 if __name__ == "__main__":

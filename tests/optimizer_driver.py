@@ -90,6 +90,7 @@ def main() -> None:
                   flush=True)
         del resumed
     dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

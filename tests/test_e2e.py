@@ -126,7 +126,7 @@ def test_rerunning_a_finished_unet_run_changes_nothing(pipeline):
      "shard not found: /nonexistent/shard-0000.tar"),
     (["launch/cache_latents.py", "data.urls={empty}", "out_url={out}", "vae=preset:tiny"], "no .tar shards found under"),
     (["launch/cache_latents.py", "data.urls={shards}", "out_url={out}", "vae={novae}"], "autoencoder path"),
-    (["launch/train_unet.py", "--config", "configs/unet/demo.yaml", "optimizer.lr=1"], "unknown config key 'optimizer.lr'"),
+    (["launch/train_unet.py", "--config", "configs/unet/demo.yaml", "adam.lr=1"], "unknown config key 'adam.lr'"),
     (["launch/train_unet.py", "data.urls={empty}", "run_dir={out}"], "manifest.json does not exist"),
     (["launch/sample.py", "--run", "{empty}", "--prompt", "x"], "config.yaml does not exist"),
     (["launch/make_synthetic.py", "--out", "{out}", "--num", "0"], "--num and --per-shard must be positive"),

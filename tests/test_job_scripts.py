@@ -201,7 +201,8 @@ EXAMPLES = [
     ("unet", ["precision=bf32"], "precision must be one of auto, fp32, bf16, fp16, got 'bf32'"),
     ("unet", ["latent_norm=perchannel"], "latent_norm must be one of scaling_factor, per_channel, got 'perchannel' "
                                          "(did you mean 'per_channel'?)"),
-    ("unet", ["model=sd3"], "model must be a UNet preset (tiny, demo, lab, sd15_narrow, sd15, sd21, sdxl, tiny_sdxl) or a diffusers "
+    ("unet", ["model=sd3"], "model must be a UNet preset (tiny, demo, lab, sd15_narrow, sd15, sd21, sdxl, tiny_sdxl), a "
+                            "transformer preset (sd3_medium, sd35_large, flux_dev, tiny_sd3, tiny_flux) or a diffusers "
                             "config.json"),
     ("unet", ["wandb=tensorboard"], "wandb must be one of offline, online, disabled, got 'tensorboard'"),
     ("unet", ["lr=-1"], "lr must be positive, got -1.0"),
