@@ -122,10 +122,14 @@ class UNetJob:
             raise config_lib.ConfigError(f"logit_std must be > 0, flow_shift and flux_guidance >= 0 and mode_scale in "
                                          f"[0, 1.5] (u must stay in (0, 1)), got {self.logit_std}, {self.flow_shift}, "
                                          f"{self.flux_guidance} and {self.mode_scale}")
-        if self.pretrained:
-            from trainer.unet.pretrained import pipeline_flow_family
+        from models.pipeline import is_local
+        from trainer.unet.pretrained import flow_family
 
-            flow = pipeline_flow_family(self.pretrained)
+        # Validation reads no network (a hub id's model_index.json would be a request, 46 s to time out offline): a
+        # hub id is a transformer's where prediction_type=flow says so, and its loader checks that with network.
+        hub = bool(self.pretrained) and not is_local(self.pretrained)
+        flow = self.prediction_type == "flow" if hub else flow_family(self) is not None
+        if self.pretrained:
             check_pretrained(self.pretrained, ("transformer", "vae", "scheduler") if flow else
                              ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
             if self.model != UNetJob.model:
@@ -137,13 +141,6 @@ class UNetJob:
                 raise config_lib.ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         flow_defaults = {k: getattr(UNetJob, k) for k in ("timestep_sampler", "logit_mean", "logit_std", "mode_scale",
                                                           "flow_shift", "loss_weighting", "flux_guidance")}
-        from models.pipeline import is_local
-        from trainer.unet.pretrained import flow_family
-
-        # A hub id read offline has no model_index.json here: prediction_type=flow says what it is (its loader
-        # checks the folder when there is network).
-        flow = flow_family(self) is not None or (self.prediction_type == "flow" and bool(self.pretrained)
-                                                 and not is_local(self.pretrained))
         if flow:
             if self.prediction_type not in ("auto", "flow"):
                 raise config_lib.ConfigError(f"prediction_type={self.prediction_type}: {self.pretrained or self.model} "
